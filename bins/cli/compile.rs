@@ -1,0 +1,214 @@
+//! `taskpack compile`: arguments, progress bar and the size report.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use taskpack::compile::{compile, CompileOptions, Progress};
+use taskpack::dtype::DType;
+use taskpack::merge::scaling::ScaleMode;
+use taskpack::merge::{MergeParams, Method};
+use taskpack::runtime::Bundle;
+
+/// Arguments of `taskpack compile`.
+#[derive(Args, Debug)]
+pub struct CompileArgs {
+    /// Base (pretrained) checkpoint: ONNX, or safetensors with --graph.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// A fine-tuned task checkpoint as NAME=PATH; repeat for every task.
+    #[arg(long = "task", value_name = "NAME=PATH", required = true, value_parser = parse_task)]
+    pub tasks: Vec<(String, PathBuf)>,
+    /// Merge method.
+    #[arg(long, default_value = "tall", value_parser = Method::ALL.map(|m| m.name()))]
+    pub method: String,
+    /// Scale of the merged vector (default per method: task-arithmetic/dare/breadcrumbs/consensus 0.3, ties/tall/emr 1.0).
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    /// TALL / Consensus mask threshold λ (default 0.4).
+    #[arg(long)]
+    pub lambda: Option<f32>,
+    /// Kept fraction for TIES (0.2), DARE (0.5) and Breadcrumbs (0.9). TIES trims per tensor.
+    #[arg(long)]
+    pub density: Option<f32>,
+    /// Breadcrumbs: fraction of largest-magnitude entries dropped as outliers (default 0.01).
+    #[arg(long)]
+    pub gamma: Option<f32>,
+    /// Consensus: a weight is kept when at least K task masks select it (default 2).
+    #[arg(long, value_name = "K")]
+    pub min_tasks: Option<u32>,
+    /// DARE: random seed (default 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Closed-form scaling vectors on top of the method: none, one per tensor, or one per row.
+    #[arg(long, default_value = "none", value_parser = ["none", "tensor", "row"])]
+    pub scale: String,
+    /// Regular expression: matching tensors are stored privately per task.
+    #[arg(long, value_name = "REGEX")]
+    pub private: Option<String>,
+    /// Do not detect fresh task heads (tensors that changed far more than the rest) automatically.
+    #[arg(long)]
+    pub no_auto_private: bool,
+    /// Storage type of the merged delta.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    pub delta_dtype: String,
+    /// ONNX graph whose initializers safetensors checkpoints fill.
+    #[arg(long, value_name = "G.onnx")]
+    pub graph: Option<PathBuf>,
+    /// Output bundle.
+    #[arg(short, long, value_name = "OUT.tpk")]
+    pub output: PathBuf,
+}
+
+fn parse_task(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!("expected NAME=PATH, got {s:?}")),
+    }
+}
+
+impl CompileArgs {
+    /// The library's options for these arguments.
+    pub fn options(&self) -> Result<CompileOptions> {
+        let method: Method = self.method.parse().map_err(anyhow::Error::msg)?;
+        let mut params = MergeParams::defaults(method, self.tasks.len());
+        if let Some(a) = self.alpha {
+            params.alpha = a;
+        }
+        if let Some(l) = self.lambda {
+            params.lambda = vec![l; self.tasks.len()];
+        }
+        if let Some(d) = self.density {
+            params.density = d;
+        }
+        if let Some(g) = self.gamma {
+            params.gamma = g;
+        }
+        if let Some(k) = self.min_tasks {
+            params.min_tasks = k;
+        }
+        if let Some(s) = self.seed {
+            params.seed = s;
+        }
+        let private = match &self.private {
+            Some(p) => Some(
+                regex::Regex::new(p).with_context(|| format!("invalid --private pattern {p:?}"))?,
+            ),
+            None => None,
+        };
+        if self.output.is_dir() {
+            bail!("output {} is a directory", self.output.display());
+        }
+        Ok(CompileOptions {
+            base: self.base.clone(),
+            tasks: self.tasks.clone(),
+            graph: self.graph.clone(),
+            params,
+            scale: self
+                .scale
+                .parse::<ScaleMode>()
+                .map_err(anyhow::Error::msg)?,
+            private,
+            delta_dtype: self
+                .delta_dtype
+                .parse::<DType>()
+                .map_err(anyhow::Error::msg)?,
+            auto_private: !self.no_auto_private,
+            output: self.output.clone(),
+        })
+    }
+}
+
+/// Runs `taskpack compile`.
+pub fn run(args: &CompileArgs) -> Result<()> {
+    let opts = args.options()?;
+    let bundle = compile_with_progress(&opts)?;
+    print_report(&bundle, &opts.output);
+    Ok(())
+}
+
+/// Compiles with a progress bar on stderr (drawn only on a terminal).
+pub fn compile_with_progress(opts: &CompileOptions) -> Result<Bundle> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} {wide_msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let bundle = compile(opts, &mut |p| match p {
+        Progress::Pass { name, total } => {
+            bar.set_prefix(name);
+            bar.set_length(total);
+            bar.set_position(0);
+        }
+        Progress::Tensor(name) => {
+            bar.set_message(name.to_string());
+            bar.inc(1);
+        }
+    });
+    bar.finish_and_clear();
+    bundle.with_context(|| format!("cannot compile {}", opts.output.display()))
+}
+
+/// Prints the size report and per-task fidelity of a freshly written bundle.
+pub fn print_report(bundle: &Bundle, path: &std::path::Path) {
+    let m = bundle.manifest();
+    let sizes = bundle.sizes();
+    let inputs = m.report.inputs_bytes;
+    println!(
+        "wrote {} ({} tasks, method {}, scale {:?})",
+        path.display(),
+        m.tasks.len(),
+        m.merge.method,
+        m.scale_mode
+    );
+    println!("  {:<14}{:>14}", "part", "bytes");
+    for (part, v) in [
+        ("base", sizes.base),
+        ("merged delta", sizes.delta),
+        ("masks", sizes.masks),
+        ("scales", sizes.scales),
+        ("private", sizes.private),
+        ("graphs", sizes.graphs),
+        ("overhead", sizes.overhead),
+        ("total", sizes.total),
+    ] {
+        println!("  {part:<14}{v:>14}");
+    }
+    println!(
+        "  inputs: {} bytes in {} checkpoints; bundle = {:.3}x their sum",
+        inputs,
+        m.provenance.inputs.len(),
+        ratio(sizes.total, inputs)
+    );
+    println!(
+        "  {:<16}{:>12}{:>10}{:>14}{:>8}",
+        "task", "rel. error", "cosine", "mask density", "scale"
+    );
+    for (t, r) in m.tasks.iter().zip(&m.report.tasks) {
+        println!(
+            "  {:<16}{:>12.4}{:>10.4}{:>14.3}{:>8.3}",
+            t.name, r.relative_error, r.cosine, r.mask_density, t.scale
+        );
+    }
+    for p in &m.report.private {
+        println!("  private: {p}");
+    }
+    println!(
+        "  compiled in {:.2} s, peak memory {:.1} MiB",
+        m.report.seconds,
+        m.report.peak_memory_bytes as f64 / (1024.0 * 1024.0)
+    );
+}
+
+/// `a / b`, or 0 when `b` is 0.
+pub fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}

@@ -1,0 +1,144 @@
+//! `taskpack demo`: the main job on the embedded models, end to end.
+//!
+//! Compiles `models/demo` (a base and its fine-tuned tasks) into one bundle, exports every task
+//! back to ONNX and reports, per task, the accuracy of the original checkpoint next to the
+//! bundle's, and the bundle's size next to the originals'.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use taskpack::merge::Method;
+
+use crate::compile_cmd::{self, CompileArgs};
+use crate::eval::{accuracy, TestSet};
+
+/// Arguments of `taskpack demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Folder with base.onnx and, per task, NAME.onnx and NAME.test.npz.
+    #[arg(long, default_value = "models/demo")]
+    pub models: PathBuf,
+    /// Merge method.
+    #[arg(long, default_value = "tall", value_parser = Method::ALL.map(|m| m.name()))]
+    pub method: String,
+    /// Scaling vectors on top of the method.
+    #[arg(long, default_value = "none", value_parser = ["none", "tensor", "row"])]
+    pub scale: String,
+    /// Where to write the bundle.
+    #[arg(short, long, default_value = "target/demo.tpk")]
+    pub output: PathBuf,
+}
+
+/// The tasks of a demo folder: every `NAME.onnx` (but the base) that has a `NAME.test.npz`.
+fn discover(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut tasks = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        let (Some(stem), Some("onnx")) = (
+            path.file_stem().and_then(|s| s.to_str()),
+            path.extension().and_then(|e| e.to_str()),
+        ) else {
+            continue;
+        };
+        if stem != "base" && dir.join(format!("{stem}.test.npz")).exists() {
+            tasks.push((stem.to_string(), path.clone()));
+        }
+    }
+    tasks.sort();
+    if tasks.is_empty() {
+        bail!(
+            "no task found in {} (expected NAME.onnx with NAME.test.npz)",
+            dir.display()
+        );
+    }
+    Ok(tasks)
+}
+
+/// Runs the demo.
+pub fn run(a: &DemoArgs) -> Result<()> {
+    let tasks = discover(&a.models)?;
+    if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let args = CompileArgs {
+        base: a.models.join("base.onnx"),
+        tasks: tasks.clone(),
+        method: a.method.clone(),
+        alpha: None,
+        lambda: None,
+        density: None,
+        gamma: None,
+        min_tasks: None,
+        seed: None,
+        scale: a.scale.clone(),
+        private: None,
+        no_auto_private: false,
+        delta_dtype: "f32".into(),
+        graph: None,
+        output: a.output.clone(),
+    };
+    let bundle = compile_cmd::compile_with_progress(&args.options()?)?;
+    compile_cmd::print_report(&bundle, &a.output);
+    println!();
+    println!(
+        "  {:<12}{:>10}{:>10}{:>12}",
+        "task", "original", "bundle", "normalized"
+    );
+    let (mut sum_orig, mut sum_bundle) = (0.0, 0.0);
+    for (name, path) in &tasks {
+        let set = TestSet::read(&a.models.join(format!("{name}.test.npz")))?;
+        let original =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let exported = taskpack::compile::export::export_task(&bundle, name)?;
+        let acc_orig =
+            accuracy(&original, &set).with_context(|| format!("running {}", path.display()))?;
+        let acc_bundle = accuracy(&exported, &set)
+            .with_context(|| format!("running task {name} from the bundle"))?;
+        sum_orig += acc_orig;
+        sum_bundle += acc_bundle;
+        println!(
+            "  {:<12}{:>10.4}{:>10.4}{:>12.4}",
+            name,
+            acc_orig,
+            acc_bundle,
+            compile_cmd_ratio(acc_bundle, acc_orig)
+        );
+    }
+    let n = tasks.len() as f64;
+    println!(
+        "  {:<12}{:>10.4}{:>10.4}{:>12.4}",
+        "mean",
+        sum_orig / n,
+        sum_bundle / n,
+        compile_cmd_ratio(sum_bundle, sum_orig)
+    );
+    let sizes = bundle.sizes();
+    let originals: u64 = bundle
+        .manifest()
+        .provenance
+        .inputs
+        .iter()
+        .skip(1)
+        .map(|i| i.bytes)
+        .sum();
+    println!(
+        "  bundle {} bytes vs {} bytes for the {} task models ({:.3}x)",
+        sizes.total,
+        originals,
+        tasks.len(),
+        compile_cmd::ratio(sizes.total, originals)
+    );
+    Ok(())
+}
+
+fn compile_cmd_ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 {
+        0.0
+    } else {
+        a / b
+    }
+}

@@ -1,0 +1,75 @@
+//! Evaluating an ONNX classifier on a labeled `.npz` test set with tract (used by `demo`).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use ndarray_npy::NpzReader;
+use tract_onnx::prelude::*;
+
+/// A labeled test set: inputs under `image`, integer labels under `label`.
+pub struct TestSet {
+    /// Inputs, `[n, …]`.
+    pub image: tract_ndarray::ArrayD<f32>,
+    /// Class labels, `[n]`.
+    pub label: Vec<i64>,
+}
+
+impl TestSet {
+    /// Reads `image` (f32) and `label` (i64) from an `.npz` file.
+    pub fn read(path: &Path) -> Result<TestSet> {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut npz = NpzReader::new(file)
+            .with_context(|| format!("{} is not an npz file", path.display()))?;
+        let image: tract_ndarray::ArrayD<f32> = npz
+            .by_name("image")
+            .with_context(|| format!("{}: no f32 array `image`", path.display()))?;
+        let label: tract_ndarray::Array1<i64> = npz
+            .by_name("label")
+            .with_context(|| format!("{}: no i64 array `label`", path.display()))?;
+        if image.shape().first() != Some(&label.len()) {
+            bail!(
+                "{}: {} images but {} labels",
+                path.display(),
+                image.shape().first().unwrap_or(&0),
+                label.len()
+            );
+        }
+        Ok(TestSet {
+            image,
+            label: label.to_vec(),
+        })
+    }
+}
+
+/// Runs an ONNX model (bytes) on the whole test set as one batch and returns its accuracy.
+pub fn accuracy(onnx: &[u8], set: &TestSet) -> Result<f64> {
+    let model = tract_onnx::onnx()
+        .model_for_read(&mut &onnx[..])
+        .context("tract cannot read the model")?
+        .with_input_fact(0, f32::fact(set.image.shape()).into())?
+        .into_optimized()?
+        .into_runnable()?;
+    let out = model.run(tvec!(Tensor::from(set.image.clone()).into()))?;
+    let logits = out
+        .first()
+        .context("model has no output")?
+        .to_plain_array_view::<f32>()?;
+    let Some(&classes) = logits.shape().last() else {
+        bail!("scalar output")
+    };
+    let flat = logits.as_slice().context("non-contiguous output")?;
+    let correct = flat
+        .chunks(classes.max(1))
+        .zip(&set.label)
+        .filter(|(row, &l)| argmax(row) == usize::try_from(l).ok())
+        .count();
+    Ok(correct as f64 / set.label.len().max(1) as f64)
+}
+
+fn argmax(row: &[f32]) -> Option<usize> {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+}

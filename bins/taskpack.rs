@@ -1,0 +1,146 @@
+//! `taskpack`: the command-line front end. Thin by design: parsing, progress and printing live
+//! here; everything else is the library's.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use taskpack::runtime::Bundle;
+
+#[path = "cli/compile.rs"]
+mod compile_cmd;
+#[path = "cli/demo.rs"]
+mod demo;
+#[path = "cli/eval.rs"]
+mod eval;
+#[path = "cli/inspect.rs"]
+mod inspect;
+
+/// Compile N fine-tuned checkpoints of one network into one bundle, and inspect, verify and
+/// export bundles.
+#[derive(Parser)]
+#[command(name = "taskpack", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Merge a base checkpoint and N task checkpoints into one bundle.
+    Compile(compile_cmd::CompileArgs),
+    /// Show a bundle's tasks, method, hyper-parameters, provenance and sizes.
+    Inspect(InspectArgs),
+    /// Check every checksum and structural rule of a bundle; exit 0 only if all hold.
+    Verify(VerifyArgs),
+    /// Write one task's reconstructed weights as a standalone ONNX model.
+    Export(ExportArgs),
+    /// Compile the embedded demo models and compare each task's accuracy before and after.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// The bundle.
+    bundle: PathBuf,
+    /// Print the whole manifest (without section table) as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The bundle.
+    bundle: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The bundle.
+    bundle: PathBuf,
+    /// Name of the task to export.
+    #[arg(long)]
+    task: String,
+    /// Output ONNX file.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Compile(a) => compile_cmd::run(&a),
+        Command::Inspect(a) => inspect::run(&a.bundle, a.json),
+        Command::Verify(a) => verify(&a.bundle),
+        Command::Export(a) => export(&a),
+        Command::Demo(a) => demo::run(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Opens (memory-maps) and structurally validates a bundle.
+fn open_bundle(path: &Path) -> Result<Bundle> {
+    Bundle::open(path).with_context(|| format!("{} is not a valid bundle", path.display()))
+}
+
+fn verify(path: &Path) -> Result<()> {
+    let bundle = open_bundle(path)?;
+    bundle
+        .verify()
+        .with_context(|| format!("{} failed verification", path.display()))?;
+    let m = bundle.manifest();
+    println!(
+        "{}: OK ({} bytes, {} sections, {} tasks, {} tensors, all checksums match)",
+        path.display(),
+        bundle.bytes().len(),
+        m.sections.len(),
+        m.tasks.len(),
+        m.tensors.len()
+    );
+    Ok(())
+}
+
+fn export(a: &ExportArgs) -> Result<()> {
+    let bundle = open_bundle(&a.bundle)?;
+    let onnx = taskpack::compile::export::export_task(&bundle, &a.task)?;
+    write_atomically(&a.output, &onnx)?;
+    println!("wrote {} ({} bytes)", a.output.display(), onnx.len());
+    Ok(())
+}
+
+/// Writes `bytes` to a temp file beside `path`, then renames it over `path`.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Some(name) = path.file_name() else {
+        bail!("{} is not a file path", path.display())
+    };
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("cannot write {}", path.display()))
+}

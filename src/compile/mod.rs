@@ -1,0 +1,19 @@
+//! The compiler: checkpoints in, one bundle out (feature `compiler`).
+//!
+//! Readers ([`Checkpoint`]: ONNX and safetensors) feed the [`pipeline`], which merges task
+//! vectors with a [`crate::merge`] method and streams sections to the bundle writer;
+//! [`fidelity`] measures each task's reconstruction for the report, and [`export`] turns a task
+//! of a bundle back into a standalone ONNX model.
+
+pub mod checkpoint;
+pub mod error;
+pub mod export;
+pub mod fidelity;
+mod memory;
+mod onnx_reader;
+mod pipeline;
+mod safetensors_reader;
+
+pub use checkpoint::Checkpoint;
+pub use error::CompileError;
+pub use pipeline::{compile, CompileOptions, Progress};

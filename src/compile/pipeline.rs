@@ -1,0 +1,568 @@
+//! The compile pipeline: checkpoints in, one bundle out.
+//!
+//! ```text
+//! open & align checkpoints ─► pass 1: per-tensor statistics (NaN/Inf, relative change)
+//!   ─► decide private tensors ─► pass 2: per tensor, τ_t = θ_t − θ_0 ─► merge ─► scale
+//!   ─► stream sections to the writer ─► manifest + report ─► atomic rename
+//! ```
+//! Both passes stream one tensor at a time across all checkpoints (memory-mapped), so peak memory
+//! is bounded by the largest tensor times the number of tasks, not by N whole models.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use regex::Regex;
+
+use crate::compile::checkpoint::Checkpoint;
+use crate::compile::error::CompileError;
+use crate::compile::fidelity::Fidelity;
+use crate::dtype::DType;
+use crate::format::manifest::{
+    CompileReport, GraphEntry, InputRecord, Manifest, Provenance, Scale, SectionKind, Stored,
+    TaskEntry, TaskTensor, TensorEntry, TensorStorage,
+};
+use crate::format::BundleWriter;
+use crate::merge::scaling::{self, ScaleMode};
+use crate::merge::{MergeParams, TensorView};
+use crate::onnx::InitializerInfo;
+use crate::runtime::Bundle;
+
+/// Everything `taskpack compile` needs.
+#[derive(Debug, Clone)]
+pub struct CompileOptions {
+    /// The base checkpoint `θ_0`.
+    pub base: PathBuf,
+    /// The task checkpoints, `(name, path)`, in bundle order.
+    pub tasks: Vec<(String, PathBuf)>,
+    /// ONNX graph for safetensors checkpoints.
+    pub graph: Option<PathBuf>,
+    /// Method and hyper-parameters (`lambda` has one entry per task).
+    pub params: MergeParams,
+    /// Scaling vectors on top of the method.
+    pub scale: ScaleMode,
+    /// Tensors matching this pattern are stored privately per task.
+    pub private: Option<Regex>,
+    /// Storage type of the merged delta.
+    pub delta_dtype: DType,
+    /// Keep tensors whose relative change dwarfs the rest of the model (fresh heads) private.
+    pub auto_private: bool,
+    /// Output bundle path.
+    pub output: PathBuf,
+}
+
+/// What the pipeline reports while it works; the CLI turns it into a progress bar.
+#[derive(Debug, Clone)]
+pub enum Progress<'a> {
+    /// A pass over `total` tensors starts.
+    Pass {
+        /// Human-readable name of the pass.
+        name: &'static str,
+        /// Number of tensors it visits.
+        total: u64,
+    },
+    /// One tensor of the current pass is done.
+    Tensor(&'a str),
+}
+
+/// Relative change ‖τ‖/‖θ_0‖ above which a tensor is a head candidate…
+const HEAD_MIN_RELATIVE_CHANGE: f64 = 0.5;
+/// …if it is also this many times the median relative change of the model.
+const HEAD_MEDIAN_FACTOR: f64 = 10.0;
+
+/// Why a tensor is stored privately per task.
+#[derive(Debug, Clone, PartialEq)]
+enum PrivateReason {
+    Shape,
+    Pattern,
+    NormStatistics,
+    Head(f64, f64),
+}
+
+impl std::fmt::Display for PrivateReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrivateReason::Shape => f.write_str("shape differs between tasks"),
+            PrivateReason::Pattern => f.write_str("matches --private"),
+            PrivateReason::NormStatistics => f.write_str("normalization statistics"),
+            PrivateReason::Head(r, med) => write!(
+                f,
+                "relative change {r:.3} vs model median {med:.3} (likely a task head)"
+            ),
+        }
+    }
+}
+
+/// Compiles the checkpoints into a bundle and returns it, opened (memory-mapped) and validated.
+pub fn compile(
+    opts: &CompileOptions,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Bundle, CompileError> {
+    let started = Instant::now();
+    check_task_names(&opts.tasks)?;
+    let n_tasks = opts.tasks.len();
+    // Fail on an unwritable output before any heavy work.
+    let mut writer = BundleWriter::create(&opts.output)?;
+
+    let graph = opts.graph.as_deref();
+    let base = Checkpoint::open(&opts.base, graph)?;
+    let tasks = opts
+        .tasks
+        .iter()
+        .map(|(_, p)| Checkpoint::open(p, graph))
+        .collect::<Result<Vec<_>, _>>()?;
+    let names: Vec<&str> = opts.tasks.iter().map(|(n, _)| n.as_str()).collect();
+    let tensors = align(&base, &tasks, &names)?;
+
+    // Pass 1: relative change of every tensor (also reads every value once, so NaN/Inf and
+    // decoding errors surface before anything is written).
+    progress(Progress::Pass {
+        name: "scanning",
+        total: tensors.len() as u64,
+    });
+    let mut relative = Vec::with_capacity(tensors.len());
+    for info in &tensors {
+        let b = base.read_f32(&info.name)?;
+        let bn = norm(&b);
+        let mut worst: f64 = 0.0;
+        for t in &tasks {
+            let v = t.read_f32(&info.name)?;
+            if v.len() == b.len() {
+                let tn = diff_norm(&v, &b);
+                worst = worst.max(if bn > 0.0 {
+                    tn / bn
+                } else if tn > 0.0 {
+                    f64::INFINITY
+                } else {
+                    0.0
+                });
+            }
+        }
+        relative.push(worst);
+        progress(Progress::Tensor(&info.name));
+    }
+    let private = decide_private(opts, &base, &tasks, &tensors, &relative);
+    for (name, why) in &private {
+        log::info!("{name}: private ({why})");
+    }
+
+    // Graphs, deduplicated by hash.
+    let mut graph_ids: BTreeMap<String, u32> = BTreeMap::new();
+    let mut graphs = Vec::new();
+    let mut task_graph = Vec::with_capacity(n_tasks);
+    for t in &tasks {
+        let hash = t.graph_sha256().to_string();
+        let id = match graph_ids.get(&hash) {
+            Some(id) => *id,
+            None => {
+                let section = writer.add_section(SectionKind::Graph, t.stripped_graph())?;
+                // At most one graph per task, and the task count is capped.
+                let id = graphs.len() as u32;
+                graphs.push(GraphEntry {
+                    section,
+                    sha256: hash.clone(),
+                });
+                graph_ids.insert(hash, id);
+                id
+            }
+        };
+        task_graph.push(id);
+    }
+
+    // Pass 2: merge and write.
+    let mut merger = opts.params.merger(n_tasks)?;
+    let mut fidelity = vec![Fidelity::default(); n_tasks];
+    let mut entries = Vec::with_capacity(tensors.len());
+    let mut modules: Vec<Vec<TaskTensor>> = vec![Vec::with_capacity(tensors.len()); n_tasks];
+    progress(Progress::Pass {
+        name: "merging",
+        total: tensors.len() as u64,
+    });
+    let mut encoded = Vec::new();
+    for (index, info) in tensors.iter().enumerate() {
+        if private.contains_key(&info.name) {
+            for (t, ckpt) in tasks.iter().enumerate() {
+                let v = ckpt.read_f32(&info.name)?;
+                let shape = ckpt
+                    .tensors()
+                    .iter()
+                    .find(|i| i.name == info.name)
+                    .map(|i| i.shape.clone())
+                    .unwrap_or_default();
+                encoded.clear();
+                info.dtype.encode(&v, &mut encoded);
+                let section = writer.add_section(SectionKind::Private, &encoded)?;
+                if let Some(m) = modules.get_mut(t) {
+                    m.push(TaskTensor::Private {
+                        stored: Stored {
+                            section,
+                            dtype: info.dtype,
+                        },
+                        shape,
+                    });
+                }
+            }
+            entries.push(TensorEntry {
+                name: info.name.clone(),
+                shape: info.shape.clone(),
+                dtype: info.dtype,
+                storage: TensorStorage::Private,
+            });
+            progress(Progress::Tensor(&info.name));
+            continue;
+        }
+
+        let b = base.read_f32(&info.name)?;
+        let task_vectors = tasks
+            .iter()
+            .map(|t| {
+                t.read_f32(&info.name)
+                    .map(|v| v.iter().zip(&b).map(|(x, y)| x - y).collect::<Vec<f32>>())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let shape: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
+        let merged = merger.merge(&TensorView {
+            index: index as u64,
+            shape: &shape,
+            task_vectors: &task_vectors,
+        })?;
+
+        encoded.clear();
+        info.dtype.encode(&b, &mut encoded);
+        let base_section = writer.add_section(SectionKind::Base, &encoded)?;
+
+        // What a reader will see after storage rounding.
+        let delta: Vec<f32> = merged
+            .delta
+            .iter()
+            .map(|&d| opts.delta_dtype.round(d))
+            .collect();
+        let has_delta = delta.iter().any(|&d| d != 0.0);
+        let delta_stored = if has_delta {
+            encoded.clear();
+            opts.delta_dtype.encode(&delta, &mut encoded);
+            Some(Stored {
+                section: writer.add_section(SectionKind::Delta, &encoded)?,
+                dtype: opts.delta_dtype,
+            })
+        } else {
+            None
+        };
+
+        for (t, tau) in task_vectors.iter().enumerate() {
+            let mask = if has_delta {
+                merged.masks.as_ref().and_then(|m| m.get(t))
+            } else {
+                None
+            };
+            let scale_mode = if has_delta {
+                opts.scale
+            } else {
+                ScaleMode::None
+            };
+            let (scale, row_scales) = match scale_mode {
+                ScaleMode::None => (Scale::None, None),
+                ScaleMode::Tensor => (
+                    Scale::Tensor(scaling::tensor_scale(&delta, mask, tau)?),
+                    None,
+                ),
+                ScaleMode::Row => {
+                    let rows = shape.first().copied().unwrap_or(1).max(1);
+                    let s = scaling::row_scales(&delta, mask, tau, rows)?;
+                    (Scale::None, Some(s))
+                }
+            };
+            let scale = match row_scales {
+                Some(s) => {
+                    encoded.clear();
+                    DType::F32.encode(&s, &mut encoded);
+                    let id = writer.add_section(SectionKind::RowScale, &encoded)?;
+                    if let Some(f) = fidelity.get_mut(t) {
+                        f.add(&delta, mask, tau, |i| {
+                            s.get(i * s.len() / delta.len().max(1))
+                                .copied()
+                                .unwrap_or(0.0)
+                        });
+                    }
+                    Scale::Rows(id)
+                }
+                None => {
+                    let s = match scale {
+                        Scale::Tensor(s) => s,
+                        _ => 1.0,
+                    };
+                    if let Some(f) = fidelity.get_mut(t) {
+                        if has_delta {
+                            f.add(&delta, mask, tau, |_| s);
+                        } else {
+                            f.add_unchanged(tau);
+                        }
+                    }
+                    scale
+                }
+            };
+            let mask_section = match mask {
+                Some(m) => Some(writer.add_section(SectionKind::Mask, m.as_bytes())?),
+                None => None,
+            };
+            if let Some(m) = modules.get_mut(t) {
+                m.push(TaskTensor::Merged {
+                    mask: mask_section,
+                    scale,
+                });
+            }
+        }
+        entries.push(TensorEntry {
+            name: info.name.clone(),
+            shape: info.shape.clone(),
+            dtype: info.dtype,
+            storage: TensorStorage::Merged {
+                base: Stored {
+                    section: base_section,
+                    dtype: info.dtype,
+                },
+                delta: delta_stored,
+            },
+        });
+        progress(Progress::Tensor(&info.name));
+    }
+
+    // With a scaling mode, the closed-form scales replace a method's global rescaler.
+    let task_scales = if opts.scale == ScaleMode::None {
+        merger.task_scales(n_tasks)
+    } else {
+        vec![1.0; n_tasks]
+    };
+    let method_has_lambda = matches!(
+        opts.params.method,
+        crate::merge::Method::Tall | crate::merge::Method::Consensus
+    );
+    let task_entries: Vec<TaskEntry> = opts
+        .tasks
+        .iter()
+        .zip(modules)
+        .zip(&task_graph)
+        .enumerate()
+        .map(|(i, (((name, _), tensors), graph))| TaskEntry {
+            name: name.clone(),
+            graph: *graph,
+            scale: task_scales.get(i).copied().unwrap_or(1.0),
+            lambda: if method_has_lambda {
+                opts.params.lambda.get(i).copied()
+            } else {
+                None
+            },
+            tensors,
+        })
+        .collect();
+
+    let inputs = std::iter::once(("base".to_string(), &base))
+        .chain(opts.tasks.iter().map(|(n, _)| n.clone()).zip(tasks.iter()))
+        .map(|(role, c)| InputRecord {
+            role,
+            file: c
+                .path()
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            format: c.format().to_string(),
+            sha256: c.sha256().to_string(),
+            bytes: c.input_bytes(),
+        })
+        .collect::<Vec<_>>();
+    let report = CompileReport {
+        inputs_bytes: inputs.iter().map(|i| i.bytes).sum(),
+        tasks: opts
+            .tasks
+            .iter()
+            .zip(&fidelity)
+            .zip(&task_scales)
+            .map(|(((name, _), f), g)| f.report(name, *g))
+            .collect(),
+        private: private
+            .iter()
+            .map(|(n, why)| format!("{n}: {why}"))
+            .collect(),
+        peak_memory_bytes: super::memory::peak_rss_bytes().unwrap_or(0),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let manifest = Manifest {
+        graphs,
+        tensors: entries,
+        sections: Vec::new(),
+        tasks: task_entries,
+        merge: opts.params.clone(),
+        scale_mode: opts.scale,
+        provenance: Provenance {
+            compiler: format!("taskpack {}", env!("CARGO_PKG_VERSION")),
+            inputs,
+        },
+        report,
+    };
+    writer.finish(manifest)?;
+    Ok(Bundle::open(&opts.output)?)
+}
+
+fn check_task_names(tasks: &[(String, PathBuf)]) -> Result<(), CompileError> {
+    if tasks.is_empty() {
+        return Err(CompileError::NoTasks);
+    }
+    if tasks.len() > crate::format::MAX_TASKS {
+        return Err(crate::format::FormatError::TooManyTasks {
+            count: tasks.len() as u64,
+            max: crate::format::MAX_TASKS as u64,
+        }
+        .into());
+    }
+    let mut seen = BTreeSet::new();
+    for (name, _) in tasks {
+        if name.is_empty() || name.len() > 256 || name.chars().any(|c| c.is_control()) {
+            return Err(CompileError::InvalidTaskName(name.clone()));
+        }
+        if !seen.insert(name.as_str()) {
+            return Err(CompileError::DuplicateTask(name.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every task has the base's architecture and returns the base's float tensors.
+fn align(
+    base: &Checkpoint,
+    tasks: &[Checkpoint],
+    names: &[&str],
+) -> Result<Vec<InitializerInfo>, CompileError> {
+    let base_ops = op_types(base);
+    for (task, name) in tasks.iter().zip(names) {
+        let ops = op_types(task);
+        if ops != base_ops {
+            return Err(CompileError::DifferentArchitecture {
+                task: name.to_string(),
+                why: format!(
+                    "its graph has {} nodes ({}), the base's {} ({})",
+                    ops.len(),
+                    summary(&ops),
+                    base_ops.len(),
+                    summary(&base_ops)
+                ),
+            });
+        }
+        let theirs: BTreeMap<&str, &InitializerInfo> = task
+            .tensors()
+            .iter()
+            .map(|i| (i.name.as_str(), i))
+            .collect();
+        let ours: BTreeSet<&str> = base.tensors().iter().map(|i| i.name.as_str()).collect();
+        if let Some(missing) = base
+            .tensors()
+            .iter()
+            .find(|i| !theirs.contains_key(i.name.as_str()))
+        {
+            return Err(CompileError::MissingTensor {
+                task: name.to_string(),
+                tensor: missing.name.clone(),
+            });
+        }
+        if let Some(extra) = task
+            .tensors()
+            .iter()
+            .find(|i| !ours.contains(i.name.as_str()))
+        {
+            return Err(CompileError::DifferentArchitecture {
+                task: name.to_string(),
+                why: format!("it has tensor {:?} that the base lacks", extra.name),
+            });
+        }
+        for b in base.tensors() {
+            if let Some(t) = theirs.get(b.name.as_str()) {
+                if t.dtype != b.dtype {
+                    return Err(CompileError::TaskDTypeMismatch {
+                        task: name.to_string(),
+                        tensor: b.name.clone(),
+                        base: b.dtype,
+                        task_dtype: t.dtype,
+                    });
+                }
+            }
+        }
+    }
+    Ok(base.tensors().to_vec())
+}
+
+fn op_types(c: &Checkpoint) -> Vec<String> {
+    c.graph()
+        .graph
+        .as_ref()
+        .map(|g| g.node.iter().map(|n| n.op_type.clone()).collect())
+        .unwrap_or_default()
+}
+
+fn summary(ops: &[String]) -> String {
+    let mut s = ops.iter().take(6).cloned().collect::<Vec<_>>().join(", ");
+    if ops.len() > 6 {
+        s.push_str(", …");
+    }
+    s
+}
+
+fn decide_private(
+    opts: &CompileOptions,
+    base: &Checkpoint,
+    tasks: &[Checkpoint],
+    tensors: &[InitializerInfo],
+    relative: &[f64],
+) -> BTreeMap<String, PrivateReason> {
+    let stats = base.batchnorm_statistics();
+    let mut sorted: Vec<f64> = relative.iter().copied().filter(|r| r.is_finite()).collect();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let mut private = BTreeMap::new();
+    for (info, &r) in tensors.iter().zip(relative) {
+        let shape_differs = tasks.iter().any(|t| {
+            t.tensors()
+                .iter()
+                .find(|i| i.name == info.name)
+                .is_some_and(|i| i.shape != info.shape)
+        });
+        let reason = if shape_differs {
+            Some(PrivateReason::Shape)
+        } else if opts
+            .private
+            .as_ref()
+            .is_some_and(|re| re.is_match(&info.name))
+        {
+            Some(PrivateReason::Pattern)
+        } else if stats.contains(&info.name) {
+            Some(PrivateReason::NormStatistics)
+        } else if opts.auto_private
+            && r > HEAD_MIN_RELATIVE_CHANGE
+            && r > HEAD_MEDIAN_FACTOR * median
+        {
+            Some(PrivateReason::Head(r, median))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            private.insert(info.name.clone(), reason);
+        }
+    }
+    private
+}
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+}
+
+fn diff_norm(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            let d = f64::from(x) - f64::from(y);
+            d * d
+        })
+        .sum::<f64>()
+        .sqrt()
+}

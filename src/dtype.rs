@@ -1,0 +1,129 @@
+//! Element types a bundle can store, and their conversion to and from `f32`.
+//!
+//! Every merge method works in `f32`; storage may narrow the merged delta or the base to `f16` or
+//! `bf16`. The conversions live here so that the compiler, the exporter and the runtime round in
+//! exactly the same way (IEEE round-to-nearest-even, through the `half` crate).
+
+use serde::{Deserialize, Serialize};
+
+/// Storage type of a tensor in a bundle. All are little-endian IEEE formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// IEEE 754 half precision.
+    F16,
+    /// bfloat16 (the top 16 bits of an `f32`).
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Lower-case name, as used on the command line and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    /// Appends `values` encoded in this type (little-endian) to `out`.
+    pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        out.reserve(values.len() * self.size());
+        match self {
+            DType::F32 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            DType::BF16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        }
+    }
+
+    /// Decodes little-endian `bytes` of this type into `out` (cleared first). A trailing partial
+    /// element is ignored; callers validate lengths before decoding.
+    pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
+        out.clear();
+        out.reserve(bytes.len() / self.size());
+        match self {
+            DType::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            DType::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+            DType::BF16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+        }
+    }
+
+    /// Rounds `v` to this type and back, i.e. the value a reader will see after a round trip.
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            DType::F32 => v,
+            DType::F16 => half::f16::from_f32(v).to_f32(),
+            DType::BF16 => half::bf16::from_f32(v).to_f32(),
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(DType::F32),
+            "f16" => Ok(DType::F16),
+            "bf16" => Ok(DType::BF16),
+            other => Err(format!(
+                "unknown dtype {other:?} (expected f32, f16 or bf16)"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_round_trip_matches_half_rounding() {
+        // 1/3 in f16 is 0x3555 = 0.333251953125 (hand-checked: 1 + 341/1024 times 2^-2).
+        let mut bytes = Vec::new();
+        DType::F16.encode(&[1.0 / 3.0, -2.0], &mut bytes);
+        assert_eq!(bytes, vec![0x55, 0x35, 0x00, 0xc0]);
+        let mut back = Vec::new();
+        DType::F16.decode_into(&bytes, &mut back);
+        assert_eq!(back, vec![0.333_251_95, -2.0]);
+    }
+
+    #[test]
+    fn bf16_keeps_the_top_half_of_f32() {
+        let mut bytes = Vec::new();
+        DType::BF16.encode(&[1.0], &mut bytes);
+        assert_eq!(bytes, vec![0x80, 0x3f]);
+    }
+}

@@ -1,0 +1,160 @@
+//! Every size the format implies, computed in one place with checked arithmetic.
+//!
+//! GGUF's integer-overflow CVEs (tensor dimensions whose product wraps, sizes accumulated in
+//! several places, padding that wraps to zero) all came from size arithmetic spread over many
+//! call sites. Here, element counts, byte lengths, alignment and region ends are computed only by
+//! the functions of this module, in `u64`, returning [`FormatError::Overflow`] instead of wrapping
+//! or panicking. The reader, the writer, the runtime and the exporter call these; none of them
+//! multiplies or adds sizes on its own (docs/FORMAT.md §8).
+
+use crate::dtype::DType;
+
+use super::error::FormatError;
+
+/// Length of the fixed header, and the file offset of the data region.
+pub const HEADER_LEN: u64 = 64;
+/// Alignment of every section in the data region (and in the file).
+pub const ALIGNMENT: u64 = 64;
+/// Cap on the manifest's length in bytes (64 MiB).
+pub const MAX_MANIFEST_LEN: u64 = 64 << 20;
+/// Cap on the number of tasks.
+pub const MAX_TASKS: usize = 4096;
+/// Cap on the number of tensors.
+pub const MAX_TENSORS: usize = 1 << 20;
+/// Cap on the number of sections (a [`SectionId`](super::SectionId) always fits `u32`).
+pub const MAX_SECTIONS: usize = 1 << 22;
+/// Cap on the number of graphs.
+pub const MAX_GRAPHS: usize = 4096;
+/// Cap on the rank of a shape.
+pub const MAX_RANK: usize = 8;
+/// Cap on the length of a task or tensor name, in bytes.
+pub const MAX_NAME_LEN: usize = 4096;
+/// Cap on the number of elements of one tensor (2^40).
+pub const MAX_ELEMENTS: u64 = 1 << 40;
+
+/// Number of elements of `shape` (1 for a scalar), or [`FormatError::Overflow`].
+///
+/// Does not apply [`MAX_ELEMENTS`]; [`checked_numel`] does.
+pub fn numel(shape: &[u64]) -> Result<u64, FormatError> {
+    shape.iter().try_fold(1u64, |acc, &d| {
+        acc.checked_mul(d).ok_or(FormatError::Overflow {
+            what: "element count of a shape",
+        })
+    })
+}
+
+/// Number of elements of `shape`, checked against [`MAX_RANK`] and [`MAX_ELEMENTS`]; `tensor`
+/// names the shape in errors (called only on error).
+pub fn checked_numel(shape: &[u64], tensor: impl FnOnce() -> String) -> Result<u64, FormatError> {
+    if shape.len() > MAX_RANK {
+        return Err(FormatError::RankTooLarge {
+            tensor: tensor(),
+            rank: shape.len() as u64,
+            max: MAX_RANK as u64,
+        });
+    }
+    let n = numel(shape)?;
+    if n > MAX_ELEMENTS {
+        return Err(FormatError::TooManyElements {
+            tensor: tensor(),
+            numel: n,
+            max: MAX_ELEMENTS,
+        });
+    }
+    Ok(n)
+}
+
+/// Bytes of a dense tensor of `numel` elements of `dtype`.
+pub fn dense_bytes(numel: u64, dtype: DType) -> Result<u64, FormatError> {
+    numel
+        .checked_mul(dtype.size() as u64)
+        .ok_or(FormatError::Overflow {
+            what: "byte length of a dense tensor",
+        })
+}
+
+/// Bytes of a bit-packed mask over `numel` elements: `⌈numel / 8⌉` (cannot overflow).
+pub const fn mask_bytes(numel: u64) -> u64 {
+    numel.div_ceil(8)
+}
+
+/// Number of rows (first dimension) of `shape`, `None` for a scalar.
+pub fn rows(shape: &[u64]) -> Option<u64> {
+    shape.first().copied()
+}
+
+/// Bytes of a row-scale section for `rows` rows (`f32` each).
+pub fn row_scale_bytes(rows: u64) -> Result<u64, FormatError> {
+    rows.checked_mul(4).ok_or(FormatError::Overflow {
+        what: "byte length of row scales",
+    })
+}
+
+/// `x` rounded up to the next multiple of [`ALIGNMENT`].
+pub fn align_up(x: u64) -> Result<u64, FormatError> {
+    x.checked_next_multiple_of(ALIGNMENT)
+        .ok_or(FormatError::Overflow {
+            what: "aligned offset",
+        })
+}
+
+/// `offset + length`, the end of a range.
+pub fn end(offset: u64, length: u64) -> Result<u64, FormatError> {
+    offset.checked_add(length).ok_or(FormatError::Overflow {
+        what: "end of a byte range",
+    })
+}
+
+/// Number of zero padding bytes written after a section ending at `end` (data-region relative).
+pub fn padding_after(end: u64) -> Result<u64, FormatError> {
+    // align_up(end) >= end, so the subtraction cannot wrap.
+    Ok(align_up(end)? - end)
+}
+
+/// Converts a file offset or length that has been validated against the real file length to
+/// `usize` (always succeeds then; fails cleanly otherwise).
+pub fn to_usize(x: u64) -> Result<usize, FormatError> {
+    usize::try_from(x).map_err(|_| FormatError::Overflow {
+        what: "offset or length as usize",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn align_up_and_overflow() {
+        assert_eq!(align_up(0).ok(), Some(0));
+        assert_eq!(align_up(1).ok(), Some(64));
+        assert_eq!(align_up(64).ok(), Some(64));
+        assert_eq!(align_up(65).ok(), Some(128));
+        assert!(matches!(
+            align_up(u64::MAX - 3),
+            Err(FormatError::Overflow { .. })
+        ));
+        assert_eq!(padding_after(70).ok(), Some(58));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(numel(&[]).ok(), Some(1));
+        assert_eq!(numel(&[3, 0, 5]).ok(), Some(0));
+        assert!(matches!(
+            numel(&[u64::MAX, 2]),
+            Err(FormatError::Overflow { .. })
+        ));
+        assert_eq!(mask_bytes(0), 0);
+        assert_eq!(mask_bytes(9), 2);
+        assert_eq!(mask_bytes(u64::MAX), u64::MAX / 8 + 1);
+        assert_eq!(dense_bytes(3, DType::BF16).ok(), Some(6));
+        assert!(matches!(
+            dense_bytes(u64::MAX / 2, DType::F32),
+            Err(FormatError::Overflow { .. })
+        ));
+        assert!(matches!(
+            checked_numel(&[1 << 20, 1 << 21], || "x".into()),
+            Err(FormatError::TooManyElements { .. })
+        ));
+    }
+}

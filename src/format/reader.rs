@@ -1,0 +1,647 @@
+//! Parsing and validation of a bundle held in memory (docs/FORMAT.md §6).
+//!
+//! [`parse`] borrows the bundle's bytes — a memory map or a `Vec` read from disk, that is the
+//! caller's business — checks the header, the manifest and the section table against every
+//! structural rule (1–29) in time proportional to the manifest only, and returns a
+//! [`ParsedBundle`] that owns the manifest and the validated byte ranges of every section. Later
+//! accesses slice the caller's bytes through those ranges and never re-read offsets from the
+//! file. The checks that need the bulk bytes (checksums, zero padding, mask pad bits, finite row
+//! scales) are [`ParsedBundle::verify_section`] and [`ParsedBundle::verify`].
+//!
+//! The same structural checks run in the writer before it writes a manifest, so a bundle the
+//! writer produces always parses.
+
+use std::collections::{HashMap, HashSet};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::dtype::DType;
+
+use super::error::FormatError;
+use super::header::Header;
+use super::layout::{self, MAX_GRAPHS, MAX_NAME_LEN, MAX_SECTIONS, MAX_TASKS, MAX_TENSORS};
+use super::manifest::{
+    Manifest, Scale, SectionEntry, SectionId, SectionKind, SizeReport, Stored, TaskTensor,
+    TensorStorage,
+};
+
+/// What a section's bytes are, as established by the reference to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Content {
+    Graph,
+    Dense(DType),
+    Mask,
+    RowScale,
+}
+
+/// A section's validated place in the data region and what it holds.
+#[derive(Debug, Clone, Copy)]
+struct SectionMeta {
+    /// Start, relative to the data region until [`parse`] makes it a file offset.
+    start: u64,
+    /// End of the section's bytes.
+    end: u64,
+    /// End of its padding (start of the next section, or `end` for the last one).
+    pad_end: u64,
+    /// Elements held: dense elements, mask bits, rows, or bytes for a graph.
+    elements: u64,
+    content: Content,
+}
+
+/// The result of the structural checks on a manifest.
+pub(crate) struct Checked {
+    sections: Vec<SectionMeta>,
+    tasks: HashMap<String, usize>,
+    tensors: HashMap<String, usize>,
+}
+
+/// A validated bundle: the header, the decoded manifest and the byte range of every section.
+///
+/// Methods that take `bytes` expect the same buffer that was parsed (its length is checked).
+#[derive(Debug, Clone)]
+pub struct ParsedBundle {
+    header: Header,
+    manifest: Manifest,
+    sections: Vec<SectionMeta>,
+    tasks: HashMap<String, usize>,
+    tensors: HashMap<String, usize>,
+}
+
+/// Parses and validates a whole bundle (rules 1–29 of docs/FORMAT.md), in time independent of
+/// the size of the data region.
+pub fn parse(bytes: &[u8]) -> Result<ParsedBundle, FormatError> {
+    let header = Header::decode(bytes)?;
+    let file_len = bytes.len() as u64;
+    header.check_layout(file_len)?;
+    let manifest_bytes = slice(bytes, header.manifest_offset, header.file_length)?;
+    let actual = xxh3_64(manifest_bytes);
+    if actual != header.manifest_checksum {
+        return Err(FormatError::ManifestChecksumMismatch {
+            expected: header.manifest_checksum,
+            actual,
+        });
+    }
+    let (manifest, rest) = postcard::take_from_bytes::<Manifest>(manifest_bytes)
+        .map_err(FormatError::ManifestDecode)?;
+    if !rest.is_empty() {
+        return Err(FormatError::ManifestTrailingBytes {
+            count: rest.len() as u64,
+        });
+    }
+    let Checked {
+        mut sections,
+        tasks,
+        tensors,
+    } = check_manifest(&manifest, header.data_length)?;
+    for s in &mut sections {
+        s.start = layout::end(header.data_offset, s.start)?;
+        s.end = layout::end(header.data_offset, s.end)?;
+        s.pad_end = layout::end(header.data_offset, s.pad_end)?;
+    }
+    Ok(ParsedBundle {
+        header,
+        manifest,
+        sections,
+        tasks,
+        tensors,
+    })
+}
+
+/// `bytes[start..end]` for ranges validated against the buffer's length; an error, never a
+/// panic, if they are not.
+fn slice(bytes: &[u8], start: u64, end: u64) -> Result<&[u8], FormatError> {
+    let range = layout::to_usize(start)?..layout::to_usize(end)?;
+    bytes.get(range).ok_or(FormatError::FileLengthMismatch {
+        header: end,
+        actual: bytes.len() as u64,
+    })
+}
+
+/// Rules 13–29 on a decoded manifest describing a data region of `data_length` bytes.
+pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, FormatError> {
+    // Rule 13: counts.
+    let count = |n: usize| n as u64;
+    if m.tasks.len() > MAX_TASKS {
+        return Err(FormatError::TooManyTasks {
+            count: count(m.tasks.len()),
+            max: count(MAX_TASKS),
+        });
+    }
+    if m.tensors.len() > MAX_TENSORS {
+        return Err(FormatError::TooManyTensors {
+            count: count(m.tensors.len()),
+            max: count(MAX_TENSORS),
+        });
+    }
+    if m.sections.len() > MAX_SECTIONS {
+        return Err(FormatError::TooManySections {
+            count: count(m.sections.len()),
+            max: count(MAX_SECTIONS),
+        });
+    }
+    if m.graphs.len() > MAX_GRAPHS {
+        return Err(FormatError::TooManyGraphs {
+            count: count(m.graphs.len()),
+            max: count(MAX_GRAPHS),
+        });
+    }
+
+    // Rules 14–15: names.
+    let tensors = index_names(
+        m.tensors.iter().map(|t| t.name.as_str()),
+        "tensor",
+        FormatError::DuplicateTensorName,
+    )?;
+    let tasks = index_names(
+        m.tasks.iter().map(|t| t.name.as_str()),
+        "task",
+        FormatError::DuplicateTaskName,
+    )?;
+
+    // Rules 16–17: tensor shapes.
+    let numels = m
+        .tensors
+        .iter()
+        .map(|t| layout::checked_numel(&t.shape, || t.name.clone()))
+        .collect::<Result<Vec<u64>, _>>()?;
+
+    // Rule 18: finite scalars outside the task entries (those are checked in the task walk).
+    let p = &m.merge;
+    finite(p.alpha, || "merge alpha".into())?;
+    finite(p.density, || "merge density".into())?;
+    finite(p.gamma, || "merge gamma".into())?;
+    for (i, &l) in p.lambda.iter().enumerate() {
+        finite(l, || format!("merge lambda[{i}]"))?;
+    }
+    for t in &m.tasks {
+        finite(t.scale, || format!("task {:?} scale", t.name))?;
+        if let Some(l) = t.lambda {
+            finite(l, || format!("task {:?} lambda", t.name))?;
+        }
+    }
+
+    // Rule 19: graph hashes.
+    let mut hashes = HashSet::with_capacity(m.graphs.len());
+    for (i, g) in m.graphs.iter().enumerate() {
+        let h = g.sha256.as_bytes();
+        if h.len() != 64 || !h.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(FormatError::InvalidGraphHash {
+                graph: count(i),
+                sha256: g.sha256.clone(),
+            });
+        }
+        if !hashes.insert(g.sha256.as_str()) {
+            return Err(FormatError::DuplicateGraphHash(g.sha256.clone()));
+        }
+    }
+
+    // Rule 20: graph indices.
+    for t in &m.tasks {
+        if usize::try_from(t.graph).map_or(true, |g| g >= m.graphs.len()) {
+            return Err(FormatError::GraphOutOfRange {
+                task: t.name.clone(),
+                graph: t.graph,
+                count: count(m.graphs.len()),
+            });
+        }
+    }
+
+    // Rules 21–22: the section table tiles the data region.
+    let mut claims = Claims::tile(&m.sections, data_length)?;
+
+    // Rules 23–26 for graphs and tensors.
+    for g in &m.graphs {
+        claims.claim(g.section, SectionKind::Graph, None, Content::Graph, None)?;
+    }
+    for (t, &n) in m.tensors.iter().zip(&numels) {
+        if let TensorStorage::Merged { base, delta } = &t.storage {
+            claims.claim_dense(*base, SectionKind::Base, n)?;
+            if let Some(d) = delta {
+                claims.claim_dense(*d, SectionKind::Delta, n)?;
+            }
+        }
+    }
+
+    // Rules 27–29 (and 16–18, 23–26 for what tasks reference).
+    for task in &m.tasks {
+        if task.tensors.len() != m.tensors.len() {
+            return Err(FormatError::TaskTensorCount {
+                task: task.name.clone(),
+                found: count(task.tensors.len()),
+                expected: count(m.tensors.len()),
+            });
+        }
+        for ((tensor, &n), entry) in m.tensors.iter().zip(&numels).zip(&task.tensors) {
+            let mismatch = |expected, found| FormatError::TaskTensorMismatch {
+                task: task.name.clone(),
+                tensor: tensor.name.clone(),
+                expected,
+                found,
+            };
+            match (&tensor.storage, entry) {
+                (TensorStorage::Merged { delta, .. }, TaskTensor::Merged { mask, scale }) => {
+                    if let Scale::Tensor(s) = scale {
+                        finite(*s, || {
+                            format!("task {:?} scale of tensor {:?}", task.name, tensor.name)
+                        })?;
+                    }
+                    if delta.is_none() && (mask.is_some() || !matches!(scale, Scale::None)) {
+                        return Err(FormatError::ModuleWithoutDelta {
+                            task: task.name.clone(),
+                            tensor: tensor.name.clone(),
+                        });
+                    }
+                    if let Some(id) = mask {
+                        claims.claim(
+                            *id,
+                            SectionKind::Mask,
+                            Some(layout::mask_bytes(n)),
+                            Content::Mask,
+                            Some(n),
+                        )?;
+                    }
+                    if let Scale::Rows(id) = scale {
+                        let Some(rows) = layout::rows(&tensor.shape) else {
+                            return Err(FormatError::RowScaleOnScalar {
+                                task: task.name.clone(),
+                                tensor: tensor.name.clone(),
+                            });
+                        };
+                        claims.claim(
+                            *id,
+                            SectionKind::RowScale,
+                            Some(layout::row_scale_bytes(rows)?),
+                            Content::RowScale,
+                            Some(rows),
+                        )?;
+                    }
+                }
+                (TensorStorage::Private, TaskTensor::Private { stored, shape }) => {
+                    let pn =
+                        layout::checked_numel(shape, || format!("{}/{}", task.name, tensor.name))?;
+                    claims.claim_dense(*stored, SectionKind::Private, pn)?;
+                }
+                (TensorStorage::Merged { .. }, TaskTensor::Private { .. }) => {
+                    return Err(mismatch("merged", "private"));
+                }
+                (TensorStorage::Private, TaskTensor::Merged { .. }) => {
+                    return Err(mismatch("private", "merged"));
+                }
+            }
+        }
+    }
+
+    Ok(Checked {
+        sections: claims.finish()?,
+        tasks,
+        tensors,
+    })
+}
+
+/// Rules 14–15 for one list of names; returns the name → index map.
+fn index_names<'a>(
+    names: impl ExactSizeIterator<Item = &'a str>,
+    what: &'static str,
+    duplicate: fn(String) -> FormatError,
+) -> Result<HashMap<String, usize>, FormatError> {
+    let mut map = HashMap::with_capacity(names.len());
+    for (i, name) in names.enumerate() {
+        if name.is_empty() {
+            return Err(FormatError::EmptyName {
+                what,
+                index: i as u64,
+            });
+        }
+        if name.len() > MAX_NAME_LEN {
+            return Err(FormatError::NameTooLong {
+                what,
+                index: i as u64,
+                len: name.len() as u64,
+                max: MAX_NAME_LEN as u64,
+            });
+        }
+        if map.insert(name.to_owned(), i).is_some() {
+            return Err(duplicate(name.to_owned()));
+        }
+    }
+    Ok(map)
+}
+
+/// Rule 18 for one scalar.
+fn finite(v: f32, what: impl FnOnce() -> String) -> Result<(), FormatError> {
+    if v.is_finite() {
+        Ok(())
+    } else {
+        Err(FormatError::NonFiniteScalar {
+            what: what(),
+            value: v,
+        })
+    }
+}
+
+/// The section table being claimed by references (rules 23–26).
+struct Claims<'a> {
+    table: &'a [SectionEntry],
+    /// Tiled ranges (start, end, pad_end), data-region relative.
+    ranges: Vec<(u64, u64, u64)>,
+    /// What each section was claimed as.
+    claimed: Vec<Option<(Content, u64)>>,
+}
+
+impl<'a> Claims<'a> {
+    /// Rules 21–22.
+    fn tile(table: &'a [SectionEntry], data_length: u64) -> Result<Claims<'a>, FormatError> {
+        let mut ranges: Vec<(u64, u64, u64)> = Vec::with_capacity(table.len());
+        let mut expected = 0u64;
+        let mut prev_end = 0u64;
+        for (i, s) in table.iter().enumerate() {
+            if s.offset != expected {
+                return Err(FormatError::MisplacedSection {
+                    section: i as SectionId,
+                    offset: s.offset,
+                    expected,
+                });
+            }
+            let end = layout::end(s.offset, s.length)?;
+            if let Some(last) = ranges.last_mut() {
+                last.2 = s.offset;
+            }
+            ranges.push((s.offset, end, end));
+            prev_end = end;
+            expected = layout::align_up(end)?;
+        }
+        if prev_end != data_length {
+            return Err(FormatError::DataLengthMismatch {
+                data_length,
+                end: prev_end,
+            });
+        }
+        Ok(Claims {
+            table,
+            ranges,
+            claimed: vec![None; table.len()],
+        })
+    }
+
+    /// Rules 23–26 for one reference: `id` exists, holds `kind`, is not yet claimed, and is
+    /// `length` bytes long (any length if `None`). `elements` defaults to the byte length.
+    fn claim(
+        &mut self,
+        id: SectionId,
+        kind: SectionKind,
+        length: Option<u64>,
+        content: Content,
+        elements: Option<u64>,
+    ) -> Result<(), FormatError> {
+        let out_of_range = FormatError::SectionOutOfRange {
+            section: u64::from(id),
+            count: self.table.len() as u64,
+        };
+        let Ok(i) = usize::try_from(id) else {
+            return Err(out_of_range);
+        };
+        let (Some(entry), Some(slot)) = (self.table.get(i), self.claimed.get_mut(i)) else {
+            return Err(out_of_range);
+        };
+        if entry.kind != kind {
+            return Err(FormatError::SectionKindMismatch {
+                section: id,
+                expected: kind,
+                found: entry.kind,
+            });
+        }
+        if slot.is_some() {
+            return Err(FormatError::SectionReferencedTwice(id));
+        }
+        if let Some(expected) = length {
+            if entry.length != expected {
+                return Err(FormatError::SectionLengthMismatch {
+                    section: id,
+                    expected,
+                    found: entry.length,
+                });
+            }
+        }
+        *slot = Some((content, elements.unwrap_or(entry.length)));
+        Ok(())
+    }
+
+    /// A dense tensor of `numel` elements in `stored`.
+    fn claim_dense(
+        &mut self,
+        stored: Stored,
+        kind: SectionKind,
+        numel: u64,
+    ) -> Result<(), FormatError> {
+        let bytes = layout::dense_bytes(numel, stored.dtype)?;
+        self.claim(
+            stored.section,
+            kind,
+            Some(bytes),
+            Content::Dense(stored.dtype),
+            Some(numel),
+        )
+    }
+
+    /// Rule 25 (unreferenced sections); the per-section metadata.
+    fn finish(self) -> Result<Vec<SectionMeta>, FormatError> {
+        self.ranges
+            .into_iter()
+            .zip(self.claimed)
+            .enumerate()
+            .map(|(i, ((start, end, pad_end), claimed))| {
+                let Some((content, elements)) = claimed else {
+                    return Err(FormatError::SectionUnreferenced(i as SectionId));
+                };
+                Ok(SectionMeta {
+                    start,
+                    end,
+                    pad_end,
+                    elements,
+                    content,
+                })
+            })
+            .collect()
+    }
+}
+
+impl ParsedBundle {
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The validated manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Gives up the bundle's metadata, keeping the manifest.
+    pub fn into_manifest(self) -> Manifest {
+        self.manifest
+    }
+
+    /// Index of the task called `name` in [`Manifest::tasks`].
+    pub fn task_index(&self, name: &str) -> Option<usize> {
+        self.tasks.get(name).copied()
+    }
+
+    /// Index of the tensor called `name` in [`Manifest::tensors`].
+    pub fn tensor_index(&self, name: &str) -> Option<usize> {
+        self.tensors.get(name).copied()
+    }
+
+    /// Number of elements section `id` holds: dense elements for base, delta and private
+    /// sections, bits for a mask, rows for row scales, bytes for a graph.
+    pub fn section_elements(&self, id: SectionId) -> Option<u64> {
+        self.meta(id).ok().map(|m| m.elements)
+    }
+
+    fn meta(&self, id: SectionId) -> Result<&SectionMeta, FormatError> {
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| self.sections.get(i))
+            .ok_or(FormatError::SectionOutOfRange {
+                section: u64::from(id),
+                count: self.sections.len() as u64,
+            })
+    }
+
+    fn check_buffer(&self, bytes: &[u8]) -> Result<(), FormatError> {
+        if bytes.len() as u64 != self.header.file_length {
+            return Err(FormatError::FileLengthMismatch {
+                header: self.header.file_length,
+                actual: bytes.len() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// The bytes of section `id` (padding excluded) within `bytes`, the buffer that was parsed.
+    /// Not checksummed: see [`ParsedBundle::verify_section`].
+    pub fn section<'b>(&self, bytes: &'b [u8], id: SectionId) -> Result<&'b [u8], FormatError> {
+        self.check_buffer(bytes)?;
+        let m = self.meta(id)?;
+        slice(bytes, m.start, m.end)
+    }
+
+    /// Decodes a base, delta, private or row-scale section to `f32` into `out` (cleared first;
+    /// its allocation is reused).
+    pub fn decode_f32(
+        &self,
+        bytes: &[u8],
+        id: SectionId,
+        out: &mut Vec<f32>,
+    ) -> Result<(), FormatError> {
+        let dtype = match self.meta(id)?.content {
+            Content::Dense(dtype) => dtype,
+            Content::RowScale => DType::F32,
+            Content::Graph | Content::Mask => {
+                return Err(FormatError::NotNumeric {
+                    section: id,
+                    kind: self.section_kind(id)?,
+                })
+            }
+        };
+        dtype.decode_into(self.section(bytes, id)?, out);
+        Ok(())
+    }
+
+    fn section_kind(&self, id: SectionId) -> Result<SectionKind, FormatError> {
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| self.manifest.sections.get(i))
+            .map(|s| s.kind)
+            .ok_or(FormatError::SectionOutOfRange {
+                section: u64::from(id),
+                count: self.sections.len() as u64,
+            })
+    }
+
+    /// Checks rules V1–V4 for section `id`: its checksum, the zero padding after it, and for a
+    /// mask its zero pad bits, for row scales that they are finite.
+    pub fn verify_section(&self, bytes: &[u8], id: SectionId) -> Result<(), FormatError> {
+        let data = self.section(bytes, id)?;
+        let m = self.meta(id)?;
+        let expected = self
+            .manifest
+            .sections
+            .get(id as usize)
+            .map_or(0, |s| s.checksum);
+        let actual = xxh3_64(data);
+        if actual != expected {
+            return Err(FormatError::SectionChecksumMismatch {
+                section: id,
+                expected,
+                actual,
+            });
+        }
+        let padding = slice(bytes, m.end, m.pad_end)?;
+        if padding.iter().any(|&b| b != 0) {
+            return Err(FormatError::NonZeroPadding { section: id });
+        }
+        match m.content {
+            Content::Mask => {
+                let tail = m.elements % 8;
+                if tail != 0 && data.last().is_some_and(|&b| b >> tail != 0) {
+                    return Err(FormatError::MaskPadBits { section: id });
+                }
+            }
+            Content::RowScale => {
+                let bad = data.chunks_exact(4).position(|c| {
+                    <[u8; 4]>::try_from(c).is_ok_and(|b| !f32::from_le_bytes(b).is_finite())
+                });
+                if let Some(row) = bad {
+                    return Err(FormatError::NonFiniteRowScale {
+                        section: id,
+                        row: row as u64,
+                    });
+                }
+            }
+            Content::Graph | Content::Dense(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Checks everything: that the header and manifest are still those parsed, then rules
+    /// V1–V4 for every section. Reads every byte of the file.
+    pub fn verify(&self, bytes: &[u8]) -> Result<(), FormatError> {
+        self.check_buffer(bytes)?;
+        if bytes.get(..Header::LEN) != Some(&self.header.to_bytes()[..]) {
+            return Err(FormatError::HeaderChanged);
+        }
+        let manifest = slice(bytes, self.header.manifest_offset, self.header.file_length)?;
+        let actual = xxh3_64(manifest);
+        if actual != self.header.manifest_checksum {
+            return Err(FormatError::ManifestChecksumMismatch {
+                expected: self.header.manifest_checksum,
+                actual,
+            });
+        }
+        (0..self.sections.len()).try_for_each(|i| self.verify_section(bytes, i as SectionId))
+    }
+
+    /// Bytes per part of the bundle, derived from the section table.
+    pub fn sizes(&self) -> SizeReport {
+        let mut r = SizeReport {
+            total: self.header.file_length,
+            ..SizeReport::default()
+        };
+        let mut sections = 0u64;
+        for s in &self.manifest.sections {
+            // Validated: the sections fit in the file, so these sums cannot overflow.
+            let part = match s.kind {
+                SectionKind::Graph => &mut r.graphs,
+                SectionKind::Base => &mut r.base,
+                SectionKind::Delta => &mut r.delta,
+                SectionKind::Mask => &mut r.masks,
+                SectionKind::RowScale => &mut r.scales,
+                SectionKind::Private => &mut r.private,
+            };
+            *part = part.saturating_add(s.length);
+            sections = sections.saturating_add(s.length);
+        }
+        r.overhead = r.total.saturating_sub(sections);
+        r
+    }
+}

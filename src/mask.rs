@@ -1,0 +1,99 @@
+//! Bit-packed per-parameter masks.
+//!
+//! A mask over a tensor of `n` parameters is `⌈n/8⌉` bytes; parameter `i` (flat, row-major index)
+//! is bit `i % 8` (least significant first) of byte `i / 8`, the same order as numpy's
+//! `np.packbits(bits, bitorder="little")`. Pad bits past `n` are zero. The same bytes are what a
+//! bundle stores, so a mask goes from the merge method to the file without re-encoding.
+
+/// A bit-packed boolean mask over the flat elements of one tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mask {
+    len: usize,
+    bytes: Vec<u8>,
+}
+
+impl Mask {
+    /// Packed length in bytes of a mask over `len` elements.
+    pub const fn packed_len(len: usize) -> usize {
+        len.div_ceil(8)
+    }
+
+    /// A mask with bit `i` set where `f(i)` is true.
+    pub fn from_fn(len: usize, mut f: impl FnMut(usize) -> bool) -> Mask {
+        let mut bytes = vec![0u8; Self::packed_len(len)];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            let start = i * 8;
+            let end = (start + 8).min(len);
+            let mut b = 0u8;
+            for j in start..end {
+                b |= u8::from(f(j)) << (j - start);
+            }
+            *byte = b;
+        }
+        Mask { len, bytes }
+    }
+
+    /// A mask with every bit set.
+    pub fn ones(len: usize) -> Mask {
+        Mask::from_fn(len, |_| true)
+    }
+
+    /// Wraps packed bytes, checking the length and that pad bits are zero.
+    pub fn from_packed(len: usize, bytes: Vec<u8>) -> Option<Mask> {
+        if bytes.len() != Self::packed_len(len) {
+            return None;
+        }
+        let tail = len % 8;
+        if tail != 0 && bytes.last().is_some_and(|b| b >> tail != 0) {
+            return None;
+        }
+        Some(Mask { len, bytes })
+    }
+
+    /// Number of elements the mask covers.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if the mask covers no element.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether element `i` is selected (false past the end).
+    pub fn get(&self, i: usize) -> bool {
+        i < self.len && self.bytes.get(i / 8).is_some_and(|b| b >> (i % 8) & 1 == 1)
+    }
+
+    /// Number of selected elements.
+    pub fn count_ones(&self) -> usize {
+        self.bytes.iter().map(|b| b.count_ones() as usize).sum()
+    }
+
+    /// The packed bytes (what a bundle stores).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_order_is_lsb_first_like_numpy_little() {
+        // np.packbits([1,0,1,1,0,0,0,0, 0,1], bitorder="little") == [13, 2]
+        let bits = [1, 0, 1, 1, 0, 0, 0, 0, 0, 1];
+        let m = Mask::from_fn(bits.len(), |i| bits[i] == 1);
+        assert_eq!(m.as_bytes(), &[13, 2]);
+        assert_eq!(m.count_ones(), 4);
+        assert!(m.get(9) && !m.get(8) && !m.get(10));
+    }
+
+    #[test]
+    fn from_packed_rejects_set_pad_bits_and_wrong_length() {
+        assert!(Mask::from_packed(10, vec![13, 2]).is_some());
+        assert!(Mask::from_packed(10, vec![13, 4]).is_none());
+        assert!(Mask::from_packed(10, vec![13]).is_none());
+    }
+}

@@ -1,0 +1,163 @@
+//! An open bundle: its bytes (memory-mapped or owned) and its validated metadata.
+//!
+//! [`Bundle::open`] maps the file and validates header, manifest and section table — work that
+//! does not grow with the weights. Section checksums are verified on first use of each section
+//! (or all at once by [`Bundle::verify`]); a section that fails is never handed out.
+//!
+//! Mapping vs. reading: a memory map shares pages with the OS cache and costs nothing up front,
+//! but the file must not be truncated or rewritten while mapped (that is undefined behaviour —
+//! typically SIGBUS). Use [`Bundle::read`] (owned memory) for files on storage that may change
+//! under the process: removable media, network file systems, or bundles an updater replaces in
+//! place rather than by rename.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use memmap2::Mmap;
+
+use crate::format::{parse, Manifest, ParsedBundle, SectionId, SizeReport};
+use crate::runtime::error::Error;
+
+enum Storage {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
+/// A validated bundle.
+pub struct Bundle {
+    storage: Storage,
+    parsed: ParsedBundle,
+    verified: Vec<AtomicBool>,
+}
+
+impl std::fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bundle")
+            .field("bytes", &self.bytes().len())
+            .field("tasks", &self.manifest().tasks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bundle {
+    /// Memory-maps and validates the bundle at `path`. See the module docs for when to prefer
+    /// [`Bundle::read`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Bundle, Error> {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).map_err(|source| Error::Io {
+            action: "open",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // SAFETY: the map is read-only and private to this process. Its contents can still change
+        // if another process truncates or rewrites the file while it is mapped, which is
+        // undefined behaviour; this is the documented contract of `open` (use `read` for files
+        // that may change). All offsets into the map are validated before use.
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
+            action: "map",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::new(Storage::Mapped(map))
+    }
+
+    /// Reads the whole bundle at `path` into owned memory and validates it.
+    pub fn read(path: impl AsRef<Path>) -> Result<Bundle, Error> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            action: "read",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::new(Storage::Owned(bytes))
+    }
+
+    /// Validates a bundle already in memory.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Bundle, Error> {
+        Self::new(Storage::Owned(bytes))
+    }
+
+    fn new(storage: Storage) -> Result<Bundle, Error> {
+        let parsed = parse(storage.bytes())?;
+        let verified = (0..parsed.manifest().sections.len())
+            .map(|_| AtomicBool::new(false))
+            .collect();
+        Ok(Bundle {
+            storage,
+            parsed,
+            verified,
+        })
+    }
+
+    /// The bundle's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.storage.bytes()
+    }
+
+    /// The validated metadata.
+    pub fn parsed(&self) -> &ParsedBundle {
+        &self.parsed
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        self.parsed.manifest()
+    }
+
+    /// Bytes per part of the bundle.
+    pub fn sizes(&self) -> SizeReport {
+        self.parsed.sizes()
+    }
+
+    /// Checks every checksum and every rule that needs the bulk bytes. Reads the whole file.
+    pub fn verify(&self) -> Result<(), Error> {
+        self.parsed.verify(self.bytes())?;
+        self.verified
+            .iter()
+            .for_each(|v| v.store(true, Ordering::Relaxed));
+        Ok(())
+    }
+
+    /// Index of the task called `name`.
+    pub fn task_index(&self, name: &str) -> Result<usize, Error> {
+        self.parsed
+            .task_index(name)
+            .ok_or_else(|| Error::UnknownTask {
+                name: name.to_string(),
+                known: self
+                    .manifest()
+                    .tasks
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// The bytes of section `id`, checksum-verified on first use.
+    pub fn section(&self, id: SectionId) -> Result<&[u8], Error> {
+        let flag = usize::try_from(id).ok().and_then(|i| self.verified.get(i));
+        if let Some(flag) = flag {
+            if !flag.load(Ordering::Acquire) {
+                self.parsed.verify_section(self.bytes(), id)?;
+                flag.store(true, Ordering::Release);
+            }
+        }
+        Ok(self.parsed.section(self.bytes(), id)?)
+    }
+
+    /// Decodes a numeric section to `f32` into `out`, checksum-verified on first use.
+    pub fn decode_f32(&self, id: SectionId, out: &mut Vec<f32>) -> Result<(), Error> {
+        self.section(id)?;
+        Ok(self.parsed.decode_f32(self.bytes(), id, out)?)
+    }
+}

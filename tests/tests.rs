@@ -1,0 +1,3 @@
+mod format;
+
+mod readers;
