@@ -1,3 +1,5 @@
-mod format;
+//! The one integration-test binary (ripgrep style): each module covers one part.
 
+mod compile;
+mod format;
 mod readers;

@@ -1,0 +1,584 @@
+//! The compiler end to end on the embedded demo models: each method's exported task against an
+//! expectation computed here from the raw checkpoints (decoded with prost, not with taskpack's
+//! reader), ONNX vs safetensors inputs, the golden onnxruntime outputs, and every bad input the
+//! CLI must refuse with one clear line and no output file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use prost::Message;
+use taskpack::compile::{compile, CompileError, CompileOptions};
+use taskpack::dtype::DType;
+use taskpack::merge::scaling::ScaleMode;
+use taskpack::merge::{MergeParams, Method};
+use taskpack::runtime::Bundle;
+use tract_onnx::pb::ModelProto;
+
+fn demo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")
+}
+
+/// The demo tasks: every NAME.onnx but the base that has a NAME.test.npz.
+fn demo_tasks() -> Vec<(String, PathBuf)> {
+    let mut tasks: Vec<(String, PathBuf)> = std::fs::read_dir(demo())
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            let stem = p.file_stem()?.to_str()?.to_string();
+            (p.extension()? == "onnx"
+                && stem != "base"
+                && demo().join(format!("{stem}.test.npz")).exists())
+            .then_some((stem, p))
+        })
+        .collect();
+    tasks.sort();
+    assert!(tasks.len() >= 4, "the demo family has at least 4 tasks");
+    tasks
+}
+
+type Weights = BTreeMap<String, (Vec<i64>, Vec<f32>)>;
+
+/// Float initializers of an ONNX model, decoded straight from the protobuf (f32 only).
+fn weights_of(bytes: &[u8]) -> Weights {
+    let model = ModelProto::decode(bytes).unwrap();
+    let mut out = BTreeMap::new();
+    for t in model.graph.unwrap().initializer {
+        if t.data_type != 1 {
+            continue;
+        }
+        let values = if t.raw_data.is_empty() {
+            t.float_data.clone()
+        } else {
+            t.raw_data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        out.insert(t.name.clone(), (t.dims.clone(), values));
+    }
+    out
+}
+
+fn weights(path: &Path) -> Weights {
+    weights_of(&std::fs::read(path).unwrap())
+}
+
+fn options(method: Method, tasks: &[(String, PathBuf)], out: &Path) -> CompileOptions {
+    CompileOptions {
+        base: demo().join("base.onnx"),
+        tasks: tasks.to_vec(),
+        graph: None,
+        params: MergeParams::defaults(method, tasks.len()),
+        scale: ScaleMode::None,
+        private: None,
+        delta_dtype: DType::F32,
+        auto_private: false,
+        output: out.to_path_buf(),
+    }
+}
+
+/// Private in the demo family without auto-detection: BatchNorm statistics and shape changes.
+fn expected_private(name: &str, task_weights: &[Weights], base: &Weights) -> bool {
+    name.contains("running_") || task_weights.iter().any(|w| w[name].0 != base[name].0)
+}
+
+fn export(bundle: &Bundle, task: &str) -> Weights {
+    weights_of(&taskpack::compile::export::export_task(bundle, task).unwrap())
+}
+
+#[test]
+fn tall_export_is_base_plus_masked_sum_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tall.tpk");
+    let tasks = demo_tasks();
+    let opts = options(Method::Tall, &tasks, &out);
+    let lambda = opts.params.lambda[0];
+    let bundle = compile(&opts, &mut |_| {}).unwrap();
+    let base = weights(&demo().join("base.onnx"));
+    let thetas: Vec<Weights> = tasks.iter().map(|(_, p)| weights(p)).collect();
+    for (t, (name, _)) in tasks.iter().enumerate() {
+        let got = export(&bundle, name);
+        for (tensor, (dims, b)) in &base {
+            let (got_dims, got_values) = &got[tensor];
+            if expected_private(tensor, &thetas, &base) {
+                assert_eq!(
+                    got[tensor], thetas[t][tensor],
+                    "{name}/{tensor} is the task's own copy"
+                );
+                continue;
+            }
+            assert_eq!(got_dims, dims);
+            // τ_MTL = Σ_t τ_t in task order (α = 1); m_t = |τ_t| > λ |τ_MTL − τ_t|.
+            for i in 0..b.len() {
+                let taus: Vec<f32> = thetas.iter().map(|w| w[tensor].1[i] - b[i]).collect();
+                let sum = taus.iter().fold(0.0f32, |acc, x| acc + x);
+                let keep = taus[t].abs() > lambda * (sum - taus[t]).abs();
+                let expected = if keep { b[i] + sum } else { b[i] };
+                assert_eq!(
+                    got_values[i].to_bits(),
+                    expected.to_bits(),
+                    "{name}/{tensor}[{i}]"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn emr_with_f16_delta_is_within_f16_rounding() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("emr.tpk");
+    let tasks = demo_tasks();
+    let mut opts = options(Method::Emr, &tasks, &out);
+    opts.delta_dtype = DType::F16;
+    let bundle = compile(&opts, &mut |_| {}).unwrap();
+    let base = weights(&demo().join("base.onnx"));
+    let thetas: Vec<Weights> = tasks.iter().map(|(_, p)| weights(p)).collect();
+    let merged: Vec<&String> = base
+        .keys()
+        .filter(|n| !expected_private(n, &thetas, &base))
+        .collect();
+    // τ_uni = γ ⊙ max{|τ_t| : sgn τ_t = γ}; M_t = τ_t τ_uni > 0; λ_t over the whole model.
+    let uni = |tensor: &str, i: usize| -> (Vec<f32>, f32) {
+        let taus: Vec<f32> = thetas
+            .iter()
+            .map(|w| w[tensor].1[i] - base[tensor].1[i])
+            .collect();
+        let gamma = taus.iter().fold(0.0f32, |a, x| a + x).signum();
+        let eps = taus
+            .iter()
+            .filter(|x| **x * gamma > 0.0)
+            .fold(0.0f32, |a, x| a.max(x.abs()));
+        (taus, if gamma == 0.0 { 0.0 } else { gamma * eps })
+    };
+    let mut num = vec![0.0f64; tasks.len()];
+    let mut den = vec![0.0f64; tasks.len()];
+    for tensor in &merged {
+        for i in 0..base[*tensor].1.len() {
+            let (taus, u) = uni(tensor, i);
+            for t in 0..tasks.len() {
+                num[t] += f64::from(taus[t].abs());
+                if taus[t] * u > 0.0 {
+                    den[t] += f64::from(u.abs());
+                }
+            }
+        }
+    }
+    for (t, (name, _)) in tasks.iter().enumerate() {
+        let lambda = (num[t] / den[t]) as f32;
+        assert!((bundle.manifest().tasks[t].scale - lambda).abs() <= 1e-5 * lambda);
+        let got = export(&bundle, name);
+        for tensor in &merged {
+            let b = &base[*tensor].1;
+            for (i, g) in got[*tensor].1.iter().enumerate() {
+                let (taus, u) = uni(tensor, i);
+                let expected = if taus[t] * u > 0.0 {
+                    b[i] + lambda * u
+                } else {
+                    b[i]
+                };
+                let tolerance = lambda * u.abs() * 2f32.powi(-11) + 1e-6;
+                assert!(
+                    (g - expected).abs() <= tolerance,
+                    "{name}/{tensor}[{i}]: {g} vs {expected}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn safetensors_inputs_give_the_same_bundle_as_onnx_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx_tasks = vec![("mnist".to_string(), demo().join("mnist.onnx"))];
+    let st_tasks = vec![("mnist".to_string(), demo().join("mnist.safetensors"))];
+    let a = compile(
+        &options(Method::Tall, &onnx_tasks, &dir.path().join("a.tpk")),
+        &mut |_| {},
+    )
+    .unwrap();
+    let mut opts = options(Method::Tall, &st_tasks, &dir.path().join("b.tpk"));
+    opts.base = demo().join("base.safetensors");
+    opts.graph = Some(demo().join("base.onnx"));
+    let b = compile(&opts, &mut |_| {}).unwrap();
+    assert_eq!(export(&a, "mnist"), export(&b, "mnist"));
+    let formats: Vec<&str> = b
+        .manifest()
+        .provenance
+        .inputs
+        .iter()
+        .map(|i| i.format.as_str())
+        .collect();
+    assert_eq!(formats, ["safetensors", "safetensors"]);
+}
+
+#[test]
+fn single_task_bundle_reproduces_onnxruntime_golden_logits() {
+    use ndarray_npy::NpzReader;
+    use tract_onnx::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = vec![("digits".to_string(), demo().join("digits.onnx"))];
+    let mut opts = options(Method::Tall, &tasks, &dir.path().join("one.tpk"));
+    // One task, λ = 0: every changed weight is kept, θ̂ = θ_0 + τ.
+    opts.params.lambda = vec![0.0];
+    let bundle = compile(&opts, &mut |_| {}).unwrap();
+    let onnx = taskpack::compile::export::export_task(&bundle, "digits").unwrap();
+    let mut npz =
+        NpzReader::new(std::fs::File::open(demo().join("digits.test.npz")).unwrap()).unwrap();
+    let image: tract_ndarray::ArrayD<f32> = npz.by_name("image").unwrap();
+    let golden: tract_ndarray::ArrayD<f32> = npz.by_name("logits").unwrap();
+    let model = tract_onnx::onnx()
+        .model_for_read(&mut &onnx[..])
+        .unwrap()
+        .with_input_fact(0, f32::fact(image.shape()).into())
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let out = model.run(tvec!(Tensor::from(image).into())).unwrap();
+    let logits = out[0].to_plain_array_view::<f32>().unwrap();
+    assert_eq!(logits.shape(), golden.shape());
+    let worst = logits
+        .iter()
+        .zip(golden.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "max |tract - onnxruntime| = {worst}");
+}
+
+#[test]
+fn bundle_verifies_and_reports_sizes_that_add_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("b.tpk");
+    let bundle = compile(&options(Method::Tall, &demo_tasks(), &out), &mut |_| {}).unwrap();
+    bundle.verify().unwrap();
+    let s = bundle.sizes();
+    assert_eq!(s.total, std::fs::metadata(&out).unwrap().len());
+    assert!(s.base > 0 && s.delta > 0 && s.masks > 0 && s.private > 0 && s.graphs > 0);
+    let parts = s.base + s.delta + s.masks + s.scales + s.private + s.graphs + s.overhead;
+    assert_eq!(parts, s.total);
+    // Three head shapes in the family at most → at most three graphs, at least one.
+    let graphs = bundle.manifest().graphs.len();
+    assert!((1..=demo_tasks().len()).contains(&graphs));
+}
+
+/// A copy of a demo checkpoint with `edit` applied to its ModelProto.
+fn edited(dir: &Path, from: &str, to: &str, edit: impl FnOnce(&mut ModelProto)) -> PathBuf {
+    let mut model = ModelProto::decode(&std::fs::read(demo().join(from)).unwrap()[..]).unwrap();
+    edit(&mut model);
+    let path = dir.join(to);
+    std::fs::write(&path, model.encode_to_vec()).unwrap();
+    path
+}
+
+fn initializer<'a>(m: &'a mut ModelProto, name: &str) -> &'a mut tract_onnx::pb::TensorProto {
+    m.graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == name)
+        .unwrap()
+}
+
+#[test]
+fn fresh_head_is_detected_and_kept_private() {
+    let dir = tempfile::tempdir().unwrap();
+    // A task whose head was re-initialized: same shape as the base's, values unrelated.
+    let task = edited(dir.path(), "mnist.onnx", "fresh.onnx", |m| {
+        let head = initializer(m, "head.weight");
+        let n = head.raw_data.len() / 4;
+        head.raw_data = (0..n)
+            .flat_map(|i| (((i * 7919) % 200) as f32 / 100.0 - 1.0).to_le_bytes())
+            .collect();
+    });
+    let tasks = vec![
+        ("fresh".to_string(), task),
+        ("mnist".to_string(), demo().join("mnist.onnx")),
+    ];
+    let mut opts = options(Method::Tall, &tasks, &dir.path().join("a.tpk"));
+    opts.auto_private = true;
+    let bundle = compile(&opts, &mut |_| {}).unwrap();
+    let private = &bundle.manifest().report.private;
+    assert!(
+        private
+            .iter()
+            .any(|p| p.starts_with("head.weight: relative change")),
+        "{private:?}"
+    );
+    assert!(
+        !private.iter().any(|p| p.starts_with("fc.weight")),
+        "{private:?}"
+    );
+    opts.auto_private = false;
+    opts.output = dir.path().join("b.tpk");
+    let bundle = compile(&opts, &mut |_| {}).unwrap();
+    assert!(!bundle
+        .manifest()
+        .report
+        .private
+        .iter()
+        .any(|p| p.starts_with("head.weight")));
+}
+
+#[test]
+fn library_rejects_zero_and_duplicate_tasks_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.tpk");
+    let err = compile(&options(Method::Tall, &[], &out), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, CompileError::NoTasks), "{err}");
+    let twice = vec![
+        ("a".to_string(), demo().join("mnist.onnx")),
+        ("a".to_string(), demo().join("digits.onnx")),
+    ];
+    let err = compile(&options(Method::Tall, &twice, &out), &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(err, CompileError::DuplicateTask(ref n) if n == "a"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// Runs the CLI; returns (success, stdout, stderr).
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_taskpack"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// Asserts that `taskpack compile` with these task arguments fails with one line containing
+/// `needle` and leaves the output folder empty.
+fn compile_fails(base: &Path, tasks: &[String], needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.tpk");
+    let mut args = vec![
+        "compile".to_string(),
+        "--base".into(),
+        base.display().to_string(),
+    ];
+    for t in tasks {
+        args.push("--task".into());
+        args.push(t.clone());
+    }
+    args.extend(["-o".into(), out.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, _, err) = cli(&args);
+    assert!(!ok, "compile should fail ({needle})");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.starts_with("error: ") && err.contains(needle),
+        "{needle:?} not in {err:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "output folder should be empty, has {left:?}"
+    );
+}
+
+fn task_arg(name: &str, path: &Path) -> String {
+    format!("{name}={}", path.display())
+}
+
+#[test]
+fn cli_bad_inputs_fail_with_one_clear_line_and_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = demo().join("base.onnx");
+    let mnist = demo().join("mnist.onnx");
+
+    compile_fails(
+        &dir.path().join("missing.onnx"),
+        &[task_arg("m", &mnist)],
+        "missing.onnx",
+    );
+    compile_fails(
+        &base,
+        &[task_arg("m", &dir.path().join("nope.onnx"))],
+        "nope.onnx",
+    );
+
+    let text = dir.path().join("notes.onnx");
+    std::fs::write(&text, "these are not the weights you are looking for\n").unwrap();
+    compile_fails(&base, &[task_arg("m", &text)], "is not an ONNX model");
+
+    let shorter = edited(dir.path(), "mnist.onnx", "shorter.onnx", |m| {
+        m.graph.as_mut().unwrap().node.pop();
+    });
+    compile_fails(
+        &base,
+        &[task_arg("m", &shorter)],
+        "does not have the base's architecture",
+    );
+
+    let missing = edited(dir.path(), "mnist.onnx", "missing_tensor.onnx", |m| {
+        m.graph
+            .as_mut()
+            .unwrap()
+            .initializer
+            .retain(|t| t.name != "fc.bias");
+    });
+    compile_fails(
+        &base,
+        &[task_arg("m", &missing)],
+        "has no tensor \"fc.bias\"",
+    );
+
+    let half = edited(dir.path(), "mnist.onnx", "half.onnx", |m| {
+        let t = initializer(m, "fc.bias");
+        let values: Vec<f32> = t
+            .raw_data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        t.raw_data.clear();
+        DType::F16.encode(&values, &mut t.raw_data);
+        t.data_type = 10;
+    });
+    compile_fails(&base, &[task_arg("m", &half)], "is f32 in the base but f16");
+
+    let nan = edited(dir.path(), "mnist.onnx", "nan.onnx", |m| {
+        initializer(m, "fc.weight").raw_data[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    compile_fails(
+        &base,
+        &[task_arg("m", &nan)],
+        "non-finite value (NaN) at flat index 2",
+    );
+    let inf = edited(dir.path(), "mnist.onnx", "inf.onnx", |m| {
+        initializer(m, "features.0.weight").raw_data[0..4]
+            .copy_from_slice(&f32::INFINITY.to_le_bytes());
+    });
+    compile_fails(&base, &[task_arg("m", &inf)], "non-finite value (inf)");
+
+    compile_fails(
+        &base,
+        &[
+            task_arg("a", &mnist),
+            task_arg("a", &demo().join("digits.onnx")),
+        ],
+        "given twice",
+    );
+
+    // Unwritable output: a folder that does not exist.
+    let (ok, _, err) = cli(&[
+        "compile",
+        "--base",
+        &base.display().to_string(),
+        "--task",
+        &task_arg("m", &mnist),
+        "-o",
+        "/nonexistent-taskpack-dir/out.tpk",
+    ]);
+    assert!(
+        !ok && err.starts_with("error: ") && err.contains("/nonexistent-taskpack-dir"),
+        "{err}"
+    );
+
+    // Zero tasks: refused by the argument parser.
+    let (ok, _, err) = cli(&[
+        "compile",
+        "--base",
+        &base.display().to_string(),
+        "-o",
+        "x.tpk",
+    ]);
+    assert!(
+        !ok && err.starts_with("error: ") && err.contains("--task"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_compile_inspect_verify_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("b.tpk");
+    let out_s = out.display().to_string();
+    let mut args = vec![
+        "compile".to_string(),
+        "--base".into(),
+        demo().join("base.onnx").display().to_string(),
+        "--method".into(),
+        "emr".into(),
+        "--scale".into(),
+        "row".into(),
+    ];
+    for (n, p) in demo_tasks() {
+        args.extend(["--task".into(), task_arg(&n, &p)]);
+    }
+    args.extend(["-o".into(), out_s.clone()]);
+    let (ok, stdout, err) = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    for part in [
+        "base",
+        "merged delta",
+        "masks",
+        "scales",
+        "private",
+        "graphs",
+        "total",
+        "their sum",
+    ] {
+        assert!(stdout.contains(part), "report lacks {part:?}: {stdout}");
+    }
+
+    let (ok, json, err) = cli(&["inspect", &out_s, "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["merge"]["method"], "Emr");
+    assert_eq!(v["scale_mode"], "Row");
+    assert_eq!(v["tasks"].as_array().unwrap().len(), demo_tasks().len());
+    assert_eq!(v["sizes"]["total"], std::fs::metadata(&out).unwrap().len());
+
+    let (ok, stdout, _) = cli(&["verify", &out_s]);
+    assert!(ok && stdout.contains("OK"), "{stdout}");
+
+    let onnx = dir.path().join("mnist.onnx");
+    let (ok, _, err) = cli(&[
+        "export",
+        &out_s,
+        "--task",
+        "mnist",
+        "-o",
+        &onnx.display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    let exported = weights(&onnx);
+    assert_eq!(
+        exported.keys().collect::<Vec<_>>(),
+        weights(&demo().join("mnist.onnx"))
+            .keys()
+            .collect::<Vec<_>>()
+    );
+
+    let (ok, _, err) = cli(&[
+        "export",
+        &out_s,
+        "--task",
+        "nope",
+        "-o",
+        &onnx.display().to_string(),
+    ]);
+    assert!(
+        !ok && err.contains("no task \"nope\"") && err.contains("mnist"),
+        "{err}"
+    );
+
+    // One flipped byte in the data region: verify fails, naming the section.
+    let mut bytes = std::fs::read(&out).unwrap();
+    bytes[64 + 10] ^= 0x40;
+    let bad = dir.path().join("bad.tpk");
+    std::fs::write(&bad, &bytes).unwrap();
+    let (ok, _, err) = cli(&["verify", &bad.display().to_string()]);
+    assert!(!ok && err.contains("checksum"), "{err}");
+}
