@@ -40,4 +40,43 @@ pub enum Error {
         /// How many there are.
         count: usize,
     },
+    /// [`crate::runtime::Engine::run`] got the wrong number of inputs.
+    #[error("task {task:?} takes {expected} input(s), got {got}")]
+    InputCount {
+        /// The task name.
+        task: String,
+        /// How many inputs the task's graph has.
+        expected: usize,
+        /// How many were given.
+        got: usize,
+    },
+    /// An input of [`crate::runtime::Engine::run`] has the wrong element type or shape.
+    #[error("input {name:?} of task {task:?}: expected {expected}, got {got}")]
+    InputMismatch {
+        /// The task name.
+        task: String,
+        /// The graph input's name.
+        name: String,
+        /// What the graph expects, e.g. `F32 [N,1,28,28]`.
+        expected: String,
+        /// What was given, e.g. `F64 [2,1,28,28]`.
+        got: String,
+    },
+    /// The task's graph is not one the engine can run (e.g. an ONNX feature it does not
+    /// handle, or weights whose element type tract lacks).
+    #[error("graph {graph}: {reason}")]
+    Unsupported {
+        /// Index of the graph in the bundle.
+        graph: usize,
+        /// What is unsupported.
+        reason: String,
+    },
+    /// tract failed to load, optimize, bind or run a graph; the message is tract's error chain.
+    #[error("tract failed to {action}: {message}")]
+    Tract {
+        /// What the engine was doing: `load graph 0`, `bind task mnist`, `run task mnist`...
+        action: String,
+        /// tract's error chain, `: `-separated.
+        message: String,
+    },
 }

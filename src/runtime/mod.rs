@@ -1,10 +1,15 @@
-//! The on-device half: open a bundle and reconstruct any task's weights.
+//! The on-device half: open a bundle, reconstruct any task's weights and run it ([`Engine`]).
 //!
 //! Built without any compiler dependency: an app links this (and the C ABI) only.
 
 mod bundle;
+mod engine;
 mod error;
 pub mod reconstruct;
 
 pub use bundle::Bundle;
+pub use engine::{Engine, EngineOptions, IoInfo};
 pub use error::Error;
+
+/// tract types of the engine's API, re-exported so that users need no direct tract dependency.
+pub use tract_onnx::prelude::{tvec, DatumType, IntoTValue, TValue, TVec, Tensor};
