@@ -184,9 +184,7 @@ pub fn compile(
             for (t, ckpt) in tasks.iter().enumerate() {
                 let v = ckpt.read_f32(&info.name)?;
                 let shape = ckpt
-                    .tensors()
-                    .iter()
-                    .find(|i| i.name == info.name)
+                    .tensor(&info.name)
                     .map(|i| i.shape.clone())
                     .unwrap_or_default();
                 encoded.clear();
@@ -250,67 +248,35 @@ pub fn compile(
         };
 
         for (t, tau) in task_vectors.iter().enumerate() {
-            let mask = if has_delta {
-                merged.masks.as_ref().and_then(|m| m.get(t))
-            } else {
-                None
+            let (Some(f), Some(m)) = (fidelity.get_mut(t), modules.get_mut(t)) else {
+                continue;
             };
-            let scale_mode = if has_delta {
-                opts.scale
-            } else {
-                ScaleMode::None
-            };
-            let (scale, row_scales) = match scale_mode {
-                ScaleMode::None => (Scale::None, None),
-                ScaleMode::Tensor => (
-                    Scale::Tensor(scaling::tensor_scale(&delta, mask, tau)?),
-                    None,
-                ),
-                ScaleMode::Row => {
-                    let rows = shape.first().copied().unwrap_or(1).max(1);
-                    let s = scaling::row_scales(&delta, mask, tau, rows)?;
-                    (Scale::None, Some(s))
-                }
-            };
-            let scale = match row_scales {
-                Some(s) => {
+            if !has_delta {
+                // Every task uses the base: no mask, no scale.
+                f.add_unchanged(tau);
+                m.push(TaskTensor::Merged {
+                    mask: None,
+                    scale: Scale::None,
+                });
+                continue;
+            }
+            let mask = merged.masks.as_ref().and_then(|masks| masks.get(t));
+            let task_scale = TaskScale::new(opts.scale, &delta, mask, tau, &shape)?;
+            f.add(&delta, mask, tau, |i| task_scale.factor(i));
+            let scale = match task_scale {
+                TaskScale::One => Scale::None,
+                TaskScale::Tensor(s) => Scale::Tensor(s),
+                TaskScale::Rows { scales, .. } => {
                     encoded.clear();
-                    DType::F32.encode(&s, &mut encoded);
-                    let id = writer.add_section(SectionKind::RowScale, &encoded)?;
-                    if let Some(f) = fidelity.get_mut(t) {
-                        f.add(&delta, mask, tau, |i| {
-                            s.get(i * s.len() / delta.len().max(1))
-                                .copied()
-                                .unwrap_or(0.0)
-                        });
-                    }
-                    Scale::Rows(id)
-                }
-                None => {
-                    let s = match scale {
-                        Scale::Tensor(s) => s,
-                        _ => 1.0,
-                    };
-                    if let Some(f) = fidelity.get_mut(t) {
-                        if has_delta {
-                            f.add(&delta, mask, tau, |_| s);
-                        } else {
-                            f.add_unchanged(tau);
-                        }
-                    }
-                    scale
+                    DType::F32.encode(&scales, &mut encoded);
+                    Scale::Rows(writer.add_section(SectionKind::RowScale, &encoded)?)
                 }
             };
-            let mask_section = match mask {
-                Some(m) => Some(writer.add_section(SectionKind::Mask, m.as_bytes())?),
+            let mask = match mask {
+                Some(mask) => Some(writer.add_section(SectionKind::Mask, mask.as_bytes())?),
                 None => None,
             };
-            if let Some(m) = modules.get_mut(t) {
-                m.push(TaskTensor::Merged {
-                    mask: mask_section,
-                    scale,
-                });
-            }
+            m.push(TaskTensor::Merged { mask, scale });
         }
         entries.push(TensorEntry {
             name: info.name.clone(),
@@ -401,6 +367,45 @@ pub fn compile(
     };
     writer.finish(manifest)?;
     Ok(Bundle::open(&opts.output)?)
+}
+
+/// One task's scale `s_t` for one merged tensor.
+enum TaskScale {
+    One,
+    Tensor(f32),
+    Rows { scales: Vec<f32>, row_len: usize },
+}
+
+impl TaskScale {
+    /// The closed-form scale of `mode` (docs/METHODS.md). A scalar tensor has no rows: `row`
+    /// gives it one tensor scale.
+    fn new(
+        mode: ScaleMode,
+        delta: &[f32],
+        mask: Option<&crate::mask::Mask>,
+        tau: &[f32],
+        shape: &[usize],
+    ) -> Result<TaskScale, CompileError> {
+        Ok(match (mode, shape.first()) {
+            (ScaleMode::None, _) => TaskScale::One,
+            (ScaleMode::Tensor, _) | (ScaleMode::Row, None) => {
+                TaskScale::Tensor(scaling::tensor_scale(delta, mask, tau)?)
+            }
+            (ScaleMode::Row, Some(&rows)) => TaskScale::Rows {
+                scales: scaling::row_scales(delta, mask, tau, rows)?,
+                row_len: delta.len().checked_div(rows).unwrap_or(0).max(1),
+            },
+        })
+    }
+
+    /// The factor multiplying `δ[i]`.
+    fn factor(&self, i: usize) -> f32 {
+        match self {
+            TaskScale::One => 1.0,
+            TaskScale::Tensor(s) => *s,
+            TaskScale::Rows { scales, row_len } => scales.get(i / row_len).copied().unwrap_or(0.0),
+        }
+    }
 }
 
 fn check_task_names(tasks: &[(String, PathBuf)]) -> Result<(), CompileError> {
@@ -518,12 +523,9 @@ fn decide_private(
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
     let mut private = BTreeMap::new();
     for (info, &r) in tensors.iter().zip(relative) {
-        let shape_differs = tasks.iter().any(|t| {
-            t.tensors()
-                .iter()
-                .find(|i| i.name == info.name)
-                .is_some_and(|i| i.shape != info.shape)
-        });
+        let shape_differs = tasks
+            .iter()
+            .any(|t| t.tensor(&info.name).is_some_and(|i| i.shape != info.shape));
         let reason = if shape_differs {
             Some(PrivateReason::Shape)
         } else if opts
@@ -565,4 +567,31 @@ fn diff_norm(a: &[f32], b: &[f32]) -> f64 {
         })
         .sum::<f64>()
         .sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_scaling_of_a_scalar_falls_back_to_one_tensor_scale() {
+        // δ = [2], τ = [3]: s = ⟨δ, τ⟩ / ‖δ‖² = 6 / 4.
+        let s = TaskScale::new(ScaleMode::Row, &[2.0], None, &[3.0], &[]).unwrap();
+        assert!(matches!(s, TaskScale::Tensor(v) if v == 1.5));
+    }
+
+    #[test]
+    fn row_factors_follow_the_first_axis() {
+        // Shape [2, 2]: rows [1, 1] and [1, 0] against τ = [1, 1, 2, 0] → s = [1, 2].
+        let s = TaskScale::new(
+            ScaleMode::Row,
+            &[1.0, 1.0, 1.0, 0.0],
+            None,
+            &[1.0, 1.0, 2.0, 0.0],
+            &[2, 2],
+        )
+        .unwrap();
+        let factors: Vec<f32> = (0..4).map(|i| s.factor(i)).collect();
+        assert_eq!(factors, [1.0, 1.0, 2.0, 2.0]);
+    }
 }

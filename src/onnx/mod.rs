@@ -118,16 +118,18 @@ pub struct InitializerInfo {
 }
 
 impl InitializerInfo {
-    /// Number of elements (1 for a scalar), `None` if it overflows `usize`.
+    /// Number of elements (1 for a scalar), `None` if it overflows (computed by
+    /// [`crate::format::layout`], the one place sizes are computed).
     pub fn numel(&self) -> Option<usize> {
-        self.shape.iter().try_fold(1usize, |acc, &d| {
-            usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
-        })
+        let n = crate::format::layout::numel(&self.shape).ok()?;
+        crate::format::layout::to_usize(n).ok()
     }
 
-    /// Size of the data in bytes, `None` if it overflows `usize`.
+    /// Size of the data in bytes, `None` if it overflows.
     pub fn byte_len(&self) -> Option<usize> {
-        self.numel()?.checked_mul(self.dtype.size())
+        let n = crate::format::layout::numel(&self.shape).ok()?;
+        let bytes = crate::format::layout::dense_bytes(n, self.dtype).ok()?;
+        crate::format::layout::to_usize(bytes).ok()
     }
 }
 
