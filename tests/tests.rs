@@ -3,3 +3,4 @@
 mod compile;
 mod format;
 mod readers;
+mod runtime;

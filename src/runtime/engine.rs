@@ -1,20 +1,43 @@
 //! The engine: run any task of a bundle, switching tasks in milliseconds without reloading.
 //!
-//! (Skeleton: the public API is fixed; the implementation follows in the same module.)
+//! How a switch works (DESIGN.md §5):
+//! 1. **Once per distinct graph** (lazily, on the first use of any of its tasks): a *template* —
+//!    the stored ONNX graph parsed, typed, decluttered and optimized by tract, with every weight
+//!    some task changes left as a model input and every weight no task changes as a constant
+//!    (see `src/runtime/template.rs` for the details, including `BatchNormalization`).
+//! 2. **Once per task switch** (a cache miss): *binding* — the task's weights are reconstructed
+//!    ([`reconstruct::task_tensor`](super::reconstruct::task_tensor), the normative rule) into
+//!    reused tensors, the template's weight inputs are replaced by constants holding them, and
+//!    tract's constant propagation evaluates what the optimizer wired on the weight side (matmul
+//!    packing, folded BatchNorm products). No parsing, no declutter, no optimizer pass. The
+//!    result is a plan as fast as a normally optimized model of the task.
+//! 3. **Bound plans are cached** ([`EngineOptions::cache_bytes`], least recently used first out),
+//!    so switching back to a recent task is a map lookup.
+//!
+//! An [`Engine`] is `Send + Sync`: bound plans are immutable and shared; every
+//! [`Engine::run`] evaluates them with its own state, so concurrent runs of the same or of
+//! different tasks give the same results as sequential ones.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
 
-use tract_onnx::prelude::{DatumType, TValue, TVec};
+use tract_onnx::prelude::{DatumType, TValue, TVec, TypedModel};
 
+use crate::format::manifest::TaskTensor;
+use crate::runtime::cache::Lru;
+use crate::runtime::template::{graph_weights, Plan, Template, TemplateKey};
 use crate::runtime::{Bundle, Error};
 
 /// Tuning knobs of an [`Engine`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct EngineOptions {
-    /// Byte budget of the cache of bound tasks (least recently used first out). Counts the
-    /// materialized weight bytes of each bound task. A task larger than the budget still runs:
-    /// it is bound for the call and dropped afterwards. Default: 256 MiB.
+    /// Byte budget of the cache of bound tasks (least recently used first out), counted in the
+    /// materialized weight bytes of each bound task ([`Engine::task_weight_bytes`]). A task
+    /// larger than the budget still runs: it is bound for the call and dropped afterwards, so
+    /// every call pays a switch. `0` disables caching. Default: 256 MiB.
     pub cache_bytes: usize,
 }
 
@@ -44,10 +67,93 @@ pub struct IoInfo {
     pub shape: Vec<Option<usize>>,
 }
 
+/// Counters of the work an engine did since it was created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineStats {
+    /// Templates built (parse + optimize): at most one per distinct graph.
+    pub templates_built: usize,
+    /// Tasks bound (materialize + bind): one per cache miss, and one per [`Engine::bind`].
+    pub binds: usize,
+    /// Runs or prepares that found their task already bound in the cache.
+    pub cache_hits: usize,
+}
+
+/// A task bound to its weights, outside the engine's cache: runs without any lookup, and stays
+/// alive as long as it is held (e.g. to pin a task whatever the cache budget).
+#[derive(Clone)]
+pub struct BoundTask {
+    task: usize,
+    name: String,
+    template: Arc<Template>,
+    plan: Plan,
+    materialize: Duration,
+    bind: Duration,
+}
+
+impl std::fmt::Debug for BoundTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundTask")
+            .field("task", &self.task)
+            .field("name", &self.name)
+            .field("weight_bytes", &self.weight_bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BoundTask {
+    /// Index of the task.
+    pub fn task(&self) -> usize {
+        self.task
+    }
+
+    /// Bytes of the weights materialized for it.
+    pub fn weight_bytes(&self) -> usize {
+        self.template.weight_bytes()
+    }
+
+    /// Time spent reconstructing the weights, and then binding them (constant propagation and
+    /// plan building).
+    pub fn timings(&self) -> (Duration, Duration) {
+        (self.materialize, self.bind)
+    }
+
+    /// The bound tract model, for inspection (e.g. to compare it with a normally optimized one).
+    pub fn model(&self) -> &TypedModel {
+        self.plan.model()
+    }
+
+    /// Runs the task, exactly as [`Engine::run`] does.
+    pub fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>, Error> {
+        self.template.check_inputs(&self.name, &inputs)?;
+        run_plan(&self.plan, &self.name, inputs)
+    }
+}
+
+/// A template, built on first use.
+struct TemplateSlot {
+    key: TemplateKey,
+    /// A task using it (provides the shapes of private tensors).
+    task: usize,
+    /// Tensor indices the graph uses.
+    used: Vec<usize>,
+    built: OnceLock<Arc<Template>>,
+    building: Mutex<()>,
+}
+
 /// Runs the tasks of one bundle. `Send + Sync`: share it (e.g. in an `Arc`) between threads.
 pub struct Engine {
     bundle: Arc<Bundle>,
     options: EngineOptions,
+    /// Per task, its template slot.
+    task_slot: Vec<usize>,
+    slots: Vec<TemplateSlot>,
+    cache: Mutex<Lru<Plan>>,
+    /// Per task: held while binding it for the cache, so that threads missing the same task at
+    /// once bind it once.
+    binding: Vec<Mutex<()>>,
+    templates_built: AtomicUsize,
+    binds: AtomicUsize,
+    cache_hits: AtomicUsize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -55,19 +161,101 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("bundle", &self.bundle)
             .field("options", &self.options)
+            .field("templates", &self.slots.len())
+            .field("cached_bytes", &self.cached_bytes())
             .finish_non_exhaustive()
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here leaves shared state half-updated across a panic; keep going.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn run_plan(plan: &Plan, task: &str, inputs: TVec<TValue>) -> Result<TVec<TValue>, Error> {
+    plan.run(inputs).map_err(|e| Error::Tract {
+        action: format!("run task {task}"),
+        message: format!("{e:#}"),
+    })
+}
+
 impl Engine {
-    /// Builds an engine over `bundle`.
+    /// Builds an engine over `bundle`. Reads only metadata and the (small) stored graphs, whose
+    /// checksums it verifies; templates are built on the first use of each graph (or by
+    /// [`Engine::prepare`]).
     pub fn new(bundle: Arc<Bundle>, options: EngineOptions) -> Result<Engine, Error> {
-        Ok(Engine { bundle, options })
+        let manifest = bundle.manifest();
+        let by_name: HashMap<&str, usize> = manifest
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        let used = (0..manifest.graphs.len())
+            .map(|g| graph_weights(&bundle, g, &by_name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut slots: Vec<TemplateSlot> = Vec::new();
+        let mut task_slot = Vec::with_capacity(manifest.tasks.len());
+        for (t, task) in manifest.tasks.iter().enumerate() {
+            let graph = task.graph as usize;
+            let graph_used = used.get(graph).ok_or(Error::OutOfRange {
+                what: "graph",
+                index: graph,
+                count: manifest.graphs.len(),
+            })?;
+            let private_shapes = graph_used
+                .iter()
+                .filter_map(|&i| match task.tensors.get(i) {
+                    Some(TaskTensor::Private { shape, .. }) => Some((i, shape.clone())),
+                    _ => None,
+                })
+                .collect();
+            let key = TemplateKey {
+                graph,
+                private_shapes,
+            };
+            let slot = match slots.iter().position(|s| s.key == key) {
+                Some(s) => s,
+                None => {
+                    slots.push(TemplateSlot {
+                        key,
+                        task: t,
+                        used: graph_used.clone(),
+                        built: OnceLock::new(),
+                        building: Mutex::new(()),
+                    });
+                    slots.len() - 1
+                }
+            };
+            task_slot.push(slot);
+        }
+        log::debug!(
+            "engine: {} tasks, {} graphs, {} templates",
+            manifest.tasks.len(),
+            manifest.graphs.len(),
+            slots.len()
+        );
+        Ok(Engine {
+            binding: (0..task_slot.len()).map(|_| Mutex::new(())).collect(),
+            task_slot,
+            slots,
+            cache: Mutex::new(Lru::new(options.cache_bytes)),
+            options,
+            bundle,
+            templates_built: AtomicUsize::new(0),
+            binds: AtomicUsize::new(0),
+            cache_hits: AtomicUsize::new(0),
+        })
     }
 
     /// The bundle.
     pub fn bundle(&self) -> &Bundle {
         &self.bundle
+    }
+
+    /// The options the engine was built with.
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
     }
 
     /// Number of tasks.
@@ -89,56 +277,156 @@ impl Engine {
         self.bundle.task_index(name)
     }
 
-    /// The inputs of task `task`'s graph (the data inputs, not the weights).
+    /// The data inputs of task `task`'s graph (not the weights), in the order [`Engine::run`]
+    /// takes them. Builds the graph's template if needed.
     pub fn input_facts(&self, task: usize) -> Result<Vec<IoInfo>, Error> {
-        self.check_task(task)?;
-        Err(not_yet())
+        Ok(self.template(task)?.inputs().to_vec())
     }
 
-    /// The outputs of task `task`'s graph.
+    /// The outputs of task `task`'s graph, in the order [`Engine::run`] returns them.
     pub fn output_facts(&self, task: usize) -> Result<Vec<IoInfo>, Error> {
-        self.check_task(task)?;
-        Err(not_yet())
+        Ok(self.template(task)?.outputs().to_vec())
     }
 
-    /// Binds task `task` (materializes its weights into its graph's template) and caches it, so
-    /// that the next [`Engine::run`] of it is a cache lookup.
+    /// Bytes of weights task `task` materializes when bound (what it costs in the cache).
+    pub fn task_weight_bytes(&self, task: usize) -> Result<usize, Error> {
+        Ok(self.template(task)?.weight_bytes())
+    }
+
+    /// Binds task `task` and caches it, so that the next [`Engine::run`] of it is a cache
+    /// lookup. A task larger than the cache budget is bound and dropped (only its graph's template
+    /// stays warm).
     pub fn prepare(&self, task: usize) -> Result<(), Error> {
-        self.check_task(task)?;
-        Err(not_yet())
+        self.plan(task).map(drop)
     }
 
-    /// Runs task `task` on `inputs` (one per graph input, in graph order).
+    /// Runs task `task` on `inputs` (one per data input, in [`Engine::input_facts`] order).
+    /// Symbolic dimensions (e.g. the batch size) take the size of the given inputs.
     pub fn run(&self, task: usize, inputs: TVec<TValue>) -> Result<TVec<TValue>, Error> {
-        self.check_task(task)?;
-        let _ = inputs;
-        Err(not_yet())
+        let template = self.template(task)?;
+        let name = self.name(task)?;
+        template.check_inputs(name, &inputs)?;
+        let plan = self.plan(task)?;
+        run_plan(&plan, name, inputs)
+    }
+
+    /// Binds task `task` now, bypassing the cache (neither reading nor filling it): a cold
+    /// switch. Useful to pin a task, and to measure switching.
+    pub fn bind(&self, task: usize) -> Result<BoundTask, Error> {
+        let template = self.template(task)?;
+        let name = self.name(task)?;
+        let (plan, timings) = template.bind(&self.bundle, task, name)?;
+        self.binds.fetch_add(1, Ordering::Relaxed);
+        Ok(BoundTask {
+            task,
+            name: name.to_string(),
+            template,
+            plan,
+            materialize: timings.materialize,
+            bind: timings.bind,
+        })
     }
 
     /// Materialized weight bytes of the tasks currently cached (at most
     /// [`EngineOptions::cache_bytes`]).
     pub fn cached_bytes(&self) -> usize {
-        0
+        lock(&self.cache).bytes()
     }
 
-    fn check_task(&self, task: usize) -> Result<(), Error> {
-        let count = self.task_count();
-        if task < count {
-            Ok(())
-        } else {
-            Err(Error::OutOfRange {
-                what: "task",
-                index: task,
-                count,
-            })
+    /// Whether task `task` is bound in the cache.
+    pub fn is_cached(&self, task: usize) -> bool {
+        lock(&self.cache).contains(task)
+    }
+
+    /// Drops every cached bound task (templates stay).
+    pub fn clear_cache(&self) {
+        lock(&self.cache).clear();
+    }
+
+    /// Work counters since the engine was created.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            templates_built: self.templates_built.load(Ordering::Relaxed),
+            binds: self.binds.load(Ordering::Relaxed),
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
         }
     }
-}
 
-fn not_yet() -> Error {
-    Error::Unsupported {
-        graph: 0,
-        reason: "the engine is not implemented yet".into(),
+    fn name(&self, task: usize) -> Result<&str, Error> {
+        self.task_name(task).ok_or(Error::OutOfRange {
+            what: "task",
+            index: task,
+            count: self.task_count(),
+        })
+    }
+
+    /// The template of task `task`, built on first use (once, whatever the number of threads).
+    fn template(&self, task: usize) -> Result<Arc<Template>, Error> {
+        let out_of_range = || Error::OutOfRange {
+            what: "task",
+            index: task,
+            count: self.task_count(),
+        };
+        let slot = self
+            .task_slot
+            .get(task)
+            .and_then(|&s| self.slots.get(s))
+            .ok_or_else(out_of_range)?;
+        if let Some(t) = slot.built.get() {
+            return Ok(Arc::clone(t));
+        }
+        let _building = lock(&slot.building);
+        if let Some(t) = slot.built.get() {
+            return Ok(Arc::clone(t));
+        }
+        let template = Arc::new(Template::build(
+            &self.bundle,
+            &slot.key,
+            slot.task,
+            &slot.used,
+        )?);
+        self.templates_built.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::clone(slot.built.get_or_init(|| template)))
+    }
+
+    /// The bound plan of task `task`: from the cache, or bound now (and cached if it fits).
+    fn plan(&self, task: usize) -> Result<Plan, Error> {
+        if let Some(plan) = lock(&self.cache).get(task) {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(plan);
+        }
+        let template = self.template(task)?;
+        let name = self.name(task)?;
+        let bytes = template.weight_bytes();
+        let cacheable = bytes <= self.options.cache_bytes;
+        let _binding = match (cacheable, self.binding.get(task)) {
+            (true, Some(m)) => {
+                let guard = lock(m);
+                // Another thread may have bound it while this one waited.
+                if let Some(plan) = lock(&self.cache).get(task) {
+                    self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(plan);
+                }
+                Some(guard)
+            }
+            _ => None,
+        };
+        let (plan, timings) = template.bind(&self.bundle, task, name)?;
+        self.binds.fetch_add(1, Ordering::Relaxed);
+        log::debug!(
+            "bound task {name} ({bytes} weight bytes): materialize {:?}, bind {:?}",
+            timings.materialize,
+            timings.bind
+        );
+        if cacheable {
+            lock(&self.cache).insert(task, Arc::clone(&plan), bytes);
+        } else {
+            log::debug!(
+                "task {name} ({bytes} bytes) exceeds the cache budget ({} bytes): not cached",
+                self.options.cache_bytes
+            );
+        }
+        Ok(plan)
     }
 }
 
@@ -147,8 +435,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn engine_is_send_and_sync() {
+    fn engine_and_bound_tasks_are_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<Engine>();
+        check::<BoundTask>();
     }
 }

@@ -3,12 +3,14 @@
 //! Built without any compiler dependency: an app links this (and the C ABI) only.
 
 mod bundle;
+mod cache;
 mod engine;
 mod error;
 pub mod reconstruct;
+mod template;
 
 pub use bundle::Bundle;
-pub use engine::{Engine, EngineOptions, IoInfo};
+pub use engine::{BoundTask, Engine, EngineOptions, EngineStats, IoInfo};
 pub use error::Error;
 
 /// tract types of the engine's API, re-exported so that users need no direct tract dependency.

@@ -1,0 +1,922 @@
+//! Templates: one optimized tract model per distinct graph, with the task-dependent weights left
+//! as model inputs, and the binding of one task's weights into a copy of it.
+//!
+//! Why: parsing, decluttering and optimizing a model dominate the cost of loading it (DESIGN.md
+//! §5), and none of that work depends on the values of the weights. A template does it once per
+//! graph with every weight some task changes declared as a `TypedSource` of known type and shape,
+//! and every weight no task changes (a merged tensor without delta) as a constant. Binding a task
+//! then only replaces those sources by `Const` nodes holding the task's materialized tensors and
+//! runs constant propagation, which evaluates whatever the optimizer wired on the weight side
+//! (matmul packing, kernel reshapes, folded channel-wise products) exactly once.
+//!
+//! **BatchNormalization.** tract lowers `BatchNormalization` to `x·slope + intercept` only when
+//! its four parameters are constants, which task-dependent parameters (per-task running
+//! statistics) are not. So, before parsing, each `BatchNormalization` node with a task-dependent
+//! parameter is rewritten at the ONNX level into `Add(intercept, Mul(slope, x))`, where `slope` and
+//! `intercept` are new task-dependent inputs of shape `[1, C, 1, …]` (the rank of `x`, found by
+//! tract's shape analysis) that binding computes from the task's four parameters with tract's own
+//! formulas (`slope = γ / √(var + ε)`, `intercept = β − mean·γ / √(var + ε)`, in `f32`). This is
+//! the graph tract itself builds for a constant BatchNormalization, so the optimizer folds it into
+//! the preceding convolution the same way, and binding evaluates that folding.
+//!
+//! **Batch size.** Data inputs keep the symbolic dimensions the ONNX graph declares (e.g. a batch
+//! `N`): one bound plan serves every batch size, with tract resolving the symbols per call.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tract_onnx::pb::attribute_proto::AttributeType;
+use tract_onnx::pb::{GraphProto, ModelProto, NodeProto, TensorProto};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::konst::Const;
+use tract_onnx::tract_hir::internal::{DimLike, Factoid};
+
+use crate::dtype::DType;
+use crate::format::manifest::{TaskTensor, TensorStorage};
+use crate::runtime::engine::IoInfo;
+use crate::runtime::reconstruct::{self, Scratch};
+use crate::runtime::{Bundle, Error};
+
+/// A bound task: a runnable plan with every weight constant.
+pub(crate) type Plan = Arc<TypedRunnableModel>;
+
+/// What a template needs to know about its graph, computed from metadata when the engine opens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct TemplateKey {
+    /// Index of the graph in the manifest.
+    pub graph: usize,
+    /// `(tensor index, shape)` of every private weight the graph uses, for one task: tasks that
+    /// share a graph but whose private tensors differ in shape need distinct templates.
+    pub private_shapes: Vec<(usize, Vec<u64>)>,
+}
+
+/// Where one source of the template gets its value from at binding.
+#[derive(Debug, Clone)]
+enum Slot {
+    /// A bundle tensor, reconstructed for the task.
+    Weight {
+        tensor: usize,
+        node: usize,
+        dt: DatumType,
+        shape: Vec<usize>,
+    },
+    /// The slope and intercept replacing a `BatchNormalization` node.
+    BatchNorm {
+        /// Tensor indices of scale, bias, mean and variance.
+        params: [usize; 4],
+        epsilon: f32,
+        channels: usize,
+        dt: DatumType,
+        /// `[1, C, 1, …]`.
+        shape: Vec<usize>,
+        slope: usize,
+        intercept: usize,
+    },
+}
+
+/// Reused memory for binding: reconstruction scratch and the weight tensors themselves. Tensors
+/// the bound plan no longer references after constant propagation (typically the matmul weights,
+/// which the plan keeps packed) come back here, so the next binding writes into memory that is
+/// already mapped instead of page-faulting fresh allocations.
+#[derive(Default)]
+pub(crate) struct Buffers {
+    values: Vec<f32>,
+    params: [Vec<f32>; 4],
+    derived: [Vec<f32>; 2],
+    scratch: Scratch,
+    tensors: HashMap<usize, Tensor>,
+}
+
+/// One optimized model of a graph, with task-dependent weights as inputs.
+pub(crate) struct Template {
+    graph: usize,
+    model: TypedModel,
+    data_inputs: Vec<OutletId>,
+    slots: Vec<Slot>,
+    inputs: Vec<IoInfo>,
+    input_facts: Vec<TypedFact>,
+    outputs: Vec<IoInfo>,
+    weight_bytes: usize,
+    pool: Mutex<Vec<Buffers>>,
+}
+
+impl std::fmt::Debug for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Template")
+            .field("graph", &self.graph)
+            .field("nodes", &self.model.nodes.len())
+            .field("weights", &self.slots.len())
+            .field("weight_bytes", &self.weight_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Timings of one binding, for logs and benchmarks.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct BindTimings {
+    /// Reconstructing the weights into tensors.
+    pub materialize: Duration,
+    /// Constant propagation and plan building.
+    pub bind: Duration,
+}
+
+/// Names of every value the nodes of `graph` (and, recursively, of their subgraphs) read.
+fn used_names(graph: &GraphProto, out: &mut HashSet<String>) {
+    for node in &graph.node {
+        out.extend(node.input.iter().filter(|n| !n.is_empty()).cloned());
+        for attr in &node.attribute {
+            attr.g.iter().for_each(|g| used_names(g, out));
+            attr.graphs.iter().for_each(|g| used_names(g, out));
+        }
+    }
+}
+
+/// Tensor indices (into the manifest) of the weights graph `graph` uses, ascending.
+pub(crate) fn graph_weights(
+    bundle: &Bundle,
+    graph: usize,
+    by_name: &HashMap<&str, usize>,
+) -> Result<Vec<usize>, Error> {
+    let proto = decode_graph(bundle, graph)?;
+    let mut names = HashSet::new();
+    if let Some(g) = &proto.graph {
+        used_names(g, &mut names);
+    }
+    let mut used: Vec<usize> = names
+        .iter()
+        .filter_map(|n| by_name.get(n.as_str()).copied())
+        .collect();
+    used.sort_unstable();
+    Ok(used)
+}
+
+fn decode_graph(bundle: &Bundle, graph: usize) -> Result<ModelProto, Error> {
+    let manifest = bundle.manifest();
+    let entry = manifest.graphs.get(graph).ok_or(Error::OutOfRange {
+        what: "graph",
+        index: graph,
+        count: manifest.graphs.len(),
+    })?;
+    let bytes = bundle.section(entry.section)?;
+    crate::onnx::decode_model(bytes).map_err(|e| Error::Unsupported {
+        graph,
+        reason: format!("the stored graph is not a valid ONNX model: {e}"),
+    })
+}
+
+fn tract_err(action: impl Into<String>) -> impl FnOnce(TractError) -> Error {
+    let action = action.into();
+    move |e| Error::Tract {
+        action,
+        message: format!("{e:#}"),
+    }
+}
+
+fn datum_type(dtype: DType) -> Option<DatumType> {
+    match dtype {
+        DType::F32 => Some(DatumType::F32),
+        DType::F16 => Some(DatumType::F16),
+        DType::BF16 => None,
+    }
+}
+
+fn to_usize_shape(shape: &[u64]) -> Option<Vec<usize>> {
+    shape.iter().map(|&d| usize::try_from(d).ok()).collect()
+}
+
+/// Volume × element size, checked.
+fn byte_len(dt: DatumType, shape: &[usize]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(dt.size_of(), |acc, &d| acc.checked_mul(d))
+}
+
+/// A `BatchNormalization` node rewritten into `Add(intercept, Mul(slope, x))`.
+#[derive(Debug)]
+struct BnRewrite {
+    x: String,
+    params: [usize; 4],
+    epsilon: f32,
+    slope: String,
+    intercept: String,
+    node: String,
+}
+
+/// A name not in `taken`, derived from `base`, and reserved.
+fn fresh_name(base: String, taken: &mut HashSet<String>) -> String {
+    let mut name = base.clone();
+    let mut i = 1u32;
+    while taken.contains(&name) {
+        name = format!("{base}.{i}");
+        i = i.saturating_add(1);
+    }
+    taken.insert(name.clone());
+    name
+}
+
+fn all_names(graph: &GraphProto) -> HashSet<String> {
+    let mut names = HashSet::new();
+    used_names(graph, &mut names);
+    for node in &graph.node {
+        names.extend(node.output.iter().cloned());
+        names.insert(node.name.clone());
+    }
+    names.extend(graph.input.iter().map(|i| i.name.clone()));
+    names.extend(graph.output.iter().map(|i| i.name.clone()));
+    names
+}
+
+/// Rewrites the top-level `BatchNormalization` nodes whose parameters are all bundle weights, at
+/// least one of them task-dependent (see the module docs). Nodes in subgraphs, in training mode,
+/// or with parameters computed by the graph are left to tract.
+fn rewrite_batchnorms(
+    graph: &mut GraphProto,
+    weight: impl Fn(&str) -> Option<usize>,
+    dynamic: impl Fn(usize) -> bool,
+) -> Vec<BnRewrite> {
+    let mut taken = all_names(graph);
+    let mut rewrites = Vec::new();
+    let mut nodes = Vec::with_capacity(graph.node.len());
+    for node in std::mem::take(&mut graph.node) {
+        match bn_rewrite(&node, &weight, &dynamic, &mut taken) {
+            Some((rewrite, replacement)) => {
+                rewrites.push(rewrite);
+                nodes.extend(replacement);
+            }
+            None => nodes.push(node),
+        }
+    }
+    graph.node = nodes;
+    rewrites
+}
+
+fn bn_rewrite(
+    node: &NodeProto,
+    weight: &impl Fn(&str) -> Option<usize>,
+    dynamic: &impl Fn(usize) -> bool,
+    taken: &mut HashSet<String>,
+) -> Option<(BnRewrite, [NodeProto; 2])> {
+    if node.op_type != "BatchNormalization" || !(node.domain.is_empty() || node.domain == "ai.onnx")
+    {
+        return None;
+    }
+    let [x, scale, bias, mean, var] = node.input.as_slice() else {
+        return None;
+    };
+    let (out, rest) = node.output.split_first()?;
+    if out.is_empty() || rest.iter().any(|o| !o.is_empty()) {
+        return None;
+    }
+    let attr = |name: &str| node.attribute.iter().find(|a| a.name == name);
+    if attr("training_mode").is_some_and(|a| a.i != 0) {
+        return None;
+    }
+    let epsilon = match attr("epsilon") {
+        Some(a) if a.r#type == AttributeType::Float as i32 || a.f != 0.0 => a.f,
+        _ => 1e-5,
+    };
+    let params = [weight(scale)?, weight(bias)?, weight(mean)?, weight(var)?];
+    if !params.iter().any(|&p| dynamic(p)) {
+        return None;
+    }
+    let base = if node.name.is_empty() {
+        out.clone()
+    } else {
+        node.name.clone()
+    };
+    let slope = fresh_name(format!("{base}.taskpack.slope"), taken);
+    let intercept = fresh_name(format!("{base}.taskpack.intercept"), taken);
+    let product = fresh_name(format!("{base}.taskpack.mul"), taken);
+    let mul_name = fresh_name(format!("{base}.mul"), taken);
+    let mul = NodeProto {
+        input: vec![slope.clone(), x.clone()],
+        output: vec![product.clone()],
+        name: mul_name,
+        op_type: "Mul".into(),
+        ..Default::default()
+    };
+    let add = NodeProto {
+        input: vec![intercept.clone(), product],
+        output: vec![out.clone()],
+        name: base.clone(),
+        op_type: "Add".into(),
+        ..Default::default()
+    };
+    Some((
+        BnRewrite {
+            x: x.clone(),
+            params,
+            epsilon,
+            slope,
+            intercept,
+            node: base,
+        },
+        [mul, add],
+    ))
+}
+
+impl Template {
+    /// Builds the template of `key` (parse, type, declutter, optimize: once per graph).
+    /// `task` is any task using the template (it provides the shapes of private tensors).
+    pub(crate) fn build(
+        bundle: &Bundle,
+        key: &TemplateKey,
+        task: usize,
+        used: &[usize],
+    ) -> Result<Template, Error> {
+        let started = Instant::now();
+        let graph_index = key.graph;
+        let manifest = bundle.manifest();
+        let unsupported = |reason: String| Error::Unsupported {
+            graph: graph_index,
+            reason,
+        };
+        let task_entry = manifest.tasks.get(task).ok_or(Error::OutOfRange {
+            what: "task",
+            index: task,
+            count: manifest.tasks.len(),
+        })?;
+        let mut proto = decode_graph(bundle, graph_index)?;
+
+        // Type, shape and kind of every weight the graph uses.
+        let mut by_name: HashMap<&str, usize> = HashMap::new();
+        let mut weights: BTreeMap<usize, (DatumType, Vec<usize>, bool)> = BTreeMap::new();
+        for &i in used {
+            let (Some(entry), Some(module)) = (manifest.tensors.get(i), task_entry.tensors.get(i))
+            else {
+                return Err(Error::OutOfRange {
+                    what: "tensor",
+                    index: i,
+                    count: manifest.tensors.len(),
+                });
+            };
+            let dt = datum_type(entry.dtype).ok_or_else(|| {
+                unsupported(format!(
+                    "weight {:?} is {}, which tract has no type for",
+                    entry.name,
+                    entry.dtype.name()
+                ))
+            })?;
+            let shape = match module {
+                TaskTensor::Private { shape, .. } => shape,
+                TaskTensor::Merged { .. } => &entry.shape,
+            };
+            let shape = to_usize_shape(shape)
+                .filter(|s| byte_len(dt, s).is_some())
+                .ok_or_else(|| unsupported(format!("weight {:?} is too large", entry.name)))?;
+            let dynamic = !matches!(entry.storage, TensorStorage::Merged { delta: None, .. });
+            by_name.insert(entry.name.as_str(), i);
+            weights.insert(i, (dt, shape, dynamic));
+        }
+        let Some(graph) = proto.graph.as_mut() else {
+            return Err(unsupported("the stored model has no graph".into()));
+        };
+
+        let bns = rewrite_batchnorms(
+            graph,
+            |name| by_name.get(name).copied(),
+            |i| weights.get(&i).is_some_and(|w| w.2),
+        );
+        // Weights still read after the rewrite (a BatchNorm's parameters may be read only by it).
+        let mut names = HashSet::new();
+        used_names(graph, &mut names);
+        let mut sources: Vec<(usize, String)> = Vec::new();
+        let mut scratch = Scratch::default();
+        let mut values = Vec::new();
+        for (&i, (_, shape, dynamic)) in &weights {
+            let Some(entry) = manifest.tensors.get(i) else {
+                continue;
+            };
+            if !names.contains(&entry.name) {
+                continue;
+            }
+            if *dynamic {
+                sources.push((i, entry.name.clone()));
+                continue;
+            }
+            // A constant: the same for every task, so part of the template.
+            reconstruct::task_tensor(bundle, task, i, &mut values, &mut scratch)?;
+            let mut raw = Vec::new();
+            entry.dtype.encode(&values, &mut raw);
+            let dims = shape
+                .iter()
+                .map(|&d| i64::try_from(d))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| unsupported(format!("weight {:?} is too large", entry.name)))?;
+            graph.initializer.push(TensorProto {
+                dims,
+                data_type: crate::onnx::onnx_data_type(entry.dtype),
+                name: entry.name.clone(),
+                raw_data: raw,
+                ..Default::default()
+            });
+        }
+
+        let onnx = tract_onnx::onnx();
+        let parsed = onnx
+            .parse(&proto, None)
+            .map_err(tract_err(format!("parse graph {graph_index}")))?;
+        let mut model = parsed.model;
+        let outlet =
+            |name: &str| {
+                parsed.outlets_by_name.get(name).copied().ok_or_else(|| {
+                    unsupported(format!("tract did not create an input for {name:?}"))
+                })
+            };
+        let bn_names: HashSet<&str> = bns
+            .iter()
+            .flat_map(|b| [b.slope.as_str(), b.intercept.as_str()])
+            .collect();
+        if let Some(name) = parsed
+            .unresolved_inputs
+            .iter()
+            .find(|n| !bn_names.contains(n.as_str()) && !sources.iter().any(|(_, s)| s == *n))
+        {
+            return Err(unsupported(format!(
+                "the graph reads {name:?}, which is neither a graph input nor a weight of the bundle"
+            )));
+        }
+        for (i, name) in &sources {
+            let Some((dt, shape, _)) = weights.get(i) else {
+                continue;
+            };
+            model
+                .set_outlet_fact(outlet(name)?, InferenceFact::dt_shape(*dt, shape.clone()))
+                .map_err(tract_err(format!("declare weight {name:?}")))?;
+        }
+
+        let mut slots = Vec::new();
+        let mut bn_facts = Vec::new();
+        if !bns.is_empty() {
+            // Shape analysis gives the rank and type of each BatchNorm input.
+            model
+                .analyse(false)
+                .map_err(tract_err(format!("analyse graph {graph_index}")))?;
+            for bn in &bns {
+                let fact = model
+                    .outlet_fact(outlet(&bn.x)?)
+                    .map_err(tract_err("read a BatchNormalization input"))?;
+                let rank = fact
+                    .shape
+                    .rank()
+                    .concretize()
+                    .and_then(|r| usize::try_from(r).ok())
+                    .filter(|&r| r >= 2);
+                let dt = fact.datum_type.concretize();
+                let (Some(rank), Some(dt @ (DatumType::F32 | DatumType::F16))) = (rank, dt) else {
+                    return Err(unsupported(format!(
+                        "cannot infer a float input of rank ≥ 2 for BatchNormalization {:?}",
+                        bn.node
+                    )));
+                };
+                let channels = bn
+                    .params
+                    .iter()
+                    .map(|p| weights.get(p).map(|w| w.1.as_slice()));
+                let channels: Option<Vec<&[usize]>> = channels.collect();
+                let channels = match channels.as_deref() {
+                    Some([[c], rest @ ..]) if rest.iter().all(|s| *s == [*c]) => *c,
+                    _ => {
+                        return Err(unsupported(format!(
+                        "BatchNormalization {:?}: parameters are not four vectors of one length",
+                        bn.node
+                    )))
+                    }
+                };
+                let mut shape = vec![1usize; rank];
+                if let Some(c) = shape.get_mut(1) {
+                    *c = channels;
+                }
+                for name in [&bn.slope, &bn.intercept] {
+                    model
+                        .set_outlet_fact(outlet(name)?, InferenceFact::dt_shape(dt, shape.clone()))
+                        .map_err(tract_err(format!("declare {name:?}")))?;
+                }
+                bn_facts.push((dt, shape, channels));
+            }
+        }
+
+        let parsed_at = started.elapsed();
+        let mut typed = model
+            .into_typed()
+            .map_err(tract_err(format!("type graph {graph_index}")))?;
+        let typed_at = started.elapsed();
+        typed
+            .declutter()
+            .map_err(tract_err(format!("declutter graph {graph_index}")))?;
+        let decluttered_at = started.elapsed();
+        typed
+            .optimize()
+            .map_err(tract_err(format!("optimize graph {graph_index}")))?;
+        let optimized_at = started.elapsed();
+
+        let source_node = |typed: &TypedModel, name: &str| -> Result<usize, Error> {
+            let id = typed
+                .node_by_name(name)
+                .map_err(tract_err(format!("find weight {name:?}")))?
+                .id;
+            if typed.inputs.contains(&OutletId::new(id, 0)) {
+                Ok(id)
+            } else {
+                Err(unsupported(format!(
+                    "weight {name:?} is not an input of the optimized model"
+                )))
+            }
+        };
+        for (i, name) in &sources {
+            let Some((dt, shape, _)) = weights.get(i) else {
+                continue;
+            };
+            slots.push(Slot::Weight {
+                tensor: *i,
+                node: source_node(&typed, name)?,
+                dt: *dt,
+                shape: shape.clone(),
+            });
+        }
+        for (bn, (dt, shape, channels)) in bns.iter().zip(bn_facts) {
+            slots.push(Slot::BatchNorm {
+                params: bn.params,
+                epsilon: bn.epsilon,
+                channels,
+                dt,
+                shape,
+                slope: source_node(&typed, &bn.slope)?,
+                intercept: source_node(&typed, &bn.intercept)?,
+            });
+        }
+        let weight_nodes: HashSet<usize> = slots
+            .iter()
+            .flat_map(|s| match s {
+                Slot::Weight { node, .. } => vec![*node],
+                Slot::BatchNorm {
+                    slope, intercept, ..
+                } => vec![*slope, *intercept],
+            })
+            .collect();
+        let data_inputs: Vec<OutletId> = typed
+            .inputs
+            .iter()
+            .filter(|o| !weight_nodes.contains(&o.node))
+            .copied()
+            .collect();
+        let mut input_facts = Vec::new();
+        let mut inputs = Vec::new();
+        for o in &data_inputs {
+            let fact = typed
+                .outlet_fact(*o)
+                .map_err(tract_err("read an input fact"))?
+                .clone();
+            let name = typed.node(o.node).name.clone();
+            inputs.push(io_info(name, &fact));
+            input_facts.push(fact);
+        }
+        let mut outputs = Vec::new();
+        for o in &typed.outputs {
+            let fact = typed
+                .outlet_fact(*o)
+                .map_err(tract_err("read an output fact"))?;
+            let name = typed
+                .outlet_label(*o)
+                .map(str::to_string)
+                .unwrap_or_else(|| typed.node(o.node).name.clone());
+            outputs.push(io_info(name, fact));
+        }
+        let weight_bytes = slots
+            .iter()
+            .map(|s| match s {
+                Slot::Weight { dt, shape, .. } => byte_len(*dt, shape).unwrap_or(usize::MAX),
+                Slot::BatchNorm { dt, shape, .. } => {
+                    byte_len(*dt, shape).map_or(usize::MAX, |b| b.saturating_mul(2))
+                }
+            })
+            .fold(0usize, usize::saturating_add);
+        log::debug!(
+            "template for graph {graph_index}: {} nodes, {} weight inputs ({weight_bytes} bytes), \
+             {} BatchNorm rewritten; parse {:?}, type {:?}, declutter {:?}, optimize {:?}",
+            typed.nodes.len(),
+            slots.len(),
+            bns.len(),
+            parsed_at,
+            typed_at.saturating_sub(parsed_at),
+            decluttered_at.saturating_sub(typed_at),
+            optimized_at.saturating_sub(decluttered_at),
+        );
+        Ok(Template {
+            graph: graph_index,
+            model: typed,
+            data_inputs,
+            slots,
+            inputs,
+            input_facts,
+            outputs,
+            weight_bytes,
+            pool: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The data inputs (not the weights), in graph order.
+    pub(crate) fn inputs(&self) -> &[IoInfo] {
+        &self.inputs
+    }
+
+    /// The outputs, in graph order.
+    pub(crate) fn outputs(&self) -> &[IoInfo] {
+        &self.outputs
+    }
+
+    /// Bytes of the weights a task of this template materializes.
+    pub(crate) fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// Checks `inputs` against the data inputs' types and shapes (symbolic dimensions match any
+    /// size).
+    pub(crate) fn check_inputs(&self, task: &str, inputs: &[TValue]) -> Result<(), Error> {
+        if inputs.len() != self.input_facts.len() {
+            return Err(Error::InputCount {
+                task: task.to_string(),
+                expected: self.input_facts.len(),
+                got: inputs.len(),
+            });
+        }
+        for ((value, fact), info) in inputs.iter().zip(&self.input_facts).zip(&self.inputs) {
+            let shape_ok = value.rank() == fact.rank()
+                && value
+                    .shape()
+                    .iter()
+                    .zip(fact.shape.iter())
+                    .all(|(&got, want)| want.to_usize().map_or(true, |w| w == got));
+            if value.datum_type() != fact.datum_type || !shape_ok {
+                let dims: Vec<String> = fact.shape.iter().map(|d| d.to_string()).collect();
+                let got: Vec<String> = value.shape().iter().map(|d| d.to_string()).collect();
+                return Err(Error::InputMismatch {
+                    task: task.to_string(),
+                    name: info.name.clone(),
+                    expected: format!("{:?} [{}]", fact.datum_type, dims.join(",")),
+                    got: format!("{:?} [{}]", value.datum_type(), got.join(",")),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Materializes task `task`'s weights and binds them into a copy of the template.
+    pub(crate) fn bind(
+        &self,
+        bundle: &Bundle,
+        task: usize,
+        task_name: &str,
+    ) -> Result<(Plan, BindTimings), Error> {
+        let mut buffers = self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default();
+        let result = self.bind_with(bundle, task, task_name, &mut buffers);
+        self.pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(buffers);
+        result
+    }
+
+    fn bind_with(
+        &self,
+        bundle: &Bundle,
+        task: usize,
+        task_name: &str,
+        buffers: &mut Buffers,
+    ) -> Result<(Plan, BindTimings), Error> {
+        let started = Instant::now();
+        let mut model = self.model.clone();
+        let mut bound: Vec<(usize, Arc<Tensor>)> = Vec::with_capacity(self.slots.len() + 4);
+        let Buffers {
+            values,
+            params,
+            derived,
+            scratch,
+            tensors,
+        } = buffers;
+        for slot in &self.slots {
+            match slot {
+                Slot::Weight {
+                    tensor,
+                    node,
+                    dt,
+                    shape,
+                } => {
+                    reconstruct::task_tensor(bundle, task, *tensor, values, scratch)?;
+                    let t = self.fill(tensors, *node, *dt, shape, values)?;
+                    bound.push((*node, t));
+                }
+                Slot::BatchNorm {
+                    params: ids,
+                    epsilon,
+                    channels,
+                    dt,
+                    shape,
+                    slope,
+                    intercept,
+                } => {
+                    for (id, out) in ids.iter().zip(params.iter_mut()) {
+                        reconstruct::task_tensor(bundle, task, *id, out, scratch)?;
+                        if out.len() != *channels {
+                            return Err(self.length_error(*id, out.len(), &[*channels]));
+                        }
+                    }
+                    let [gamma, beta, mean, var] = &*params;
+                    let [a, b] = derived;
+                    batchnorm_affine(gamma, beta, mean, var, *epsilon, a, b);
+                    let ta = self.fill(tensors, *slope, *dt, shape, a)?;
+                    let tb = self.fill(tensors, *intercept, *dt, shape, b)?;
+                    bound.push((*slope, ta));
+                    bound.push((*intercept, tb));
+                }
+            }
+        }
+        let materialized = started.elapsed();
+        let action = || format!("bind task {task_name}");
+        for (node, tensor) in &bound {
+            let op = Const::new(Arc::clone(tensor)).map_err(tract_err(action()))?;
+            let fact = op
+                .output_facts(&[])
+                .map_err(tract_err(action()))?
+                .into_iter()
+                .next();
+            let (Some(n), Some(fact)) = (model.nodes.get_mut(*node), fact) else {
+                return Err(Error::Tract {
+                    action: action(),
+                    message: format!("node {node} is not in the template"),
+                });
+            };
+            let Some(output) = n.outputs.get_mut(0) else {
+                return Err(Error::Tract {
+                    action: action(),
+                    message: format!("node {node} has no output"),
+                });
+            };
+            output.fact = fact;
+            n.op = Box::new(op);
+        }
+        model.inputs.clone_from(&self.data_inputs);
+        model.prop_consts().map_err(tract_err(action()))?;
+        let plan = model.into_runnable().map_err(tract_err(action()))?;
+        // Take back the tensors the plan does not hold (those it consumed into packed forms).
+        for (node, tensor) in bound {
+            if let Ok(t) = Arc::try_unwrap(tensor) {
+                tensors.insert(node, t);
+            }
+        }
+        let timings = BindTimings {
+            materialize: materialized,
+            bind: started.elapsed().saturating_sub(materialized),
+        };
+        Ok((plan, timings))
+    }
+
+    fn length_error(&self, tensor: usize, got: usize, shape: &[usize]) -> Error {
+        Error::Unsupported {
+            graph: self.graph,
+            reason: format!(
+                "tensor {tensor} reconstructs to {got} values, but the graph needs shape {shape:?}"
+            ),
+        }
+    }
+
+    /// A tensor of type `dt` and `shape` holding `values`, reusing the pooled tensor of `node`.
+    fn fill(
+        &self,
+        pool: &mut HashMap<usize, Tensor>,
+        node: usize,
+        dt: DatumType,
+        shape: &[usize],
+        values: &[f32],
+    ) -> Result<Arc<Tensor>, Error> {
+        let mut t = match pool.remove(&node) {
+            Some(t) if t.datum_type() == dt && t.shape() == shape => t,
+            _ => Tensor::zero_dt(dt, shape).map_err(tract_err("allocate a weight"))?,
+        };
+        if t.len() != values.len() {
+            return Err(self.length_error(node, values.len(), shape));
+        }
+        let mut view = t
+            .try_as_plain_ram_mut()
+            .map_err(tract_err("write a weight"))?;
+        match dt {
+            DatumType::F16 => view
+                .as_slice_mut::<f16>()
+                .map_err(tract_err("write a weight"))?
+                .iter_mut()
+                .zip(values)
+                .for_each(|(o, v)| *o = f16::from_f32(*v)),
+            _ => view
+                .as_slice_mut::<f32>()
+                .map_err(tract_err("write a weight"))?
+                .copy_from_slice(values),
+        }
+        Ok(Arc::new(t))
+    }
+}
+
+/// tract's lowering of an inference-mode BatchNormalization, in `f32`:
+/// `slope = γ / √(var + ε)`, `intercept = β − (mean · γ) / √(var + ε)`.
+fn batchnorm_affine(
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    epsilon: f32,
+    slope: &mut Vec<f32>,
+    intercept: &mut Vec<f32>,
+) {
+    slope.clear();
+    intercept.clear();
+    for (((g, b), m), v) in gamma.iter().zip(beta).zip(mean).zip(var) {
+        let denominator = (v + epsilon).sqrt();
+        slope.push(g / denominator);
+        intercept.push(b - (m * g) / denominator);
+    }
+}
+
+fn io_info(name: String, fact: &TypedFact) -> IoInfo {
+    IoInfo {
+        name,
+        dtype: fact.datum_type,
+        shape: fact.shape.iter().map(|d| d.to_usize().ok()).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::pb::AttributeProto;
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+        NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rewrites_only_task_dependent_batchnorms() {
+        let mut g = GraphProto {
+            node: vec![
+                node("Conv", &["x", "w"], "c"),
+                node("BatchNormalization", &["c", "s", "b", "m", "v"], "y"),
+                node("BatchNormalization", &["y", "s2", "b2", "m2", "v2"], "z"),
+                node(
+                    "BatchNormalization",
+                    &["z", "s", "b", "computed", "v"],
+                    "out",
+                ),
+            ],
+            ..Default::default()
+        };
+        g.node[1].attribute.push(AttributeProto {
+            name: "epsilon".into(),
+            f: 1e-3,
+            r#type: AttributeType::Float as i32,
+            ..Default::default()
+        });
+        let weights = ["w", "s", "b", "m", "v", "s2", "b2", "m2", "v2"];
+        let index = |n: &str| weights.iter().position(|w| *w == n);
+        // Only `m` (index 3) is task-dependent: the first node is rewritten, the second is all
+        // constant, the third has a parameter the graph computes.
+        let rewrites = rewrite_batchnorms(&mut g, index, |i| i == 3);
+        assert_eq!(rewrites.len(), 1);
+        let r = &rewrites[0];
+        assert_eq!(r.params, [1, 2, 3, 4]);
+        assert_eq!(r.epsilon, 1e-3);
+        assert_eq!(r.x, "c");
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(
+            ops,
+            [
+                "Conv",
+                "Mul",
+                "Add",
+                "BatchNormalization",
+                "BatchNormalization"
+            ]
+        );
+        assert_eq!(g.node[1].input, vec![r.slope.clone(), "c".to_string()]);
+        assert_eq!(g.node[2].input[0], r.intercept);
+        assert_eq!(g.node[2].input[1], g.node[1].output[0]);
+        assert_eq!(g.node[2].output, vec!["y".to_string()]);
+    }
+
+    #[test]
+    fn batchnorm_affine_matches_the_definition() {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        batchnorm_affine(&[2.0], &[1.0], &[3.0], &[3.0], 1.0, &mut a, &mut b);
+        // y = 2 (x − 3) / 2 + 1 = x − 2.
+        assert_eq!(a, [1.0]);
+        assert_eq!(b, [-2.0]);
+    }
+}
