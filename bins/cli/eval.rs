@@ -42,7 +42,8 @@ impl TestSet {
     }
 }
 
-/// Runs an ONNX model (bytes) on the whole test set as one batch and returns its accuracy.
+/// Runs an ONNX model (bytes) with plain tract on the whole test set as one batch; returns its
+/// accuracy.
 pub fn accuracy(onnx: &[u8], set: &TestSet) -> Result<f64> {
     let model = tract_onnx::onnx()
         .model_for_read(&mut &onnx[..])
@@ -51,20 +52,29 @@ pub fn accuracy(onnx: &[u8], set: &TestSet) -> Result<f64> {
         .into_optimized()?
         .into_runnable()?;
     let out = model.run(tvec!(Tensor::from(set.image.clone()).into()))?;
-    let logits = out
-        .first()
-        .context("model has no output")?
-        .to_plain_array_view::<f32>()?;
-    let Some(&classes) = logits.shape().last() else {
-        bail!("scalar output")
-    };
-    let flat = logits.as_slice().context("non-contiguous output")?;
-    let correct = flat
-        .chunks(classes.max(1))
-        .zip(&set.label)
-        .filter(|(row, &l)| argmax(row) == usize::try_from(l).ok())
-        .count();
-    Ok(correct as f64 / set.label.len().max(1) as f64)
+    set.accuracy_of(out.first().context("model has no output")?)
+}
+
+impl TestSet {
+    /// The inputs as one tract batch.
+    pub fn batch(&self) -> TVec<TValue> {
+        tvec!(Tensor::from(self.image.clone()).into())
+    }
+
+    /// Top-1 accuracy of `logits` (`[n, classes]`) against the labels.
+    pub fn accuracy_of(&self, logits: &TValue) -> Result<f64> {
+        let logits = logits.to_plain_array_view::<f32>()?;
+        let Some(&classes) = logits.shape().last() else {
+            bail!("scalar output")
+        };
+        let flat = logits.as_slice().context("non-contiguous output")?;
+        let correct = flat
+            .chunks(classes.max(1))
+            .zip(&self.label)
+            .filter(|(row, &l)| argmax(row) == usize::try_from(l).ok())
+            .count();
+        Ok(correct as f64 / self.label.len().max(1) as f64)
+    }
 }
 
 fn argmax(row: &[f32]) -> Option<usize> {
