@@ -1,0 +1,143 @@
+//! Shared by the tests: the demo bundle, its test inputs and the outputs it must give.
+
+use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
+
+use ndarray_npy::NpzReader;
+use taskpack::{tp_last_error, TpStatus};
+use taskpack_core::compile::{compile, CompileOptions};
+use taskpack_core::dtype::DType;
+use taskpack_core::merge::scaling::ScaleMode;
+use taskpack_core::merge::{MergeParams, Method};
+use taskpack_core::runtime::Bundle;
+use tract_onnx::prelude::*;
+
+pub fn demo_models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo")
+}
+
+/// The demo tasks: every NAME.onnx but the base that has a NAME.test.npz, sorted.
+pub fn demo_tasks() -> Vec<(String, PathBuf)> {
+    let dir = demo_models();
+    let mut tasks: Vec<(String, PathBuf)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            let stem = p.file_stem()?.to_str()?.to_string();
+            (p.extension()? == "onnx"
+                && stem != "base"
+                && dir.join(format!("{stem}.test.npz")).exists())
+            .then_some((stem, p))
+        })
+        .collect();
+    tasks.sort();
+    assert!(tasks.len() >= 4, "the demo family has at least 4 tasks");
+    tasks
+}
+
+/// The demo family compiled (TALL masks, the default method) into a bundle in a temporary
+/// folder, which lives as long as this value.
+pub struct Demo {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+    pub bundle: Bundle,
+    pub tasks: Vec<String>,
+}
+
+impl Demo {
+    pub fn new() -> Demo {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("demo.tpk");
+        let tasks = demo_tasks();
+        let opts = CompileOptions {
+            base: demo_models().join("base.onnx"),
+            tasks: tasks.clone(),
+            graph: None,
+            params: MergeParams::defaults(Method::Tall, tasks.len()),
+            scale: ScaleMode::None,
+            private: None,
+            delta_dtype: DType::F32,
+            auto_private: true,
+            output: path.clone(),
+        };
+        let bundle = compile(&opts, &mut |_| {}).unwrap();
+        Demo {
+            dir,
+            path,
+            bundle,
+            tasks: tasks.into_iter().map(|(name, _)| name).collect(),
+        }
+    }
+
+    pub fn c_path(&self) -> CString {
+        CString::new(self.path.to_str().unwrap()).unwrap()
+    }
+
+    /// The first `n` test images of `task` (`[n,1,28,28]`) and what the bundle's task gives
+    /// for them: tract on the task exported to ONNX (`[n,classes]`).
+    pub fn case(&self, task: &str, n: usize) -> Case {
+        let file = std::fs::File::open(demo_models().join(format!("{task}.test.npz"))).unwrap();
+        let images: tract_ndarray::ArrayD<f32> =
+            NpzReader::new(file).unwrap().by_name("image").unwrap();
+        let n = n.min(images.shape()[0]);
+        let images = images
+            .slice_axis(tract_ndarray::Axis(0), (0..n).into())
+            .to_owned();
+        let onnx = taskpack_core::compile::export::export_task(&self.bundle, task).unwrap();
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut &onnx[..])
+            .unwrap()
+            .with_input_fact(0, f32::fact(images.shape()).into())
+            .unwrap()
+            .into_optimized()
+            .unwrap()
+            .into_runnable()
+            .unwrap();
+        let out = model
+            .run(tvec!(Tensor::from(images.clone()).into()))
+            .unwrap();
+        let expected = out[0].to_plain_array_view::<f32>().unwrap();
+        Case {
+            input_shape: images.shape().iter().map(|&d| d as i64).collect(),
+            input: images.iter().copied().collect(),
+            expected_shape: expected.shape().iter().map(|&d| d as i64).collect(),
+            expected: expected.iter().copied().collect(),
+        }
+    }
+}
+
+/// Inputs of one task and the outputs expected from them, flat.
+pub struct Case {
+    pub input: Vec<f32>,
+    pub input_shape: Vec<i64>,
+    pub expected: Vec<f32>,
+    pub expected_shape: Vec<i64>,
+}
+
+/// Asserts that `got` is `want` within 1e-4 (relative to the magnitude, at least 1).
+pub fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+            "{what}[{i}]: {g} vs {w}"
+        );
+    }
+}
+
+/// The calling thread's last error.
+pub fn last_error() -> String {
+    // SAFETY: tp_last_error never returns NULL and its string lives until the next call.
+    unsafe { CStr::from_ptr(tp_last_error()) }
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Asserts `status`, and that the last error is empty exactly on success.
+#[track_caller]
+pub fn expect(status: TpStatus, want: TpStatus) {
+    let message = last_error();
+    assert_eq!(status, want, "last error: {message}");
+    assert_eq!(message.is_empty(), want == TpStatus::TP_OK, "{message}");
+}

@@ -1,0 +1,8 @@
+//! The one integration-test binary of the C ABI: the header is current, misuse is caught (Rust
+//! calling the entry points directly), and a C program built with `cc` against libtaskpack.a
+//! runs every demo task.
+
+mod c_demo;
+mod common;
+mod header;
+mod misuse;
