@@ -25,11 +25,20 @@ pub struct DemoArgs {
     #[arg(long, default_value = "models/demo")]
     pub models: PathBuf,
     /// Merge method.
-    #[arg(long, default_value = "tall", value_parser = Method::ALL.map(|m| m.name()))]
+    #[arg(long, default_value = "emr", value_parser = Method::ALL.map(|m| m.name()))]
     pub method: String,
     /// Scaling vectors on top of the method.
     #[arg(long, default_value = "none", value_parser = ["none", "tensor", "row"])]
     pub scale: String,
+    /// Scale of the merged vector (default per method, see `compile --help`).
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    /// TALL / Consensus mask threshold λ.
+    #[arg(long)]
+    pub lambda: Option<f32>,
+    /// Storage type of the merged delta.
+    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16"])]
+    pub delta_dtype: String,
     /// Where to write the bundle.
     #[arg(short, long, default_value = "target/demo.tpk")]
     pub output: PathBuf,
@@ -73,8 +82,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         base: a.models.join("base.onnx"),
         tasks: tasks.clone(),
         method: a.method.clone(),
-        alpha: None,
-        lambda: None,
+        alpha: a.alpha,
+        lambda: a.lambda,
         density: None,
         gamma: None,
         min_tasks: None,
@@ -82,7 +91,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         scale: a.scale.clone(),
         private: None,
         no_auto_private: false,
-        delta_dtype: "f32".into(),
+        delta_dtype: a.delta_dtype.clone(),
         graph: None,
         output: a.output.clone(),
     };
