@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use taskpack::runtime::Bundle;
 
+#[path = "cli/bench.rs"]
+mod bench;
 #[path = "cli/compile.rs"]
 mod compile_cmd;
 #[path = "cli/demo.rs"]
@@ -16,6 +18,8 @@ mod demo;
 mod eval;
 #[path = "cli/inspect.rs"]
 mod inspect;
+#[path = "cli/run.rs"]
+mod run_cmd;
 
 /// Compile N fine-tuned checkpoints of one network into one bundle, and inspect, verify and
 /// export bundles.
@@ -38,6 +42,10 @@ enum Command {
     Export(ExportArgs),
     /// Compile the embedded demo models and compare each task's accuracy before and after.
     Demo(demo::DemoArgs),
+    /// Run one task of a bundle on inputs from an .npz or .npy file.
+    Run(run_cmd::RunArgs),
+    /// Measure task switching and inference against loading each task's ONNX with tract.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -76,6 +84,8 @@ fn main() -> ExitCode {
         Command::Verify(a) => verify(&a.bundle),
         Command::Export(a) => export(&a),
         Command::Demo(a) => demo::run(&a),
+        Command::Run(a) => run_cmd::run(&a),
+        Command::Bench(a) => bench::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -389,3 +389,30 @@ fn typed_errors_name_what_is_wrong() {
         .unwrap_err();
     assert!(e.to_string().contains("\"image\""), "{e}");
 }
+
+#[test]
+fn fixed_symbols_give_concrete_facts_and_the_same_outputs() {
+    let bundle = tall();
+    let symbolic = Engine::new(Arc::clone(&bundle), EngineOptions::default()).unwrap();
+    let fixed = Engine::new(
+        Arc::clone(&bundle),
+        EngineOptions::default()
+            .with_symbol("N", 4)
+            .with_symbol("not-a-symbol-of-this-graph", 9),
+    )
+    .unwrap();
+    let task = fixed.task_index("fashion3").unwrap();
+    assert_eq!(
+        fixed.input_facts(task).unwrap()[0].shape,
+        vec![Some(4), Some(1), Some(28), Some(28)]
+    );
+    assert_eq!(fixed.output_facts(task).unwrap()[0].shape[0], Some(4));
+    let x = images("fashion3", 4);
+    let got = run(&fixed, task, &x);
+    assert!(max_abs_diff(&got, &run(&symbolic, task, &x)) <= 1e-5);
+    assert!(max_abs_diff(&got, &reference(&bundle, "fashion3", &x)) <= 1e-5);
+    assert!(matches!(
+        fixed.run(task, tvec!(images("fashion3", 3).into())),
+        Err(Error::InputMismatch { .. })
+    ));
+}

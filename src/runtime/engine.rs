@@ -39,20 +39,38 @@ pub struct EngineOptions {
     /// larger than the budget still runs: it is bound for the call and dropped afterwards, so
     /// every call pays a switch. `0` disables caching. Default: 256 MiB.
     pub cache_bytes: usize,
+    /// Concrete values for symbolic input dimensions, by name (the ONNX `dim_param`, e.g.
+    /// `("N", 1)` for the batch of the demo models). Default: none, every symbolic dimension stays
+    /// symbolic and one bound plan serves every size. Fixing a dimension lets tract's optimizer
+    /// pick kernels for that exact shape (the demo runs ≈ 1.45× faster at a fixed batch of 1, see
+    /// docs/PERFORMANCE.md); inputs must then have that size. Names a graph does not use are
+    /// ignored.
+    pub symbol_values: Vec<(String, usize)>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             cache_bytes: 256 << 20,
+            symbol_values: Vec::new(),
         }
     }
 }
 
 impl EngineOptions {
-    /// Options with the given cache budget in bytes.
+    /// Default options with the given cache budget in bytes.
     pub fn with_cache_bytes(cache_bytes: usize) -> Self {
-        EngineOptions { cache_bytes }
+        EngineOptions {
+            cache_bytes,
+            ..EngineOptions::default()
+        }
+    }
+
+    /// These options with symbolic dimension `name` fixed to `value` (see
+    /// [`EngineOptions::symbol_values`]).
+    pub fn with_symbol(mut self, name: impl Into<String>, value: usize) -> Self {
+        self.symbol_values.push((name.into(), value));
+        self
     }
 }
 
@@ -338,9 +356,13 @@ impl Engine {
         lock(&self.cache).contains(task)
     }
 
-    /// Drops every cached bound task (templates stay).
+    /// Drops every cached bound task and the binding buffers each template keeps for reuse
+    /// (up to [`Engine::task_weight_bytes`] per binding that ran concurrently). Templates stay.
     pub fn clear_cache(&self) {
         lock(&self.cache).clear();
+        for template in self.slots.iter().filter_map(|s| s.built.get()) {
+            template.release_buffers();
+        }
     }
 
     /// Work counters since the engine was created.
@@ -384,6 +406,7 @@ impl Engine {
             &slot.key,
             slot.task,
             &slot.used,
+            &self.options.symbol_values,
         )?);
         self.templates_built.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::clone(slot.built.get_or_init(|| template)))

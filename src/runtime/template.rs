@@ -20,7 +20,9 @@
 //! the preceding convolution the same way, and binding evaluates that folding.
 //!
 //! **Batch size.** Data inputs keep the symbolic dimensions the ONNX graph declares (e.g. a batch
-//! `N`): one bound plan serves every batch size, with tract resolving the symbols per call.
+//! `N`): one bound plan serves every batch size, with tract resolving the symbols per call. The
+//! engine's `symbol_values` option fixes chosen symbols before typing instead, so that tract
+//! optimizes for that exact shape (as it would a model loaded with a concrete input fact).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -324,6 +326,7 @@ impl Template {
         key: &TemplateKey,
         task: usize,
         used: &[usize],
+        symbol_values: &[(String, usize)],
     ) -> Result<Template, Error> {
         let started = Instant::now();
         let graph_index = key.graph;
@@ -418,6 +421,19 @@ impl Template {
             .parse(&proto, None)
             .map_err(tract_err(format!("parse graph {graph_index}")))?;
         let mut model = parsed.model;
+        if !symbol_values.is_empty() {
+            let mut subs = HashMap::new();
+            for (name, value) in symbol_values {
+                let value = i64::try_from(*value)
+                    .map_err(|_| unsupported(format!("symbol {name} = {value} is too large")))?;
+                if let Some(symbol) = model.symbols.get(name) {
+                    subs.insert(symbol, TDim::Val(value));
+                }
+            }
+            model
+                .set_symbols(&subs)
+                .map_err(tract_err(format!("fix the symbols of graph {graph_index}")))?;
+        }
         let outlet =
             |name: &str| {
                 parsed.outlets_by_name.get(name).copied().ok_or_else(|| {
@@ -629,6 +645,14 @@ impl Template {
     /// Bytes of the weights a task of this template materializes.
     pub(crate) fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Drops the pooled binding buffers (they are rebuilt by the next binding).
+    pub(crate) fn release_buffers(&self) {
+        self.pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// Checks `inputs` against the data inputs' types and shapes (symbolic dimensions match any

@@ -1,0 +1,356 @@
+//! `taskpack bench`: how fast the runtime switches tasks, side by side with what a user does
+//! without taskpack (load the task's own ONNX model with tract and optimize it), with a plain
+//! memory copy of the same bytes, and how fast the bound tasks run compared with tract.
+//!
+//! Every number is the median of repeated measurements in this one process, single-threaded.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use taskpack::runtime::{Engine, EngineOptions, IoInfo};
+use tract_onnx::prelude::*;
+
+/// Arguments of `taskpack bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// The bundle.
+    pub bundle: PathBuf,
+    /// Only this task (default: every task).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Batch size for symbolic input dimensions.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Time budget per measurement, in milliseconds (more repetitions, steadier medians).
+    #[arg(long, default_value_t = 300)]
+    pub millis: u64,
+}
+
+/// Median time of `f` over repetitions filling `budget` (at least 5, at most 10 000), after one
+/// warm-up call.
+fn measure(budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
+    f()?;
+    let mut times = Vec::new();
+    let started = Instant::now();
+    while times.len() < 5 || (started.elapsed() < budget && times.len() < 10_000) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed());
+    }
+    times.sort_unstable();
+    Ok(times.get(times.len() / 2).copied().unwrap_or_default())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    if b.is_zero() {
+        f64::NAN
+    } else {
+        a.as_secs_f64() / b.as_secs_f64()
+    }
+}
+
+/// Deterministic pseudo-random inputs in [0, 1) (floats) or zeros, symbolic dimensions = `batch`.
+fn inputs(facts: &[IoInfo], batch: usize) -> Result<TVec<Tensor>> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    facts
+        .iter()
+        .map(|f| {
+            let shape: Vec<usize> = f.shape.iter().map(|d| d.unwrap_or(batch)).collect();
+            let mut t = Tensor::zero_dt(f.dtype, &shape)?;
+            if f.dtype == DatumType::F32 {
+                for v in t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()? {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    *v = (state >> 40) as f32 / (1u64 << 24) as f32;
+                }
+            }
+            Ok(t)
+        })
+        .collect()
+}
+
+fn tvalues(inputs: &TVec<Tensor>) -> TVec<TValue> {
+    inputs.iter().map(|t| t.clone().into_tvalue()).collect()
+}
+
+/// The symbolic dimension names (`dim_param`) of the model's graph inputs.
+fn input_symbols(onnx: &[u8]) -> Result<Vec<String>> {
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value;
+    use tract_onnx::pb::type_proto;
+    let model = taskpack::onnx::decode_model(onnx)?;
+    let mut names = Vec::new();
+    for input in model.graph.iter().flat_map(|g| &g.input) {
+        let Some(type_proto::Value::TensorType(t)) =
+            input.r#type.as_ref().and_then(|t| t.value.as_ref())
+        else {
+            continue;
+        };
+        for d in t.shape.iter().flat_map(|s| &s.dim) {
+            if let Some(Value::DimParam(p)) = &d.value {
+                if !names.contains(p) {
+                    names.push(p.clone());
+                }
+            }
+        }
+    }
+    Ok(names)
+}
+
+struct Row {
+    name: String,
+    bytes: usize,
+    cold: Duration,
+    materialize: Duration,
+    baseline: Duration,
+    memcpy: Duration,
+    warm: Duration,
+    engine: Duration,
+    tract: Duration,
+    engine_fixed: Duration,
+    tract_fixed: Duration,
+}
+
+/// Runs `taskpack bench`.
+pub fn run(a: &BenchArgs) -> Result<()> {
+    let budget = Duration::from_millis(a.millis);
+    let bundle = Arc::new(crate::open_bundle(&a.bundle)?);
+    bundle.verify()?;
+    let n = bundle.manifest().tasks.len();
+    let tasks: Vec<usize> = match &a.task {
+        Some(name) => vec![bundle.task_index(name)?],
+        None => (0..n).collect(),
+    };
+    println!(
+        "{}: {} tasks, {} graphs; batch {}, single thread, medians over ≥ {} ms per measurement",
+        a.bundle.display(),
+        n,
+        bundle.manifest().graphs.len(),
+        a.batch,
+        a.millis
+    );
+
+    // Templates: parse + declutter + optimize, once per graph (fresh engines, first use).
+    let mut template_times = Vec::new();
+    for &task in &tasks {
+        let t = measure(budget / 4, || {
+            let fresh = Engine::new(Arc::clone(&bundle), EngineOptions::default())?;
+            fresh.input_facts(task)?;
+            Ok(())
+        })?;
+        template_times.push(t);
+    }
+
+    let engine = Engine::new(
+        Arc::clone(&bundle),
+        EngineOptions::with_cache_bytes(usize::MAX),
+    )?;
+    let mut rows = Vec::new();
+    for &task in &tasks {
+        let name = engine
+            .task_name(task)
+            .context("task index out of range")?
+            .to_string();
+        let data = inputs(&engine.input_facts(task)?, a.batch)?;
+
+        // Cold switch: materialize + bind into the warm template, bypassing the cache.
+        let mut materialize = Vec::new();
+        let cold = measure(budget, || {
+            let bound = engine.bind(task)?;
+            materialize.push(bound.timings().0);
+            black_box(bound);
+            Ok(())
+        })?;
+        materialize.sort_unstable();
+        let materialize = materialize
+            .get(materialize.len() / 2)
+            .copied()
+            .unwrap_or_default();
+        let bytes = engine.task_weight_bytes(task)?;
+
+        // Baseline: the task's own ONNX model, loaded and optimized by tract.
+        let onnx = taskpack::compile::export::export_task(&bundle, &name)?;
+        let load = || -> Result<Arc<TypedRunnableModel>> {
+            tract_onnx::onnx()
+                .model_for_read(&mut &onnx[..])?
+                .into_optimized()?
+                .into_runnable()
+        };
+        let baseline = measure(budget, || load().map(black_box).map(drop))?;
+
+        // A plain copy of as many bytes as the switch materializes.
+        let src = vec![1u8; bytes.max(1)];
+        let mut dst = vec![0u8; bytes.max(1)];
+        let memcpy = measure(budget / 4, || {
+            dst.copy_from_slice(black_box(&src));
+            black_box(&mut dst);
+            Ok(())
+        })?;
+
+        // Warm switch: the task is cached, switching is a lookup.
+        engine.prepare(task)?;
+        let warm = measure(budget / 4, || {
+            engine.prepare(black_box(task)).map_err(Into::into)
+        })?;
+
+        // Inference: the engine vs tract on the same reconstructed weights.
+        let engine_run = measure(budget, || {
+            black_box(engine.run(task, tvalues(&data))?);
+            Ok(())
+        })?;
+        let plain = load()?;
+        let tract = measure(budget, || {
+            black_box(plain.run(tvalues(&data))?);
+            Ok(())
+        })?;
+        let mut fixed = tract_onnx::onnx().model_for_read(&mut &onnx[..])?;
+        for (i, t) in data.iter().enumerate() {
+            fixed = fixed.with_input_fact(i, InferenceFact::dt_shape(t.datum_type(), t.shape()))?;
+        }
+        let fixed = fixed.into_optimized()?.into_runnable()?;
+        let tract_fixed = measure(budget, || {
+            black_box(fixed.run(tvalues(&data))?);
+            Ok(())
+        })?;
+        // The engine with the symbolic dimensions fixed to the batch, like `fixed`.
+        let options = input_symbols(&onnx)?
+            .into_iter()
+            .fold(EngineOptions::default(), |o, s| o.with_symbol(s, a.batch));
+        let fixed_engine = Engine::new(Arc::clone(&bundle), options)?;
+        fixed_engine.prepare(task)?;
+        let engine_fixed = measure(budget, || {
+            black_box(fixed_engine.run(task, tvalues(&data))?);
+            Ok(())
+        })?;
+        // Same answers, or the comparison means nothing.
+        let (ours, theirs) = (
+            engine.run(task, tvalues(&data))?,
+            plain.run(tvalues(&data))?,
+        );
+        for (x, y) in ours.iter().zip(theirs.iter()) {
+            if x.close_enough(y, true).is_err() {
+                bail!("task {name}: engine and tract outputs differ");
+            }
+        }
+        rows.push(Row {
+            name,
+            bytes,
+            cold,
+            materialize,
+            baseline,
+            memcpy,
+            warm,
+            engine: engine_run,
+            tract,
+            engine_fixed,
+            tract_fixed,
+        });
+    }
+
+    println!();
+    println!("switching (ms unless noted)");
+    println!(
+        "  {:<10}{:>10}{:>10}{:>13}{:>11}{:>10}{:>10}{:>10}{:>12}",
+        "task",
+        "weights",
+        "template",
+        "cold switch",
+        "(of which",
+        "baseline",
+        "speedup",
+        "memcpy",
+        "warm (µs)"
+    );
+    println!(
+        "  {:<10}{:>10}{:>10}{:>13}{:>11}{:>10}{:>10}{:>10}{:>12}",
+        "", "bytes", "once", "", "materialize)", "load+opt", "", "", ""
+    );
+    for (r, template) in rows.iter().zip(&template_times) {
+        println!(
+            "  {:<10}{:>10}{:>10.3}{:>13.3}{:>11.3}{:>10.3}{:>9.1}x{:>10.4}{:>12.2}",
+            r.name,
+            r.bytes,
+            ms(*template),
+            ms(r.cold),
+            ms(r.materialize),
+            ms(r.baseline),
+            ratio(r.baseline, r.cold),
+            ms(r.memcpy),
+            us(r.warm),
+        );
+    }
+    println!();
+    println!(
+        "inference (ms per run, batch {}; \"symbolic\": the batch stays a symbol as the ONNX \
+         declares it, \"fixed\": symbols fixed to the batch before optimizing)",
+        a.batch
+    );
+    println!(
+        "  {:<10}{:>10}{:>10}{:>8}{:>10}{:>10}{:>8}",
+        "", "engine", "tract", "", "engine", "tract", ""
+    );
+    println!(
+        "  {:<10}{:>10}{:>10}{:>8}{:>10}{:>10}{:>8}",
+        "task", "symbolic", "symbolic", "ratio", "fixed", "fixed", "ratio"
+    );
+    for r in &rows {
+        println!(
+            "  {:<10}{:>10.4}{:>10.4}{:>8.3}{:>10.4}{:>10.4}{:>8.3}",
+            r.name,
+            ms(r.engine),
+            ms(r.tract),
+            ratio(r.engine, r.tract),
+            ms(r.engine_fixed),
+            ms(r.tract_fixed),
+            ratio(r.engine_fixed, r.tract_fixed),
+        );
+    }
+    let median = |f: &dyn Fn(&Row) -> f64| -> f64 {
+        let mut v: Vec<f64> = rows.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    println!();
+    println!("summary (median over tasks)");
+    println!(
+        "  cold switch {:.3} ms vs baseline load+optimize {:.3} ms: {:.1}x faster",
+        median(&|r| ms(r.cold)),
+        median(&|r| ms(r.baseline)),
+        median(&|r| ratio(r.baseline, r.cold)),
+    );
+    println!(
+        "  cold switch vs memcpy of the same bytes: {:.1}x the copy time",
+        median(&|r| ratio(r.cold, r.memcpy)),
+    );
+    println!("  warm switch (cached): {:.2} µs", median(&|r| us(r.warm)));
+    println!(
+        "  inference engine / tract: {:.3} with a symbolic batch, {:.3} with a fixed batch",
+        median(&|r| ratio(r.engine, r.tract)),
+        median(&|r| ratio(r.engine_fixed, r.tract_fixed)),
+    );
+    println!(
+        "  fixing the batch: {:.2}x faster inference (engine symbolic / engine fixed)",
+        median(&|r| ratio(r.engine, r.engine_fixed)),
+    );
+    let stats = engine.stats();
+    println!(
+        "  work done by the engine: {} templates built for {} graphs, {} binds, {} cache hits",
+        stats.templates_built,
+        bundle.manifest().graphs.len(),
+        stats.binds,
+        stats.cache_hits
+    );
+    Ok(())
+}
