@@ -45,6 +45,38 @@ fn measure(budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result<Durati
     Ok(times.get(times.len() / 2).copied().unwrap_or_default())
 }
 
+/// Median times of `a` and `b` called alternately, in alternating order (so that load from other
+/// processes and cache effects hit both alike), over repetitions filling `budget`, after one warm-up call of each.
+fn measure_pair(
+    budget: Duration,
+    mut a: impl FnMut() -> Result<()>,
+    mut b: impl FnMut() -> Result<()>,
+) -> Result<(Duration, Duration)> {
+    a()?;
+    b()?;
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    while ta.len() < 6 || (started.elapsed() < budget && ta.len() < 10_000) {
+        // Alternate which goes first, so neither always runs on the other's cache state.
+        let a_first = ta.len() % 2 == 0;
+        for first in [a_first, !a_first] {
+            let t = Instant::now();
+            if first {
+                a()?;
+                ta.push(t.elapsed());
+            } else {
+                b()?;
+                tb.push(t.elapsed());
+            }
+        }
+    }
+    let median = |mut v: Vec<Duration>| {
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    Ok((median(ta), median(tb)))
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -178,9 +210,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             .get(materialize.len() / 2)
             .copied()
             .unwrap_or_default();
-        let bytes = engine.task_weight_bytes(task)?;
 
-        // Baseline: the task's own ONNX model, loaded and optimized by tract.
+        // Baseline: the task's own ONNX model, loaded and optimized by tract. (Measured apart
+        // from the cold switch: alternating them lets tract's allocations evict the bundle from
+        // the CPU caches, which doubles the switch time on the small demo model.)
         let onnx = taskpack::compile::export::export_task(&bundle, &name)?;
         let load = || -> Result<Arc<TypedRunnableModel>> {
             tract_onnx::onnx()
@@ -189,6 +222,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 .into_runnable()
         };
         let baseline = measure(budget, || load().map(black_box).map(drop))?;
+        let bytes = engine.task_weight_bytes(task)?;
 
         // A plain copy of as many bytes as the switch materializes.
         let src = vec![1u8; bytes.max(1)];
@@ -205,35 +239,42 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             engine.prepare(black_box(task)).map_err(Into::into)
         })?;
 
-        // Inference: the engine vs tract on the same reconstructed weights.
-        let engine_run = measure(budget, || {
-            black_box(engine.run(task, tvalues(&data))?);
-            Ok(())
-        })?;
+        // Inference: the engine vs tract on the same reconstructed weights, with the batch
+        // symbolic (as the ONNX declares it) and fixed (symbols set to the batch before
+        // optimizing, in tract and in the engine alike).
         let plain = load()?;
-        let tract = measure(budget, || {
-            black_box(plain.run(tvalues(&data))?);
-            Ok(())
-        })?;
+        let (engine_run, tract) = measure_pair(
+            budget,
+            || {
+                black_box(engine.run(task, tvalues(&data))?);
+                Ok(())
+            },
+            || {
+                black_box(plain.run(tvalues(&data))?);
+                Ok(())
+            },
+        )?;
         let mut fixed = tract_onnx::onnx().model_for_read(&mut &onnx[..])?;
         for (i, t) in data.iter().enumerate() {
             fixed = fixed.with_input_fact(i, InferenceFact::dt_shape(t.datum_type(), t.shape()))?;
         }
         let fixed = fixed.into_optimized()?.into_runnable()?;
-        let tract_fixed = measure(budget, || {
-            black_box(fixed.run(tvalues(&data))?);
-            Ok(())
-        })?;
-        // The engine with the symbolic dimensions fixed to the batch, like `fixed`.
         let options = input_symbols(&onnx)?
             .into_iter()
             .fold(EngineOptions::default(), |o, s| o.with_symbol(s, a.batch));
         let fixed_engine = Engine::new(Arc::clone(&bundle), options)?;
         fixed_engine.prepare(task)?;
-        let engine_fixed = measure(budget, || {
-            black_box(fixed_engine.run(task, tvalues(&data))?);
-            Ok(())
-        })?;
+        let (engine_fixed, tract_fixed) = measure_pair(
+            budget,
+            || {
+                black_box(fixed_engine.run(task, tvalues(&data))?);
+                Ok(())
+            },
+            || {
+                black_box(fixed.run(tvalues(&data))?);
+                Ok(())
+            },
+        )?;
         // Same answers, or the comparison means nothing.
         let (ours, theirs) = (
             engine.run(task, tvalues(&data))?,
