@@ -14,9 +14,17 @@
 //! 3. **Bound plans are cached** ([`EngineOptions::cache_bytes`], least recently used first out),
 //!    so switching back to a recent task is a map lookup.
 //!
+//! A task whose weights exceed the whole cache budget still runs: it is bound for the call and
+//! dropped afterwards (pin it with [`Engine::bind`] if that matters).
+//!
+//! Symbolic input dimensions (e.g. a batch `N`) stay symbolic by default, so one bound plan
+//! serves every size; [`EngineOptions::symbol_values`] fixes them instead, letting tract optimize
+//! for that exact shape.
+//!
 //! An [`Engine`] is `Send + Sync`: bound plans are immutable and shared; every
 //! [`Engine::run`] evaluates them with its own state, so concurrent runs of the same or of
-//! different tasks give the same results as sequential ones.
+//! different tasks give the same results as sequential ones. Threads missing the same task at
+//! once bind it once (the others wait for it); different tasks bind in parallel.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -40,6 +40,9 @@ use crate::runtime::engine::IoInfo;
 use crate::runtime::reconstruct::{self, Scratch};
 use crate::runtime::{Bundle, Error};
 
+/// Alignment of materialized weight tensors (a cache line, and enough for any SIMD load).
+const WEIGHT_ALIGN: usize = 64;
+
 /// A bound task: a runnable plan with every weight constant.
 pub(crate) type Plan = Arc<TypedRunnableModel>;
 
@@ -821,7 +824,8 @@ impl Template {
     ) -> Result<Arc<Tensor>, Error> {
         let mut t = match pool.remove(&node) {
             Some(t) if t.datum_type() == dt && t.shape() == shape => t,
-            _ => Tensor::zero_dt(dt, shape).map_err(tract_err("allocate a weight"))?,
+            _ => Tensor::zero_aligned_dt(dt, shape, WEIGHT_ALIGN)
+                .map_err(tract_err("allocate a weight"))?,
         };
         if t.len() != values.len() {
             return Err(self.length_error(node, values.len(), shape));
