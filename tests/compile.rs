@@ -3,6 +3,7 @@
 //! reader), ONNX vs safetensors inputs, the golden onnxruntime outputs, and every bad input the
 //! CLI must refuse with one clear line and no output file.
 
+use crate::common::{demo, demo_tasks};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,28 +15,6 @@ use taskpack::merge::scaling::ScaleMode;
 use taskpack::merge::{MergeParams, Method};
 use taskpack::runtime::Bundle;
 use tract_onnx::pb::ModelProto;
-
-fn demo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")
-}
-
-/// The demo tasks: every NAME.onnx but the base that has a NAME.test.npz.
-fn demo_tasks() -> Vec<(String, PathBuf)> {
-    let mut tasks: Vec<(String, PathBuf)> = std::fs::read_dir(demo())
-        .unwrap()
-        .filter_map(|e| {
-            let p = e.unwrap().path();
-            let stem = p.file_stem()?.to_str()?.to_string();
-            (p.extension()? == "onnx"
-                && stem != "base"
-                && demo().join(format!("{stem}.test.npz")).exists())
-            .then_some((stem, p))
-        })
-        .collect();
-    tasks.sort();
-    assert!(tasks.len() >= 4, "the demo family has at least 4 tasks");
-    tasks
-}
 
 type Weights = BTreeMap<String, (Vec<i64>, Vec<f32>)>;
 

@@ -2,7 +2,8 @@
 //! the task's exported ONNX, template reuse across switches, the cache budget, concurrent runs,
 //! symbolic batch sizes and the typed errors.
 
-use std::path::{Path, PathBuf};
+use crate::common::{demo, demo_tasks};
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use ndarray_npy::NpzReader;
@@ -16,28 +17,6 @@ use tract_onnx::prelude::*;
 /// Test images per task (the first rows of each test set): enough to exercise every class, small
 /// enough for a debug build.
 const ROWS: usize = 32;
-
-fn demo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")
-}
-
-/// The demo tasks: every NAME.onnx but the base that has a NAME.test.npz.
-fn demo_tasks() -> Vec<(String, PathBuf)> {
-    let mut tasks: Vec<(String, PathBuf)> = std::fs::read_dir(demo())
-        .unwrap()
-        .filter_map(|e| {
-            let p = e.unwrap().path();
-            let stem = p.file_stem()?.to_str()?.to_string();
-            (p.extension()? == "onnx"
-                && stem != "base"
-                && demo().join(format!("{stem}.test.npz")).exists())
-            .then_some((stem, p))
-        })
-        .collect();
-    tasks.sort();
-    assert!(tasks.len() >= 4, "the demo family has at least 4 tasks");
-    tasks
-}
 
 /// Compiles the demo family with `method` and `scale` (once per test binary) and reads it back.
 fn bundle(method: Method, scale: ScaleMode) -> Arc<Bundle> {
