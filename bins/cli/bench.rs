@@ -28,6 +28,13 @@ pub struct BenchArgs {
     /// Time budget per measurement, in milliseconds (more repetitions, steadier medians).
     #[arg(long, default_value_t = 300)]
     pub millis: u64,
+    /// Skip the peak memory comparison (two child processes).
+    #[arg(long)]
+    pub no_rss: bool,
+    /// Internal: run one peak-memory workload in this process and print its VmHWM: `engine`
+    /// (every task in turn, cache of one task) or `tract=PATH` (one ONNX model alone).
+    #[arg(long, hide = true)]
+    pub rss_child: Option<String>,
 }
 
 /// Median time of `f` over repetitions filling `budget` (at least 5, at most 10 000), after one
@@ -93,7 +100,8 @@ fn ratio(a: Duration, b: Duration) -> f64 {
     }
 }
 
-/// Deterministic pseudo-random inputs in [0, 1) (floats) or zeros, symbolic dimensions = `batch`.
+/// Deterministic pseudo-random inputs in [0, 1) (floats) or ones (integers: valid token ids and
+/// attention masks), symbolic dimensions = `batch`.
 fn inputs(facts: &[IoInfo], batch: usize) -> Result<TVec<Tensor>> {
     let mut state = 0x2545_f491_4f6c_dd1du64;
     facts
@@ -108,6 +116,10 @@ fn inputs(facts: &[IoInfo], batch: usize) -> Result<TVec<Tensor>> {
                     state ^= state << 17;
                     *v = (state >> 40) as f32 / (1u64 << 24) as f32;
                 }
+            } else if f.dtype.is_integer() {
+                t = Tensor::from(tract_ndarray::ArrayD::<i64>::ones(shape.clone()))
+                    .cast_to_dt(f.dtype)?
+                    .into_owned();
             }
             Ok(t)
         })
@@ -141,6 +153,96 @@ fn input_symbols(onnx: &[u8]) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// Peak resident set size of this process so far (`VmHWM` in /proc/self/status), in bytes.
+fn peak_rss() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM in /proc/self/status")?;
+    let kb: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+/// One peak-memory workload, run in a child process of `taskpack bench` (so that each starts from
+/// a fresh process). `engine`: every task in turn, twice round, from an engine whose cache holds
+/// one task (so every switch is a cold switch that evicts the previous task). `tract=PATH`: the
+/// ONNX model at PATH loaded, optimized and run once by plain tract. Prints `peak_rss BYTES`.
+fn rss_child(a: &BenchArgs, which: &str) -> Result<()> {
+    if which == "engine" {
+        let bundle = Arc::new(crate::open_bundle(&a.bundle)?);
+        let n = bundle.manifest().tasks.len();
+        let probe = Engine::new(Arc::clone(&bundle), EngineOptions::default())?;
+        let one = (0..n)
+            .map(|t| probe.task_weight_bytes(t))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        drop(probe);
+        let engine = Engine::new(bundle, EngineOptions::with_cache_bytes(one))?;
+        for task in (0..n).chain(0..n) {
+            let data = inputs(&engine.input_facts(task)?, a.batch)?;
+            black_box(engine.run(task, tvalues(&data))?);
+        }
+    } else if let Some(path) = which.strip_prefix("tract=") {
+        let model = tract_onnx::onnx()
+            .model_for_path(path)?
+            .into_optimized()?
+            .into_runnable()?;
+        let facts = model
+            .model()
+            .input_outlets()?
+            .iter()
+            .map(|o| {
+                let f = model.model().outlet_fact(*o)?;
+                Ok(IoInfo {
+                    name: String::new(),
+                    dtype: f.datum_type,
+                    shape: f.shape.iter().map(|d| d.as_i64().map(|v| v as usize)).collect(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let data = inputs(&facts, a.batch)?;
+        black_box(model.run(tvalues(&data))?);
+    } else {
+        bail!("unknown --rss-child workload {which}");
+    }
+    println!("peak_rss {}", peak_rss()?);
+    Ok(())
+}
+
+/// Runs `taskpack bench` again as a child process with `--rss-child which`; its peak RSS.
+fn rss_of_child(a: &BenchArgs, which: &str) -> Result<u64> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .arg("bench")
+        .arg(&a.bundle)
+        .arg("--batch")
+        .arg(a.batch.to_string())
+        .arg("--rss-child")
+        .arg(which)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "peak memory child ({which}) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("peak_rss "))
+        .context("peak memory child printed no peak_rss")?
+        .trim()
+        .parse()
+        .map_err(Into::into)
+}
+
 struct Row {
     name: String,
     bytes: usize,
@@ -157,7 +259,17 @@ struct Row {
 
 /// Runs `taskpack bench`.
 pub fn run(a: &BenchArgs) -> Result<()> {
+    if let Some(which) = &a.rss_child {
+        return rss_child(a, which);
+    }
     let budget = Duration::from_millis(a.millis);
+    // Opening: mmap + validation of header, manifest and section table (no checksums, no
+    // weights touched), which must not grow with the bundle.
+    let open = measure(budget / 4, || {
+        black_box(crate::open_bundle(&a.bundle)?);
+        Ok(())
+    })?;
+    let file_bytes = std::fs::metadata(&a.bundle)?.len();
     let bundle = Arc::new(crate::open_bundle(&a.bundle)?);
     bundle.verify()?;
     let n = bundle.manifest().tasks.len();
@@ -172,6 +284,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         bundle.manifest().graphs.len(),
         a.batch,
         a.millis
+    );
+    println!(
+        "open (Bundle::open: mmap + validation, no checksums): {:.1} µs for {} bytes",
+        us(open),
+        file_bytes
     );
 
     // Templates: parse + declutter + optimize, once per graph (fresh engines, first use).
@@ -384,6 +501,33 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     println!(
         "  fixing the batch: {:.2}x faster inference (engine symbolic / engine fixed)",
         median(&|r| ratio(r.engine, r.engine_fixed)),
+    );
+    if !a.no_rss {
+        // Peak memory: each workload in a fresh child process, VmHWM at its end.
+        let first = tasks.first().copied().unwrap_or(0);
+        let name = engine
+            .task_name(first)
+            .context("task index out of range")?
+            .to_string();
+        let onnx = taskpack::compile::export::export_task(&bundle, &name)?;
+        let path = std::env::temp_dir().join(format!("taskpack-bench-{}.onnx", std::process::id()));
+        std::fs::write(&path, &onnx)?;
+        let tract_rss = rss_of_child(a, &format!("tract={}", path.display()));
+        let _ = std::fs::remove_file(&path);
+        let tract_rss = tract_rss?;
+        let engine_rss = rss_of_child(a, "engine")?;
+        println!(
+            "  peak RSS: engine running all {n} tasks in turn with a cache of one task {:.1} MiB \
+             vs tract running {name} alone {:.1} MiB: {:.2}x",
+            engine_rss as f64 / (1 << 20) as f64,
+            tract_rss as f64 / (1 << 20) as f64,
+            engine_rss as f64 / tract_rss as f64,
+        );
+    }
+    println!(
+        "  open: {:.1} µs (bundle of {} bytes)",
+        us(open),
+        file_bytes
     );
     let stats = engine.stats();
     println!(
