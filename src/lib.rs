@@ -14,6 +14,7 @@ pub mod dtype;
 pub mod format;
 pub mod mask;
 pub mod merge;
+mod mmap;
 pub mod onnx;
 pub mod runtime;
 

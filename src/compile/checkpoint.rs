@@ -67,11 +67,9 @@ pub(crate) fn map_file(path: &Path) -> Result<Mapped, CompileError> {
     if meta.len() == 0 {
         return Ok(Mapped::Empty);
     }
-    // SAFETY: the map is read-only and private to this process, but its contents are only stable
-    // as long as no other process truncates or rewrites the file while it is mapped; if one does,
-    // reads may see changed data or fault (SIGBUS). Compiler inputs are checkpoints that nobody
-    // writes during a compile; the provenance hash is taken at open time.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    // Compiler inputs are checkpoints nobody writes during a compile; the provenance hash is
+    // taken at open time.
+    let map = crate::mmap::map_readonly(&file).map_err(io)?;
     Ok(Mapped::Map(map))
 }
 

@@ -58,11 +58,8 @@ impl Bundle {
             path: path.to_path_buf(),
             source,
         })?;
-        // SAFETY: the map is read-only and private to this process. Its contents can still change
-        // if another process truncates or rewrites the file while it is mapped, which is
-        // undefined behaviour; this is the documented contract of `open` (use `read` for files
-        // that may change). All offsets into the map are validated before use.
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
+        // The contract of `open` (module docs): the file is not rewritten while mapped.
+        let map = crate::mmap::map_readonly(&file).map_err(|source| Error::Io {
             action: "map",
             path: path.to_path_buf(),
             source,
