@@ -153,15 +153,17 @@ fn input_symbols(onnx: &[u8]) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Peak resident set size of this process so far (`VmHWM` in /proc/self/status), in bytes.
-fn peak_rss() -> Result<u64> {
+/// A memory figure of this process from /proc/self/status, in bytes: `VmHWM` (peak resident set
+/// size so far), `RssFile` (resident file-backed pages now, e.g. the mapped bundle), ...
+fn proc_status(field: &str) -> Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
+    let key = format!("{field}:");
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .context("no VmHWM in /proc/self/status")?;
+        .find(|l| l.starts_with(&key))
+        .with_context(|| format!("no {field} in /proc/self/status"))?;
     let kb: u64 = line
-        .trim_start_matches("VmHWM:")
+        .trim_start_matches(&key)
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -204,7 +206,11 @@ fn rss_child(a: &BenchArgs, which: &str) -> Result<()> {
                 Ok(IoInfo {
                     name: String::new(),
                     dtype: f.datum_type,
-                    shape: f.shape.iter().map(|d| d.as_i64().map(|v| v as usize)).collect(),
+                    shape: f
+                        .shape
+                        .iter()
+                        .map(|d| d.as_i64().map(|v| v as usize))
+                        .collect(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -213,12 +219,14 @@ fn rss_child(a: &BenchArgs, which: &str) -> Result<()> {
     } else {
         bail!("unknown --rss-child workload {which}");
     }
-    println!("peak_rss {}", peak_rss()?);
+    println!("peak_rss {}", proc_status("VmHWM")?);
+    println!("rss_file {}", proc_status("RssFile")?);
     Ok(())
 }
 
-/// Runs `taskpack bench` again as a child process with `--rss-child which`; its peak RSS.
-fn rss_of_child(a: &BenchArgs, which: &str) -> Result<u64> {
+/// Runs `taskpack bench` again as a child process with `--rss-child which`; its peak RSS and its
+/// file-backed resident pages at the end.
+fn rss_of_child(a: &BenchArgs, which: &str) -> Result<(u64, u64)> {
     let out = std::process::Command::new(std::env::current_exe()?)
         .arg("bench")
         .arg(&a.bundle)
@@ -234,13 +242,16 @@ fn rss_of_child(a: &BenchArgs, which: &str) -> Result<u64> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("peak_rss "))
-        .context("peak memory child printed no peak_rss")?
-        .trim()
-        .parse()
-        .map_err(Into::into)
+    let field = |key: &str| -> Result<u64> {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .with_context(|| format!("peak memory child printed no {key}"))?
+            .trim()
+            .parse()
+            .map_err(Into::into)
+    };
+    Ok((field("peak_rss ")?, field("rss_file ")?))
 }
 
 struct Row {
@@ -514,14 +525,18 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         std::fs::write(&path, &onnx)?;
         let tract_rss = rss_of_child(a, &format!("tract={}", path.display()));
         let _ = std::fs::remove_file(&path);
-        let tract_rss = tract_rss?;
-        let engine_rss = rss_of_child(a, "engine")?;
+        let (tract_rss, tract_file) = tract_rss?;
+        let (engine_rss, engine_file) = rss_of_child(a, "engine")?;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
         println!(
             "  peak RSS: engine running all {n} tasks in turn with a cache of one task {:.1} MiB \
-             vs tract running {name} alone {:.1} MiB: {:.2}x",
-            engine_rss as f64 / (1 << 20) as f64,
-            tract_rss as f64 / (1 << 20) as f64,
+             vs tract running {name} alone {:.1} MiB: {:.2}x (file-backed pages at the end, \
+             e.g. the mapped bundle: {:.1} MiB vs {:.1} MiB)",
+            mib(engine_rss),
+            mib(tract_rss),
             engine_rss as f64 / tract_rss as f64,
+            mib(engine_file),
+            mib(tract_file),
         );
     }
     println!(
