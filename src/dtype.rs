@@ -4,6 +4,7 @@
 //! `bf16`. The conversions live here so that the compiler, the exporter and the runtime round in
 //! exactly the same way (IEEE round-to-nearest-even, through the `half` crate).
 
+use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
 /// Storage type of a tensor in a bundle. All are little-endian IEEE formats.
@@ -62,11 +63,16 @@ impl DType {
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             ),
-            DType::F16 => out.extend(
-                bytes
+            DType::F16 => {
+                // Bit patterns first, then one slice conversion: it uses the CPU's f16→f32
+                // instructions several lanes at a time where available (exact either way).
+                let halves: Vec<half::f16> = bytes
                     .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
-            ),
+                    .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect();
+                out.resize(halves.len(), 0.0);
+                halves.as_slice().convert_to_f32_slice(out);
+            }
             DType::BF16 => out.extend(
                 bytes
                     .chunks_exact(2)

@@ -51,18 +51,22 @@ pub fn task_tensor(
             };
             bundle.decode_f32(delta.section, &mut scratch.delta)?;
             let mask = match mask {
-                Some(id) => Some(
-                    Mask::from_packed(out.len(), bundle.section(*id)?.to_vec())
-                        .ok_or(crate::format::FormatError::MaskPadBits { section: *id })?,
-                ),
+                Some(id) => {
+                    let bits = bundle.section(*id)?;
+                    // Validated by `parse` (rule 26) and, on first use, `verify_section` (pad bits).
+                    if bits.len() != Mask::packed_len(out.len()) {
+                        return Err(crate::format::FormatError::MaskPadBits { section: *id }.into());
+                    }
+                    Some(bits)
+                }
                 None => None,
             };
             let g = t.scale;
             match scale {
-                Scale::None => apply(out, &scratch.delta, mask.as_ref(), |_| g),
+                Scale::None => apply(out, &scratch.delta, mask, |_| g),
                 Scale::Tensor(s) => {
                     let gs = g * s;
-                    apply(out, &scratch.delta, mask.as_ref(), |_| gs)
+                    apply(out, &scratch.delta, mask, |_| gs)
                 }
                 Scale::Rows(id) => {
                     bundle.decode_f32(*id, &mut scratch.rows)?;
@@ -73,7 +77,7 @@ pub fn task_tensor(
                         .unwrap_or(0)
                         .max(1);
                     let rows = &scratch.rows;
-                    apply(out, &scratch.delta, mask.as_ref(), |i| {
+                    apply(out, &scratch.delta, mask, |i| {
                         rows.get(i / row_len).map_or(0.0, |s| g * s)
                     })
                 }
@@ -93,17 +97,31 @@ pub fn task_tensor(
 }
 
 /// `out[i] += factor(i) · δ[i]` where the mask selects `i`.
-fn apply(out: &mut [f32], delta: &[f32], mask: Option<&Mask>, factor: impl Fn(usize) -> f32) {
-    match mask {
-        None => {
-            for (i, (o, d)) in out.iter_mut().zip(delta).enumerate() {
-                *o += factor(i) * d;
-            }
+///
+/// `mask` is the packed mask (bit `i % 8` of byte `i / 8`, docs/FORMAT.md). It is walked a byte
+/// at a time: an empty byte skips eight elements, a full one runs a branch-free inner loop.
+fn apply(out: &mut [f32], delta: &[f32], mask: Option<&[u8]>, factor: impl Fn(usize) -> f32) {
+    let Some(mask) = mask else {
+        for (i, (o, d)) in out.iter_mut().zip(delta).enumerate() {
+            *o += factor(i) * d;
         }
-        Some(m) => {
-            for (i, (o, d)) in out.iter_mut().zip(delta).enumerate() {
-                if m.get(i) {
-                    *o += factor(i) * d;
+        return;
+    };
+    let blocks = out.chunks_mut(8).zip(delta.chunks(8)).zip(mask);
+    for (block, ((o8, d8), &bits)) in blocks.enumerate() {
+        let first = block * 8;
+        match bits {
+            0 => {}
+            0xff => {
+                for (j, (o, d)) in o8.iter_mut().zip(d8).enumerate() {
+                    *o += factor(first + j) * d;
+                }
+            }
+            _ => {
+                for (j, (o, d)) in o8.iter_mut().zip(d8).enumerate() {
+                    if bits >> j & 1 == 1 {
+                        *o += factor(first + j) * d;
+                    }
                 }
             }
         }
