@@ -64,14 +64,23 @@ impl DType {
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             ),
             DType::F16 => {
-                // Bit patterns first, then one slice conversion: it uses the CPU's f16→f32
-                // instructions several lanes at a time where available (exact either way).
-                let halves: Vec<half::f16> = bytes
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-                    .collect();
-                out.resize(halves.len(), 0.0);
-                halves.as_slice().convert_to_f32_slice(out);
+                // Bit patterns into a small stack buffer, then `half`'s slice conversion, which
+                // uses the CPU's f16→f32 instructions several lanes at a time where available
+                // (exact either way). No heap allocation: fresh pages would cost more than this.
+                const CHUNK: usize = 256;
+                let mut halves = [half::f16::ZERO; CHUNK];
+                for chunk in bytes.chunks(2 * CHUNK) {
+                    let mut n = 0;
+                    for (h, c) in halves.iter_mut().zip(chunk.chunks_exact(2)) {
+                        *h = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+                        n += 1;
+                    }
+                    let start = out.len();
+                    out.resize(start + n, 0.0);
+                    if let (Some(src), Some(dst)) = (halves.get(..n), out.get_mut(start..)) {
+                        src.convert_to_f32_slice(dst);
+                    }
+                }
             }
             DType::BF16 => out.extend(
                 bytes
@@ -124,6 +133,20 @@ mod tests {
         let mut back = Vec::new();
         DType::F16.decode_into(&bytes, &mut back);
         assert_eq!(back, vec![0.333_251_95, -2.0]);
+    }
+
+    #[test]
+    fn f16_decode_across_chunk_boundaries_matches_scalar_conversion() {
+        // 600 values: two full 256-element chunks and a partial one.
+        let bits: Vec<u16> = (0..600u16).map(|i| i.wrapping_mul(97) & 0x7bff).collect();
+        let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let mut out = vec![7.0];
+        DType::F16.decode_into(&bytes, &mut out);
+        let expected: Vec<f32> = bits
+            .iter()
+            .map(|&b| half::f16::from_bits(b).to_f32())
+            .collect();
+        assert_eq!(out, expected);
     }
 
     #[test]
