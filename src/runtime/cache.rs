@@ -52,17 +52,7 @@ impl<V: Clone> Lru<V> {
         if bytes > self.budget {
             return false;
         }
-        while self.bytes.saturating_add(bytes) > self.budget {
-            let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.last_use)
-                .map(|(k, _)| *k)
-            else {
-                break;
-            };
-            self.remove(oldest);
-        }
+        self.make_room(bytes);
         self.tick = self.tick.wrapping_add(1);
         self.bytes = self.bytes.saturating_add(bytes);
         self.entries.insert(
@@ -74,6 +64,23 @@ impl<V: Clone> Lru<V> {
             },
         );
         true
+    }
+
+    /// Evicts least recently used entries until `bytes` more would fit in the budget (or the
+    /// cache is empty). Called before an expensive insertion, so the memory of the evicted
+    /// entries is free while the new one is being built.
+    pub(crate) fn make_room(&mut self, bytes: usize) {
+        while self.bytes.saturating_add(bytes) > self.budget {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.last_use)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            self.remove(oldest);
+        }
     }
 
     /// Removes `key` if present.
@@ -125,6 +132,18 @@ mod tests {
         assert!(c.insert(5, "e", 25));
         assert_eq!(c.len(), 1);
         assert_eq!(c.bytes(), 25);
+    }
+
+    #[test]
+    fn make_room_evicts_before_an_insertion() {
+        let mut lru = Lru::new(10);
+        lru.insert(1, "a", 4);
+        lru.insert(2, "b", 4);
+        lru.get(1);
+        // 6 more bytes need 2 to go: the least recently used, key 2.
+        lru.make_room(6);
+        assert!(lru.contains(1) && !lru.contains(2));
+        assert_eq!(lru.bytes(), 4);
     }
 
     #[test]

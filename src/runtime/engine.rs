@@ -442,6 +442,16 @@ impl Engine {
             }
             _ => None,
         };
+        if cacheable {
+            // Free the plans that will be evicted anyway before binding, not after: otherwise
+            // they and the new task's weights are all resident at the peak.
+            lock(&self.cache).make_room(bytes);
+        }
+        if cacheable {
+            // Free the plans that will be evicted anyway before binding, not after: otherwise
+            // they and the new task's weights are all resident at the peak.
+            lock(&self.cache).make_room(bytes);
+        }
         let (plan, timings) = template.bind(&self.bundle, task, name)?;
         self.binds.fetch_add(1, Ordering::Relaxed);
         log::debug!(
