@@ -40,6 +40,24 @@ pub(crate) unsafe fn out<'a, T>(p: *mut T, name: &str) -> Result<&'a mut T, Fail
     unsafe { p.as_mut() }.ok_or_else(|| Failure::null(name))
 }
 
+/// Frees the boxed handle in `*slot` and sets `*slot` to NULL (tract's `release!` idea): a no-op
+/// when `*slot` is already NULL, so freeing twice through the same variable is harmless.
+///
+/// # Safety
+/// `slot` is NULL or valid for reading and writing a pointer; `*slot` is NULL or a live handle
+/// made by `Box::into_raw` that no other thread is using.
+pub(crate) unsafe fn release<T>(slot: *mut *mut T, name: &str) -> Result<(), Failure> {
+    // SAFETY: `slot` is NULL or readable and writable (the caller's contract).
+    let slot = unsafe { out(slot, name) }?;
+    let handle = std::mem::replace(slot, std::ptr::null_mut());
+    if !handle.is_null() {
+        // SAFETY: a live handle made by `Box::into_raw`, now unreachable from the caller's
+        // variable (nulled above) and unused by other threads (the caller's contract).
+        drop(unsafe { Box::from_raw(handle) });
+    }
+    Ok(())
+}
+
 /// Fails with `TP_NULL_ARGUMENT` if `p` is NULL (for pointers dereferenced later).
 pub(crate) fn non_null<T>(p: *const T, name: &str) -> Result<(), Failure> {
     if p.is_null() {

@@ -115,15 +115,8 @@ pub unsafe extern "C" fn tp_bundle_verify(bundle: *const TpBundle) -> TpStatus {
 #[no_mangle]
 pub unsafe extern "C" fn tp_bundle_free(bundle: *mut *mut TpBundle) -> TpStatus {
     guard("tp_bundle_free", || {
-        // SAFETY: `bundle` is NULL or readable and writable (contract).
-        let slot = unsafe { args::out(bundle, "bundle") }?;
-        let handle = std::mem::replace(slot, std::ptr::null_mut());
-        if !handle.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw` in `hand_out`, now unreachable from
-            // the caller's variable (nulled above) and unused by other threads (contract).
-            drop(unsafe { Box::from_raw(handle) });
-        }
-        Ok(())
+        // SAFETY: the contract above is `release`'s.
+        unsafe { args::release(bundle, "bundle") }
     })
 }
 

@@ -181,15 +181,8 @@ pub unsafe extern "C" fn tp_engine_new(
 #[no_mangle]
 pub unsafe extern "C" fn tp_engine_free(engine: *mut *mut TpEngine) -> TpStatus {
     guard("tp_engine_free", || {
-        // SAFETY: `engine` is NULL or readable and writable (contract).
-        let slot = unsafe { args::out(engine, "engine") }?;
-        let handle = std::mem::replace(slot, std::ptr::null_mut());
-        if !handle.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw` in `tp_engine_new`, now unreachable
-            // from the caller's variable and unused by other threads (contract).
-            drop(unsafe { Box::from_raw(handle) });
-        }
-        Ok(())
+        // SAFETY: the contract above is `release`'s.
+        unsafe { args::release(engine, "engine") }
     })
 }
 

@@ -424,15 +424,8 @@ pub unsafe extern "C" fn tp_outputs_get(
 #[no_mangle]
 pub unsafe extern "C" fn tp_outputs_free(outputs: *mut *mut TpOutputs) -> TpStatus {
     guard("tp_outputs_free", || {
-        // SAFETY: `outputs` is NULL or readable and writable (contract).
-        let slot = unsafe { args::out(outputs, "outputs") }?;
-        let handle = std::mem::replace(slot, std::ptr::null_mut());
-        if !handle.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw` in `tp_engine_run`, now unreachable
-            // from the caller's variable and unused by other threads (contract).
-            drop(unsafe { Box::from_raw(handle) });
-        }
-        Ok(())
+        // SAFETY: the contract above is `release`'s.
+        unsafe { args::release(outputs, "outputs") }
     })
 }
 
