@@ -7,7 +7,7 @@
 use std::ffi::{c_char, CStr};
 use std::path::PathBuf;
 
-use crate::status::Failure;
+use crate::status::{guard, Failure, TpStatus};
 
 fn check_aligned<T>(p: *const T, name: &str) -> Result<(), Failure> {
     if p.is_aligned() {
@@ -67,6 +67,19 @@ pub(crate) fn non_null<T>(p: *const T, name: &str) -> Result<(), Failure> {
     }
 }
 
+/// Fails unless `len` elements of `T` fit in `isize::MAX` bytes (what a Rust slice may span).
+fn check_len<T>(len: usize, name: &str) -> Result<(), Failure> {
+    if len
+        .checked_mul(std::mem::size_of::<T>())
+        .is_none_or(|b| b > isize::MAX as usize)
+    {
+        return Err(Failure::invalid(format!(
+            "argument `{name}`: {len} elements overflow"
+        )));
+    }
+    Ok(())
+}
+
 /// `&[T]` of `len` elements from `p`; NULL is allowed only when `len` is 0.
 ///
 /// # Safety
@@ -77,14 +90,7 @@ pub(crate) unsafe fn slice<'a, T>(p: *const T, len: usize, name: &str) -> Result
     }
     non_null(p, name)?;
     check_aligned(p, name)?;
-    if len
-        .checked_mul(std::mem::size_of::<T>())
-        .is_none_or(|b| b > isize::MAX as usize)
-    {
-        return Err(Failure::invalid(format!(
-            "argument `{name}`: {len} elements overflow"
-        )));
-    }
+    check_len::<T>(len, name)?;
     // SAFETY: non-NULL, aligned, at most isize::MAX bytes; valid for `len` reads (the caller's
     // contract).
     Ok(unsafe { std::slice::from_raw_parts(p, len) })
@@ -104,14 +110,7 @@ pub(crate) unsafe fn slice_mut<'a, T>(
     }
     non_null(p, name)?;
     check_aligned(p, name)?;
-    if len
-        .checked_mul(std::mem::size_of::<T>())
-        .is_none_or(|b| b > isize::MAX as usize)
-    {
-        return Err(Failure::invalid(format!(
-            "argument `{name}`: {len} elements overflow"
-        )));
-    }
+    check_len::<T>(len, name)?;
     // SAFETY: non-NULL, aligned, at most isize::MAX bytes; valid and unaliased for `len` writes
     // (the caller's contract).
     Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
@@ -148,4 +147,28 @@ pub(crate) unsafe fn path(p: *const c_char, name: &str) -> Result<PathBuf, Failu
             .map(PathBuf::from)
             .map_err(|_| Failure::invalid(format!("argument `{name}` is not UTF-8")))
     }
+}
+
+/// The whole body of an entry point that reads one value out of a handle: zeroes `*out` first
+/// (so a failure leaves a defined value), checks `handle`, then writes `value(handle)`.
+///
+/// # Safety
+/// `handle` is NULL or a live `H`; `out` is NULL or valid for writing a `T`.
+pub(crate) unsafe fn query<H, T: Default>(
+    entry: &str,
+    handle: *const H,
+    handle_name: &str,
+    out: *mut T,
+    out_name: &str,
+    value: impl FnOnce(&H) -> Result<T, Failure>,
+) -> TpStatus {
+    guard(entry, || {
+        // SAFETY: `out` is NULL or writable (the caller's contract).
+        let out = unsafe { self::out(out, out_name) }?;
+        *out = T::default();
+        // SAFETY: `handle` is NULL or live (the caller's contract).
+        let handle = unsafe { get(handle, handle_name) }?;
+        *out = value(handle)?;
+        Ok(())
+    })
 }

@@ -195,15 +195,17 @@ pub unsafe extern "C" fn tp_engine_task_count(
     engine: *const TpEngine,
     count: *mut usize,
 ) -> TpStatus {
-    guard("tp_engine_task_count", || {
-        // SAFETY: `count` is NULL or writable (contract).
-        let count = unsafe { args::out(count, "count") }?;
-        *count = 0;
-        // SAFETY: `engine` is NULL or live (contract).
-        let engine = unsafe { args::get(engine, "engine") }?;
-        *count = engine.names.len();
-        Ok(())
-    })
+    // SAFETY: the contract above is `query`'s.
+    unsafe {
+        args::query(
+            "tp_engine_task_count",
+            engine,
+            "engine",
+            count,
+            "count",
+            |h| Ok(h.names.len()),
+        )
+    }
 }
 
 /// Writes to `*name` the name of task `task` (0-based, below `tp_engine_task_count`): a
@@ -280,15 +282,17 @@ pub unsafe extern "C" fn tp_engine_cached_bytes(
     engine: *const TpEngine,
     bytes: *mut usize,
 ) -> TpStatus {
-    guard("tp_engine_cached_bytes", || {
-        // SAFETY: `bytes` is NULL or writable (contract).
-        let bytes = unsafe { args::out(bytes, "bytes") }?;
-        *bytes = 0;
-        // SAFETY: `engine` is NULL or live (contract).
-        let engine = unsafe { args::get(engine, "engine") }?;
-        *bytes = engine.engine.cached_bytes();
-        Ok(())
-    })
+    // SAFETY: the contract above is `query`'s.
+    unsafe {
+        args::query(
+            "tp_engine_cached_bytes",
+            engine,
+            "engine",
+            bytes,
+            "bytes",
+            |h| Ok(h.engine.cached_bytes()),
+        )
+    }
 }
 
 /// One input or output of a task's graph. Its pointers are owned by the engine and valid until
@@ -338,15 +342,12 @@ unsafe fn io_count(
     task: usize,
     count: *mut usize,
 ) -> TpStatus {
-    guard(name, || {
-        // SAFETY: `count` is NULL or writable (contract).
-        let count = unsafe { args::out(count, "count") }?;
-        *count = 0;
-        // SAFETY: `engine` is NULL or live (contract).
-        let engine = unsafe { args::get(engine, "engine") }?;
-        *count = side.of(engine.task_io(task)?).len();
-        Ok(())
-    })
+    // SAFETY: forwarded contract.
+    unsafe {
+        args::query(name, engine, "engine", count, "count", |e| {
+            Ok(side.of(e.task_io(task)?).len())
+        })
+    }
 }
 
 /// The `index`-th input or output of task `task`, which lives as long as the engine.

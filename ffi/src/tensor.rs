@@ -350,15 +350,17 @@ pub unsafe extern "C" fn tp_outputs_count(
     outputs: *const TpOutputs,
     count: *mut usize,
 ) -> TpStatus {
-    guard("tp_outputs_count", || {
-        // SAFETY: `count` is NULL or writable (contract).
-        let count = unsafe { args::out(count, "count") }?;
-        *count = 0;
-        // SAFETY: `outputs` is NULL or live (contract).
-        let outputs = unsafe { args::get(outputs, "outputs") }?;
-        *count = outputs.tensors.len();
-        Ok(())
-    })
+    // SAFETY: the contract above is `query`'s.
+    unsafe {
+        args::query(
+            "tp_outputs_count",
+            outputs,
+            "outputs",
+            count,
+            "count",
+            |h| Ok(h.tensors.len()),
+        )
+    }
 }
 
 /// Describes output `index` in `*tensor`; its `data` and `shape` belong to `outputs` and stay
