@@ -183,7 +183,7 @@ pub fn print_report(bundle: &Bundle, path: &std::path::Path) {
         "  inputs: {} bytes in {} checkpoints; bundle = {:.3}x their sum",
         inputs,
         m.provenance.inputs.len(),
-        ratio(sizes.total, inputs)
+        ratio(sizes.total as f64, inputs as f64)
     );
     println!(
         "  {:<16}{:>12}{:>10}{:>14}{:>8}",
@@ -206,10 +206,10 @@ pub fn print_report(bundle: &Bundle, path: &std::path::Path) {
 }
 
 /// `a / b`, or 0 when `b` is 0.
-pub fn ratio(a: u64, b: u64) -> f64 {
-    if b == 0 {
+pub fn ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 {
         0.0
     } else {
-        a as f64 / b as f64
+        a / b
     }
 }

@@ -140,7 +140,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             name,
             acc_orig,
             acc_bundle,
-            compile_cmd_ratio(acc_bundle, acc_orig),
+            compile_cmd::ratio(acc_bundle, acc_orig),
             load_ms,
             cold_ms,
             warm_us
@@ -152,7 +152,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         "mean",
         sum_orig / n,
         sum_bundle / n,
-        compile_cmd_ratio(sum_bundle, sum_orig)
+        compile_cmd::ratio(sum_bundle, sum_orig)
     );
     println!("  original: the task's own ONNX file run by plain tract (tract load = parse + optimize + one");
     println!(
@@ -176,15 +176,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         sizes.total,
         originals,
         tasks.len(),
-        compile_cmd::ratio(sizes.total, originals)
+        compile_cmd::ratio(sizes.total as f64, originals as f64)
     );
     Ok(())
-}
-
-fn compile_cmd_ratio(a: f64, b: f64) -> f64 {
-    if b == 0.0 {
-        0.0
-    } else {
-        a / b
-    }
 }

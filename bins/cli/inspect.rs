@@ -69,7 +69,7 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
     println!(
         "  inputs: {} bytes; bundle = {:.3}x",
         m.report.inputs_bytes,
-        crate::compile_cmd::ratio(sizes.total, m.report.inputs_bytes)
+        crate::compile_cmd::ratio(sizes.total as f64, m.report.inputs_bytes as f64)
     );
     for i in &m.provenance.inputs {
         println!(
