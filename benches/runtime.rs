@@ -13,8 +13,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use taskpack::compile::{compile, CompileOptions};
 use taskpack::dtype::DType;
-use taskpack::merge::scaling::ScaleMode;
-use taskpack::merge::{MergeParams, Method};
+use taskpack::merge::Method;
 use taskpack::runtime::{Bundle, Engine, EngineOptions};
 use tract_onnx::prelude::*;
 
@@ -32,15 +31,8 @@ fn demo_bundle() -> Arc<Bundle> {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let out = dir.path().join("demo.tpk");
     let opts = CompileOptions {
-        base: demo.join("base.onnx"),
-        params: MergeParams::defaults(Method::Tall, tasks.len()),
-        tasks,
-        graph: None,
-        scale: ScaleMode::None,
-        private: None,
         delta_dtype: DType::F32,
-        auto_private: true,
-        output: out.clone(),
+        ..CompileOptions::new(demo.join("base.onnx"), tasks, Method::Tall, &out)
     };
     drop(compile(&opts, &mut |_| {}).expect("the demo models compile"));
     Arc::new(Bundle::read(&out).expect("the demo bundle reads back"))

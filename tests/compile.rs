@@ -11,8 +11,7 @@ use std::process::Command;
 use prost::Message;
 use taskpack::compile::{compile, CompileError, CompileOptions};
 use taskpack::dtype::DType;
-use taskpack::merge::scaling::ScaleMode;
-use taskpack::merge::{MergeParams, Method};
+use taskpack::merge::Method;
 use taskpack::runtime::Bundle;
 use tract_onnx::pb::ModelProto;
 
@@ -45,15 +44,9 @@ fn weights(path: &Path) -> Weights {
 
 fn options(method: Method, tasks: &[(String, PathBuf)], out: &Path) -> CompileOptions {
     CompileOptions {
-        base: demo().join("base.onnx"),
-        tasks: tasks.to_vec(),
-        graph: None,
-        params: MergeParams::defaults(method, tasks.len()),
-        scale: ScaleMode::None,
-        private: None,
         delta_dtype: DType::F32,
         auto_private: false,
-        output: out.to_path_buf(),
+        ..CompileOptions::new(demo().join("base.onnx"), tasks.to_vec(), method, out)
     }
 }
 
@@ -515,7 +508,9 @@ fn cli_compile_inspect_verify_export() {
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["merge"]["method"], "Emr");
-    assert_eq!(v["scale_mode"], "Row");
+    for task in v["tasks"].as_array().unwrap() {
+        assert_eq!(task["scale_mode"], "Row");
+    }
     assert_eq!(v["tasks"].as_array().unwrap().len(), demo_tasks().len());
     assert_eq!(v["sizes"]["total"], std::fs::metadata(&out).unwrap().len());
 

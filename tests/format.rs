@@ -12,8 +12,8 @@ use taskpack::dtype::DType;
 use taskpack::format::{
     self, parse, BundleWriter, CompileReport, FormatError, GraphEntry, Header, InputRecord,
     Manifest, Provenance, Scale, SectionEntry, SectionId, SectionKind, Stored, TaskEntry,
-    TaskTensor, TensorEntry, TensorStorage, MAGIC, MAX_ELEMENTS, MAX_GRAPHS, MAX_MANIFEST_LEN,
-    MAX_NAME_LEN, MAX_RANK, MAX_SECTIONS, MAX_TASKS, MAX_TENSORS, VERSION,
+    TaskTensor, TensorEntry, TensorStorage, MAGIC, MAX_ELEMENTS, MAX_GRAPHS, MAX_LABELS,
+    MAX_MANIFEST_LEN, MAX_NAME_LEN, MAX_RANK, MAX_SECTIONS, MAX_TASKS, MAX_TENSORS, VERSION,
 };
 use taskpack::mask::Mask;
 use taskpack::merge::scaling::ScaleMode;
@@ -34,6 +34,7 @@ const ROWS_A: SectionId = 5;
 const HEAD_A: SectionId = 6;
 const GRAPH_B: SectionId = 7;
 const HEAD_B: SectionId = 8;
+const TOKENIZER: SectionId = 9;
 
 // Tensor and task indices of the sample.
 const W: usize = 0;
@@ -78,6 +79,8 @@ fn task(name: &str, graph: u32, scale: f32, tensors: Vec<TaskTensor>) -> TaskEnt
         graph,
         scale,
         lambda: Some(0.4),
+        scale_mode: ScaleMode::Row,
+        labels: vec![],
         tensors,
     }
 }
@@ -89,8 +92,8 @@ fn manifest_skeleton(n_tasks: usize) -> Manifest {
         tensors: vec![],
         sections: vec![],
         tasks: vec![],
+        tokenizer: None,
         merge: MergeParams::defaults(Method::Tall, n_tasks),
-        scale_mode: ScaleMode::Row,
         provenance: Provenance {
             compiler: "taskpack test".into(),
             inputs: vec![InputRecord {
@@ -129,8 +132,13 @@ fn sample() -> (Manifest, Vec<(SectionKind, Vec<u8>)>) {
         (SectionKind::Private, encode(DType::F32, &head_a)),
         (SectionKind::Graph, b"fake onnx graph b, longer".to_vec()),
         (SectionKind::Private, encode(DType::BF16, &head_b)),
+        (
+            SectionKind::Tokenizer,
+            br#"{"model": "fake tokenizer"}"#.to_vec(),
+        ),
     ];
     let mut m = manifest_skeleton(2);
+    m.tokenizer = Some(TOKENIZER);
     m.graphs = vec![
         GraphEntry {
             section: GRAPH_A,
@@ -180,6 +188,7 @@ fn sample() -> (Manifest, Vec<(SectionKind, Vec<u8>)>) {
                 private(HEAD_A, DType::F32, &[2, 4]),
             ],
         ),
+        // Task a carries label names (two rows of its head), task b none.
         task(
             "b",
             1,
@@ -191,6 +200,7 @@ fn sample() -> (Manifest, Vec<(SectionKind, Vec<u8>)>) {
             ],
         ),
     ];
+    m.tasks[TASK_A].labels = vec!["no".into(), "yes".into()];
     (m, sections)
 }
 
@@ -394,10 +404,10 @@ fn round_trip_write_parse_verify() {
 
     // Accessors check the buffer and the id.
     assert_err!(
-        b.section(&bytes, 9),
+        b.section(&bytes, 10),
         FormatError::SectionOutOfRange {
-            section: 9,
-            count: 9
+            section: 10,
+            count: 10
         }
     );
     assert_err!(
@@ -417,9 +427,10 @@ fn sizes_are_derived_from_the_section_table() {
     assert_eq!(s.masks, 2);
     assert_eq!(s.scales, 12);
     assert_eq!(s.private, 32 + 24);
+    assert_eq!(s.tokenizer, 27);
     assert_eq!(s.total, bytes.len() as u64);
     assert_eq!(
-        s.graphs + s.base + s.delta + s.masks + s.scales + s.private + s.overhead,
+        s.graphs + s.base + s.delta + s.masks + s.scales + s.private + s.tokenizer + s.overhead,
         s.total
     );
 }
@@ -440,7 +451,7 @@ fn empty_bundle_round_trips() {
 #[test]
 fn header_literal_bytes() {
     let h = Header {
-        version: 1,
+        version: 2,
         flags: 0,
         data_offset: 64,
         data_length: 0x0102,
@@ -452,7 +463,7 @@ fn header_literal_bytes() {
     #[rustfmt::skip]
     let literal: [u8; 64] = [
         b'T', b'A', b'S', b'K', b'P', b'A', b'C', b'K', // magic
-        1, 0, 0, 0,                                     // version
+        2, 0, 0, 0,                                     // version
         0, 0, 0, 0,                                     // flags
         64, 0, 0, 0, 0, 0, 0, 0,                        // data_offset
         0x02, 0x01, 0, 0, 0, 0, 0, 0,                   // data_length
@@ -470,7 +481,7 @@ fn header_literal_bytes() {
     let manifest = postcard::to_stdvec(&manifest_skeleton(0)).unwrap();
     let mut file = Vec::new();
     file.extend_from_slice(b"TASKPACK");
-    file.extend_from_slice(&1u32.to_le_bytes());
+    file.extend_from_slice(&2u32.to_le_bytes());
     file.extend_from_slice(&0u32.to_le_bytes());
     file.extend_from_slice(&64u64.to_le_bytes());
     file.extend_from_slice(&0u64.to_le_bytes());
@@ -508,11 +519,14 @@ fn r02_magic() {
 
 #[test]
 fn r03_version() {
-    let bytes = patch_header(&valid(), |h| h.version = 2);
-    assert_err!(
-        parse_err(&bytes),
-        FormatError::UnsupportedVersion { found: 2, known: 1 }
-    );
+    // Version 1 (the first pre-release format) and any future version are rejected.
+    for version in [1, 3] {
+        let bytes = patch_header(&valid(), |h| h.version = version);
+        assert_err!(
+            parse_err(&bytes),
+            FormatError::UnsupportedVersion { found, known: 2 } if found == version
+        );
+    }
     let bytes = patch_header(&valid(), |h| h.version = 0);
     assert_err!(
         parse_err(&bytes),
@@ -691,7 +705,7 @@ fn r13_section_count_cap() {
     let mut manifest = postcard::to_stdvec(&(&m.graphs, &m.tensors)).unwrap();
     manifest.extend_from_slice(&postcard::to_stdvec(&(n as u64)).unwrap());
     manifest.resize(manifest.len() + 4 * n, 0);
-    let rest = (&m.tasks, &m.merge, &m.scale_mode, &m.provenance, &m.report);
+    let rest = (&m.tasks, &m.tokenizer, &m.merge, &m.provenance, &m.report);
     manifest.extend_from_slice(&postcard::to_stdvec(&rest).unwrap());
     let t = with_parts(&data, &manifest);
     assert_err!(parse_err(&t), FormatError::TooManySections { count, .. } if count == n as u64);
@@ -914,12 +928,12 @@ fn r22_no_trailing_bytes_in_the_data_region() {
 
 #[test]
 fn r23_section_ids_in_range() {
-    let t = remanifest(&valid(), |m| m.graphs[0].section = 9);
+    let t = remanifest(&valid(), |m| m.graphs[0].section = 10);
     assert_err!(
         parse_err(&t),
         FormatError::SectionOutOfRange {
-            section: 9,
-            count: 9
+            section: 10,
+            count: 10
         }
     );
     let t = remanifest(&valid(), |m| {
@@ -1174,6 +1188,79 @@ fn v4_finite_row_scales() {
 }
 
 #[test]
+fn v5_tokenizer_is_utf8() {
+    let t = patch_section(&valid(), TOKENIZER, true, |d| d[0] = 0xff);
+    assert_err!(
+        verify_err(&t),
+        FormatError::TokenizerNotUtf8 { section: TOKENIZER }
+    );
+}
+
+#[test]
+fn r24_r25_the_tokenizer_section() {
+    let bytes = valid();
+    let t = remanifest(&bytes, |m| m.tokenizer = Some(GRAPH_B));
+    assert_err!(
+        parse_err(&t),
+        FormatError::SectionKindMismatch {
+            section: GRAPH_B,
+            expected: SectionKind::Tokenizer,
+            found: SectionKind::Graph
+        }
+    );
+    let t = remanifest(&bytes, |m| m.tokenizer = None);
+    assert_err!(parse_err(&t), FormatError::SectionUnreferenced(TOKENIZER));
+    let t = remanifest(&bytes, |m| m.tokenizer = Some(10));
+    assert_err!(
+        parse_err(&t),
+        FormatError::SectionOutOfRange {
+            section: 10,
+            count: 10
+        }
+    );
+}
+
+#[test]
+fn r30_label_names() {
+    let bytes = valid();
+    let t = remanifest(&bytes, |m| {
+        m.tasks[TASK_B].labels = vec!["x".into(); MAX_LABELS + 1]
+    });
+    assert_err!(
+        parse_err(&t),
+        FormatError::TooManyLabels { ref task, count, max }
+            if task == "b" && count == MAX_LABELS as u64 + 1 && max == MAX_LABELS as u64
+    );
+    let t = remanifest(&bytes, |m| m.tasks[TASK_A].labels[1] = String::new());
+    assert_err!(
+        parse_err(&t),
+        FormatError::EmptyName {
+            what: "label",
+            index: 1
+        }
+    );
+    let t = remanifest(&bytes, |m| {
+        m.tasks[TASK_A].labels[1] = "x".repeat(MAX_NAME_LEN + 1)
+    });
+    assert_err!(
+        parse_err(&t),
+        FormatError::NameTooLong {
+            what: "label",
+            index: 1,
+            ..
+        }
+    );
+    let t = remanifest(&bytes, |m| m.tasks[TASK_A].labels[1] = "no".into());
+    assert_err!(
+        parse_err(&t),
+        FormatError::DuplicateLabel { ref task, ref label } if task == "a" && label == "no"
+    );
+    // The same label in two tasks is fine.
+    let t = remanifest(&bytes, |m| m.tasks[TASK_B].labels = vec!["no".into()]);
+    assert_eq!(parse(&t).unwrap().manifest().tasks[TASK_B].labels, ["no"]);
+}
+
+#[test]
 fn verify_notices_a_changed_file() {
     let bytes = valid();
     let b = parse(&bytes).unwrap();
@@ -1246,14 +1333,14 @@ fn writer_failed_finish_leaves_nothing() {
     let (m, mut sections) = sample();
     sections.push((SectionKind::Private, vec![1, 2, 3]));
     let e = write_bundle(dir.path(), "bad.tpk", m, &sections).unwrap_err();
-    assert_err!(e, FormatError::SectionUnreferenced(9));
+    assert_err!(e, FormatError::SectionUnreferenced(10));
     assert!(dir_entries(dir.path()).is_empty());
 
     // The manifest must leave the section table to the writer.
     let (mut m, sections) = sample();
     m.sections = parts(&valid()).2.sections;
     let e = write_bundle(dir.path(), "bad.tpk", m, &sections).unwrap_err();
-    assert_err!(e, FormatError::SectionsAlreadySet(9));
+    assert_err!(e, FormatError::SectionsAlreadySet(10));
     assert!(dir_entries(dir.path()).is_empty());
 }
 
@@ -1346,7 +1433,7 @@ fn writer_rejects_a_path_without_file_name() {
 #[test]
 fn public_constants() {
     assert_eq!(format::ALIGNMENT, 64);
-    assert_eq!(VERSION, 1);
+    assert_eq!(VERSION, 2);
     assert_eq!(MAX_RANK, 8);
     assert_eq!(Header::LEN, 64);
 }

@@ -10,7 +10,7 @@ use ndarray_npy::NpzReader;
 use taskpack::compile::{compile, CompileOptions};
 use taskpack::dtype::DType;
 use taskpack::merge::scaling::ScaleMode;
-use taskpack::merge::{MergeParams, Method};
+use taskpack::merge::Method;
 use taskpack::runtime::{Bundle, Engine, EngineOptions, Error, IoInfo};
 use tract_onnx::prelude::*;
 
@@ -36,20 +36,14 @@ fn bundle(method: Method, scale: ScaleMode) -> Arc<Bundle> {
             std::process::id()
         ));
         let opts = CompileOptions {
-            base: demo().join("base.onnx"),
-            tasks: tasks.clone(),
-            graph: None,
-            params: MergeParams::defaults(method, tasks.len()),
-            scale,
-            private: None,
+            scale: vec![scale; tasks.len()],
             // The EMR fixture stores its delta in f16 (the compiler's default), TALL in f32.
             delta_dtype: if method == Method::Emr {
                 DType::F16
             } else {
                 DType::F32
             },
-            auto_private: true,
-            output: out.clone(),
+            ..CompileOptions::new(demo().join("base.onnx"), tasks.clone(), method, &out)
         };
         drop(compile(&opts, &mut |_| {}).unwrap());
         let bundle = Bundle::read(&out).unwrap();

@@ -57,6 +57,12 @@ pub struct CompileArgs {
     /// ONNX graph whose initializers safetensors checkpoints fill.
     #[arg(long, value_name = "G.onnx")]
     pub graph: Option<PathBuf>,
+    /// A Hugging Face tokenizer.json to carry in the bundle (enables `taskpack run --text`).
+    #[arg(long, value_name = "tokenizer.json")]
+    pub tokenizer: Option<PathBuf>,
+    /// Label names of a task's outputs as NAME=FILE, one label per line in logit order.
+    #[arg(long = "labels", value_name = "NAME=FILE", value_parser = parse_task)]
+    pub labels: Vec<(String, PathBuf)>,
     /// Output bundle.
     #[arg(short, long, value_name = "OUT.tpk")]
     pub output: PathBuf,
@@ -103,15 +109,23 @@ impl CompileArgs {
         if self.output.is_dir() {
             bail!("output {} is a directory", self.output.display());
         }
+        let scale = self
+            .scale
+            .parse::<ScaleMode>()
+            .map_err(anyhow::Error::msg)?;
+        let tokenizer = match &self.tokenizer {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .with_context(|| format!("cannot read tokenizer {}", path.display()))?,
+            ),
+            None => None,
+        };
         Ok(CompileOptions {
             base: self.base.clone(),
             tasks: self.tasks.clone(),
             graph: self.graph.clone(),
             params,
-            scale: self
-                .scale
-                .parse::<ScaleMode>()
-                .map_err(anyhow::Error::msg)?,
+            scale: vec![scale; self.tasks.len()],
             private,
             delta_dtype: self
                 .delta_dtype
@@ -119,7 +133,31 @@ impl CompileArgs {
                 .map_err(anyhow::Error::msg)?,
             auto_private: !self.no_auto_private,
             output: self.output.clone(),
+            tokenizer,
+            labels: self.labels()?,
         })
+    }
+
+    /// Label names per task, read from the `--labels` files.
+    fn labels(&self) -> Result<Vec<Vec<String>>> {
+        let mut labels = vec![Vec::new(); self.tasks.len()];
+        for (name, path) in &self.labels {
+            let Some(t) = self.tasks.iter().position(|(n, _)| n == name) else {
+                bail!("--labels names task {name:?}, which is not a --task");
+            };
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read labels {}", path.display()))?;
+            let names = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            if let Some(slot) = labels.get_mut(t) {
+                *slot = names;
+            }
+        }
+        Ok(labels)
     }
 }
 
@@ -160,11 +198,10 @@ pub fn print_report(bundle: &Bundle, path: &std::path::Path) {
     let sizes = bundle.sizes();
     let inputs = m.report.inputs_bytes;
     println!(
-        "wrote {} ({} tasks, method {}, scale {:?})",
+        "wrote {} ({} tasks, method {})",
         path.display(),
         m.tasks.len(),
         m.merge.method,
-        m.scale_mode
     );
     println!("  {:<14}{:>14}", "part", "bytes");
     for (part, v) in [
@@ -174,6 +211,7 @@ pub fn print_report(bundle: &Bundle, path: &std::path::Path) {
         ("scales", sizes.scales),
         ("private", sizes.private),
         ("graphs", sizes.graphs),
+        ("tokenizer", sizes.tokenizer),
         ("overhead", sizes.overhead),
         ("total", sizes.total),
     ] {
@@ -186,13 +224,22 @@ pub fn print_report(bundle: &Bundle, path: &std::path::Path) {
         ratio(sizes.total as f64, inputs as f64)
     );
     println!(
-        "  {:<16}{:>12}{:>10}{:>14}{:>8}",
-        "task", "rel. error", "cosine", "mask density", "scale"
+        "  {:<16}{:>12}{:>10}{:>14}{:>8}{:>8}{:>8}",
+        "task", "rel. error", "cosine", "mask density", "g", "scale", "λ"
     );
     for (t, r) in m.tasks.iter().zip(&m.report.tasks) {
+        let lambda = t
+            .lambda
+            .map_or_else(|| "-".to_string(), |l| format!("{l:.2}"));
         println!(
-            "  {:<16}{:>12.4}{:>10.4}{:>14.3}{:>8.3}",
-            t.name, r.relative_error, r.cosine, r.mask_density, t.scale
+            "  {:<16}{:>12.4}{:>10.4}{:>14.3}{:>8.3}{:>8}{:>8}",
+            t.name,
+            r.relative_error,
+            r.cosine,
+            r.mask_density,
+            t.scale,
+            t.scale_mode.to_string(),
+            lambda
         );
     }
     for p in &m.report.private {

@@ -93,6 +93,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         no_auto_private: false,
         delta_dtype: a.delta_dtype.clone(),
         graph: None,
+        tokenizer: None,
+        labels: Vec::new(),
         output: a.output.clone(),
     };
     let bundle = compile_cmd::compile_with_progress(&args.options()?)?;

@@ -27,9 +27,12 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
     println!("  compiler: {}", m.provenance.compiler);
     let p = &m.merge;
     println!(
-        "  method: {}  alpha {}  density {}  gamma {}  min-tasks {}  seed {}  scale {:?}",
-        p.method, p.alpha, p.density, p.gamma, p.min_tasks, p.seed, m.scale_mode
+        "  method: {}  alpha {}  density {}  gamma {}  min-tasks {}  seed {}",
+        p.method, p.alpha, p.density, p.gamma, p.min_tasks, p.seed
     );
+    if m.tokenizer.is_some() {
+        println!("  tokenizer: {} bytes", sizes.tokenizer);
+    }
     let merged = m
         .tensors
         .iter()
@@ -43,8 +46,8 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
         m.graphs.len()
     );
     println!(
-        "  {:<16}{:>6}{:>8}{:>8}{:>8}{:>12}{:>10}",
-        "task", "graph", "lambda", "scale", "masks", "rel. error", "cosine"
+        "  {:<16}{:>6}{:>8}{:>8}{:>8}{:>8}{:>12}{:>10}{:>8}  labels",
+        "task", "graph", "lambda", "g", "scale", "masks", "rel. error", "cosine", "calib."
     );
     for (i, t) in m.tasks.iter().enumerate() {
         let masks = t
@@ -53,19 +56,30 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
             .filter(|x| matches!(x, TaskTensor::Merged { mask: Some(_), .. }))
             .count();
         let r = m.report.tasks.get(i);
+        let agreement = r
+            .and_then(|r| r.calibration.as_ref())
+            .and_then(|c| {
+                usize::try_from(c.chosen)
+                    .ok()
+                    .and_then(|i| c.candidates.get(i))
+            })
+            .map_or("-".to_string(), |c| format!("{:.3}", c.agreement));
         println!(
-            "  {:<16}{:>6}{:>8}{:>8.3}{:>8}{:>12.4}{:>10.4}",
+            "  {:<16}{:>6}{:>8}{:>8.3}{:>8}{:>8}{:>12.4}{:>10.4}{:>8}  {}",
             t.name,
             t.graph,
             t.lambda.map_or("-".to_string(), |l| format!("{l}")),
             t.scale,
+            t.scale_mode.to_string(),
             masks,
             r.map_or(f64::NAN, |r| r.relative_error),
             r.map_or(f64::NAN, |r| r.cosine),
+            agreement,
+            t.labels.join(", "),
         );
     }
-    println!("  sizes (bytes): base {}  delta {}  masks {}  scales {}  private {}  graphs {}  overhead {}  total {}",
-        sizes.base, sizes.delta, sizes.masks, sizes.scales, sizes.private, sizes.graphs, sizes.overhead, sizes.total);
+    println!("  sizes (bytes): base {}  delta {}  masks {}  scales {}  private {}  graphs {}  tokenizer {}  overhead {}  total {}",
+        sizes.base, sizes.delta, sizes.masks, sizes.scales, sizes.private, sizes.graphs, sizes.tokenizer, sizes.overhead, sizes.total);
     println!(
         "  inputs: {} bytes; bundle = {:.3}x",
         m.report.inputs_bytes,

@@ -7,8 +7,7 @@ use ndarray_npy::NpzReader;
 use taskpack::{tp_last_error, TpStatus};
 use taskpack_core::compile::{compile, CompileOptions};
 use taskpack_core::dtype::DType;
-use taskpack_core::merge::scaling::ScaleMode;
-use taskpack_core::merge::{MergeParams, Method};
+use taskpack_core::merge::Method;
 use taskpack_core::runtime::Bundle;
 use tract_onnx::prelude::*;
 
@@ -50,15 +49,13 @@ impl Demo {
         let path = dir.path().join("demo.tpk");
         let tasks = demo_tasks();
         let opts = CompileOptions {
-            base: demo_models().join("base.onnx"),
-            tasks: tasks.clone(),
-            graph: None,
-            params: MergeParams::defaults(Method::Tall, tasks.len()),
-            scale: ScaleMode::None,
-            private: None,
             delta_dtype: DType::F32,
-            auto_private: true,
-            output: path.clone(),
+            ..CompileOptions::new(
+                demo_models().join("base.onnx"),
+                tasks.clone(),
+                Method::Tall,
+                &path,
+            )
         };
         let bundle = compile(&opts, &mut |_| {}).unwrap();
         Demo {

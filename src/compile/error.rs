@@ -154,6 +154,19 @@ pub enum CompileError {
         /// The name asked for.
         tensor: String,
     },
+    /// A per-task option does not have one entry per task.
+    #[error("{option}: {found} entries for {tasks} tasks (give one per task)")]
+    PerTaskCount {
+        /// The option.
+        option: &'static str,
+        /// Entries given.
+        found: usize,
+        /// Number of tasks.
+        tasks: usize,
+    },
+    /// The tokenizer file cannot be used.
+    #[error("cannot use the tokenizer: {0}")]
+    Tokenizer(String),
     /// `compile` was given no task.
     #[error("no task checkpoints given (pass at least one --task NAME=PATH)")]
     NoTasks,

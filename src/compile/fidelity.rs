@@ -71,6 +71,7 @@ impl Fidelity {
             } else {
                 1.0
             },
+            calibration: None,
         }
     }
 }

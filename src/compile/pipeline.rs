@@ -24,7 +24,7 @@ use crate::format::manifest::{
 };
 use crate::format::BundleWriter;
 use crate::merge::scaling::{self, ScaleMode};
-use crate::merge::{MergeParams, TensorView};
+use crate::merge::{MergeParams, Method, TensorView};
 use crate::onnx::InitializerInfo;
 use crate::runtime::Bundle;
 
@@ -39,8 +39,8 @@ pub struct CompileOptions {
     pub graph: Option<PathBuf>,
     /// Method and hyper-parameters (`lambda` has one entry per task).
     pub params: MergeParams,
-    /// Scaling vectors on top of the method.
-    pub scale: ScaleMode,
+    /// Scaling vectors on top of the method, one mode per task.
+    pub scale: Vec<ScaleMode>,
     /// Tensors matching this pattern are stored privately per task.
     pub private: Option<Regex>,
     /// Storage type of the merged delta.
@@ -49,6 +49,41 @@ pub struct CompileOptions {
     pub auto_private: bool,
     /// Output bundle path.
     pub output: PathBuf,
+    /// A Hugging Face `tokenizer.json` to carry in the bundle, so apps can run tasks on text.
+    pub tokenizer: Option<Vec<u8>>,
+    /// Label names per task (logit order), one list per task; an empty list means none.
+    pub labels: Vec<Vec<String>>,
+}
+
+impl CompileOptions {
+    /// Options with the defaults of `method` for `tasks`: no scaling, f16 delta, automatic
+    /// private heads, no tokenizer or labels.
+    pub fn new(
+        base: impl Into<PathBuf>,
+        tasks: Vec<(String, PathBuf)>,
+        method: Method,
+        output: impl Into<PathBuf>,
+    ) -> CompileOptions {
+        let n = tasks.len();
+        CompileOptions {
+            base: base.into(),
+            tasks,
+            graph: None,
+            params: MergeParams::defaults(method, n),
+            scale: vec![ScaleMode::None; n],
+            private: None,
+            delta_dtype: DType::F16,
+            auto_private: true,
+            output: output.into(),
+            tokenizer: None,
+            labels: vec![Vec::new(); n],
+        }
+    }
+
+    /// The scale mode of task `t` (none if `scale` is short).
+    fn scale_of(&self, t: usize) -> ScaleMode {
+        self.scale.get(t).copied().unwrap_or(ScaleMode::None)
+    }
 }
 
 /// What the pipeline reports while it works; the CLI turns it into a progress bar.
@@ -101,6 +136,13 @@ pub fn compile(
     let started = Instant::now();
     check_task_names(&opts.tasks)?;
     let n_tasks = opts.tasks.len();
+    check_per_task("scale", opts.scale.len(), n_tasks)?;
+    check_per_task("labels", opts.labels.len(), n_tasks)?;
+    if let Some(t) = &opts.tokenizer {
+        if std::str::from_utf8(t).is_err() {
+            return Err(CompileError::Tokenizer("it is not UTF-8 text".into()));
+        }
+    }
     // Fail on an unwritable output before any heavy work.
     let mut writer = BundleWriter::create(&opts.output)?;
 
@@ -261,7 +303,7 @@ pub fn compile(
                 continue;
             }
             let mask = merged.masks.as_ref().and_then(|masks| masks.get(t));
-            let task_scale = TaskScale::new(opts.scale, &delta, mask, tau, &shape)?;
+            let task_scale = TaskScale::new(opts.scale_of(t), &delta, mask, tau, &shape)?;
             f.add(&delta, mask, tau, |i| task_scale.factor(i));
             let scale = match task_scale {
                 TaskScale::One => Scale::None,
@@ -294,15 +336,23 @@ pub fn compile(
     }
 
     // With a scaling mode, the closed-form scales replace a method's global rescaler.
-    let task_scales = if opts.scale == ScaleMode::None {
-        merger.task_scales(n_tasks)
-    } else {
-        vec![1.0; n_tasks]
+    let task_scales: Vec<f32> = merger
+        .task_scales(n_tasks)
+        .into_iter()
+        .enumerate()
+        .map(|(t, g)| {
+            if opts.scale_of(t) == ScaleMode::None {
+                g
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let method_has_lambda = matches!(opts.params.method, Method::Tall | Method::Consensus);
+    let tokenizer = match &opts.tokenizer {
+        Some(bytes) => Some(writer.add_section(SectionKind::Tokenizer, bytes)?),
+        None => None,
     };
-    let method_has_lambda = matches!(
-        opts.params.method,
-        crate::merge::Method::Tall | crate::merge::Method::Consensus
-    );
     let task_entries: Vec<TaskEntry> = opts
         .tasks
         .iter()
@@ -318,6 +368,8 @@ pub fn compile(
             } else {
                 None
             },
+            scale_mode: opts.scale_of(i),
+            labels: opts.labels.get(i).cloned().unwrap_or_default(),
             tensors,
         })
         .collect();
@@ -357,8 +409,8 @@ pub fn compile(
         tensors: entries,
         sections: Vec::new(),
         tasks: task_entries,
+        tokenizer,
         merge: opts.params.clone(),
-        scale_mode: opts.scale,
         provenance: Provenance {
             compiler: format!("taskpack {}", env!("CARGO_PKG_VERSION")),
             inputs,
@@ -405,6 +457,19 @@ impl TaskScale {
             TaskScale::Tensor(s) => *s,
             TaskScale::Rows { scales, row_len } => scales.get(i / row_len).copied().unwrap_or(0.0),
         }
+    }
+}
+
+/// A per-task option list must have one entry per task.
+fn check_per_task(option: &'static str, found: usize, tasks: usize) -> Result<(), CompileError> {
+    if found == tasks {
+        Ok(())
+    } else {
+        Err(CompileError::PerTaskCount {
+            option,
+            found,
+            tasks,
+        })
     }
 }
 

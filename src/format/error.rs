@@ -128,18 +128,19 @@ pub enum FormatError {
         /// The cap.
         max: u64,
     },
-    /// Rule 14: a task or tensor name is empty.
+    /// Rule 14 (and 30 for labels): a task, tensor or label name is empty.
     #[error("{what} {index} has an empty name")]
     EmptyName {
-        /// `"task"` or `"tensor"`.
+        /// `"task"`, `"tensor"` or `"label"`.
         what: &'static str,
         /// Its index.
         index: u64,
     },
-    /// Rule 14: a task or tensor name is longer than [`MAX_NAME_LEN`](super::MAX_NAME_LEN).
+    /// Rule 14 (and 30 for labels): a task, tensor or label name is longer than
+    /// [`MAX_NAME_LEN`](super::MAX_NAME_LEN).
     #[error("{what} {index} has a name of {len} bytes, more than the cap of {max}")]
     NameTooLong {
-        /// `"task"` or `"tensor"`.
+        /// `"task"`, `"tensor"` or `"label"`.
         what: &'static str,
         /// Its index.
         index: u64,
@@ -328,6 +329,30 @@ pub enum FormatError {
         section: SectionId,
         /// First offending row.
         row: u64,
+    },
+    /// V5: the tokenizer section is not UTF-8.
+    #[error("tokenizer section {section} is not valid UTF-8")]
+    TokenizerNotUtf8 {
+        /// Section id.
+        section: SectionId,
+    },
+    /// Rule 30: a task has more label names than [`MAX_LABELS`](super::MAX_LABELS).
+    #[error("task {task:?} has {count} labels, more than the cap of {max}")]
+    TooManyLabels {
+        /// Task name.
+        task: String,
+        /// Number of labels.
+        count: u64,
+        /// The cap.
+        max: u64,
+    },
+    /// Rule 30: a task has two labels with the same name.
+    #[error("task {task:?} has label {label:?} twice")]
+    DuplicateLabel {
+        /// Task name.
+        task: String,
+        /// The label.
+        label: String,
     },
     /// `decode_f32`: the section holds a graph or a mask, not numbers.
     #[error("section {section} holds {kind:?}, which does not decode to f32")]

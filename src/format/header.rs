@@ -10,8 +10,8 @@ use super::layout::{self, HEADER_LEN, MAX_MANIFEST_LEN};
 /// The first 8 bytes of every bundle.
 pub const MAGIC: [u8; 8] = *b"TASKPACK";
 /// The format version this crate reads and writes.
-pub const VERSION: u32 = 1;
-/// The header flags this crate knows (none in version 1).
+pub const VERSION: u32 = 2;
+/// The header flags this crate knows (none in version 2).
 pub const KNOWN_FLAGS: u32 = 0;
 
 /// The decoded header. Field order is the on-disk order; see docs/FORMAT.md §2.
@@ -19,7 +19,7 @@ pub const KNOWN_FLAGS: u32 = 0;
 pub struct Header {
     /// Format version (offset 8).
     pub version: u32,
-    /// Flags, 0 in version 1 (offset 12).
+    /// Flags, 0 in version 2 (offset 12).
     pub flags: u32,
     /// File offset of the data region, always 64 (offset 16).
     pub data_offset: u64,
@@ -39,7 +39,7 @@ impl Header {
     /// Size of the encoded header in bytes.
     pub const LEN: usize = HEADER_LEN as usize;
 
-    /// The header of a version-1 bundle with a data region of `data_length` bytes followed by a
+    /// The header of a current-version bundle with a data region of `data_length` bytes followed by a
     /// manifest of `manifest_length` bytes hashing to `manifest_checksum`.
     pub fn new(
         data_length: u64,

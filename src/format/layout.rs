@@ -29,6 +29,8 @@ pub const MAX_GRAPHS: usize = 4096;
 pub const MAX_RANK: usize = 8;
 /// Cap on the length of a task or tensor name, in bytes.
 pub const MAX_NAME_LEN: usize = 4096;
+/// Most label names per task.
+pub const MAX_LABELS: usize = 1 << 16;
 /// Cap on the number of elements of one tensor (2^40).
 pub const MAX_ELEMENTS: u64 = 1 << 40;
 

@@ -26,10 +26,11 @@ pub struct Manifest {
     pub sections: Vec<SectionEntry>,
     /// The tasks, in the order they were given to the compiler.
     pub tasks: Vec<TaskEntry>,
+    /// A Hugging Face `tokenizer.json` ([`SectionKind::Tokenizer`]) turning text into the graphs'
+    /// token inputs, if the bundle carries one.
+    pub tokenizer: Option<SectionId>,
     /// The merge method and all its hyper-parameters.
     pub merge: MergeParams,
-    /// The scaling vectors applied on top of the method.
-    pub scale_mode: ScaleMode,
     /// Where the bundle came from.
     pub provenance: Provenance,
     /// Sizes and fidelity measured when the bundle was compiled.
@@ -64,6 +65,8 @@ pub enum SectionKind {
     RowScale,
     /// A tensor stored densely for one task.
     Private,
+    /// A Hugging Face `tokenizer.json`, UTF-8.
+    Tokenizer,
 }
 
 /// A distinct graph.
@@ -122,6 +125,10 @@ pub struct TaskEntry {
     pub scale: f32,
     /// TALL / Consensus threshold used for this task, if the method has one.
     pub lambda: Option<f32>,
+    /// The scaling vectors applied on top of the method for this task.
+    pub scale_mode: ScaleMode,
+    /// Names of the task's output classes, in logit order; empty if not given.
+    pub labels: Vec<String>,
     /// One entry per tensor of [`Manifest::tensors`], in the same order.
     pub tensors: Vec<TaskTensor>,
 }
@@ -210,6 +217,8 @@ pub struct SizeReport {
     pub private: u64,
     /// Stripped graphs.
     pub graphs: u64,
+    /// The tokenizer.
+    pub tokenizer: u64,
     /// Header, manifest and padding.
     pub overhead: u64,
     /// The whole file.
@@ -227,4 +236,30 @@ pub struct TaskReport {
     pub cosine: f64,
     /// Fraction of merged parameters the task's mask keeps (1 without a mask).
     pub mask_density: f64,
+    /// How calibration chose this task's setting, if it was calibrated.
+    pub calibration: Option<CalibrationReport>,
+}
+
+/// The outcome of calibrating one task: agreement of candidate reconstructions with the
+/// original task model on unlabeled inputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct CalibrationReport {
+    /// Inputs the candidates were run on.
+    pub examples: u64,
+    /// Every candidate tried, in the order tried; the chosen one is the first with the highest
+    /// agreement and, among those, the lowest logit distance.
+    pub candidates: Vec<CandidateScore>,
+    /// Index of the chosen candidate in `candidates`.
+    pub chosen: u64,
+}
+
+/// How well one candidate setting reproduced the original task model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct CandidateScore {
+    /// The setting, e.g. `lambda 0.4, scale row`.
+    pub setting: String,
+    /// Fraction of inputs whose top-1 class matches the original model's.
+    pub agreement: f64,
+    /// Root mean square difference between the candidate's and the original's outputs.
+    pub logit_distance: f64,
 }

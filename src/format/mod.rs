@@ -29,12 +29,13 @@ mod writer;
 pub use error::FormatError;
 pub use header::{Header, MAGIC, VERSION};
 pub use layout::{
-    ALIGNMENT, MAX_ELEMENTS, MAX_GRAPHS, MAX_MANIFEST_LEN, MAX_NAME_LEN, MAX_RANK, MAX_SECTIONS,
-    MAX_TASKS, MAX_TENSORS,
+    ALIGNMENT, MAX_ELEMENTS, MAX_GRAPHS, MAX_LABELS, MAX_MANIFEST_LEN, MAX_NAME_LEN, MAX_RANK,
+    MAX_SECTIONS, MAX_TASKS, MAX_TENSORS,
 };
 pub use manifest::{
-    CompileReport, GraphEntry, InputRecord, Manifest, Provenance, Scale, SectionEntry, SectionId,
-    SectionKind, SizeReport, Stored, TaskEntry, TaskReport, TaskTensor, TensorEntry, TensorStorage,
+    CalibrationReport, CandidateScore, CompileReport, GraphEntry, InputRecord, Manifest,
+    Provenance, Scale, SectionEntry, SectionId, SectionKind, SizeReport, Stored, TaskEntry,
+    TaskReport, TaskTensor, TensorEntry, TensorStorage,
 };
 pub use reader::{parse, ParsedBundle};
 #[cfg(feature = "compiler")]

@@ -2,7 +2,7 @@
 //!
 //! [`parse`] borrows the bundle's bytes — a memory map or a `Vec` read from disk, that is the
 //! caller's business — checks the header, the manifest and the section table against every
-//! structural rule (1–29) in time proportional to the manifest only, and returns a
+//! structural rule (1–30) in time proportional to the manifest only, and returns a
 //! [`ParsedBundle`] that owns the manifest and the validated byte ranges of every section. Later
 //! accesses slice the caller's bytes through those ranges and never re-read offsets from the
 //! file. The checks that need the bulk bytes (checksums, zero padding, mask pad bits, finite row
@@ -19,7 +19,9 @@ use crate::dtype::DType;
 
 use super::error::FormatError;
 use super::header::Header;
-use super::layout::{self, MAX_GRAPHS, MAX_NAME_LEN, MAX_SECTIONS, MAX_TASKS, MAX_TENSORS};
+use super::layout::{
+    self, MAX_GRAPHS, MAX_LABELS, MAX_NAME_LEN, MAX_SECTIONS, MAX_TASKS, MAX_TENSORS,
+};
 use super::manifest::{
     Manifest, Scale, SectionEntry, SectionId, SectionKind, SizeReport, Stored, TaskTensor,
     TensorStorage,
@@ -29,6 +31,7 @@ use super::manifest::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Content {
     Graph,
+    Tokenizer,
     Dense(DType),
     Mask,
     RowScale,
@@ -67,7 +70,7 @@ pub struct ParsedBundle {
     tensors: HashMap<String, usize>,
 }
 
-/// Parses and validates a whole bundle (rules 1–29 of docs/FORMAT.md), in time independent of
+/// Parses and validates a whole bundle (rules 1–30 of docs/FORMAT.md), in time independent of
 /// the size of the data region.
 pub fn parse(bytes: &[u8]) -> Result<ParsedBundle, FormatError> {
     let header = Header::decode(bytes)?;
@@ -158,6 +161,23 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
         FormatError::DuplicateTaskName,
     )?;
 
+    // Rule 30: label names.
+    for t in &m.tasks {
+        if t.labels.len() > MAX_LABELS {
+            return Err(FormatError::TooManyLabels {
+                task: t.name.clone(),
+                count: count(t.labels.len()),
+                max: count(MAX_LABELS),
+            });
+        }
+        index_names(t.labels.iter().map(String::as_str), "label", |label| {
+            FormatError::DuplicateLabel {
+                task: t.name.clone(),
+                label,
+            }
+        })?;
+    }
+
     // Rules 16–17: tensor shapes.
     let numels = m
         .tensors
@@ -212,6 +232,9 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
     // Rules 23–26 for graphs and tensors.
     for g in &m.graphs {
         claims.claim(g.section, SectionKind::Graph, None, Content::Graph, None)?;
+    }
+    if let Some(id) = m.tokenizer {
+        claims.claim(id, SectionKind::Tokenizer, None, Content::Tokenizer, None)?;
     }
     for (t, &n) in m.tensors.iter().zip(&numels) {
         if let TensorStorage::Merged { base, delta } = &t.storage {
@@ -302,7 +325,7 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
 fn index_names<'a>(
     names: impl ExactSizeIterator<Item = &'a str>,
     what: &'static str,
-    duplicate: fn(String) -> FormatError,
+    duplicate: impl Fn(String) -> FormatError,
 ) -> Result<HashMap<String, usize>, FormatError> {
     let mut map = HashMap::with_capacity(names.len());
     for (i, name) in names.enumerate() {
@@ -536,7 +559,7 @@ impl ParsedBundle {
         let dtype = match self.meta(id)?.content {
             Content::Dense(dtype) => dtype,
             Content::RowScale => DType::F32,
-            Content::Graph | Content::Mask => {
+            Content::Graph | Content::Tokenizer | Content::Mask => {
                 return Err(FormatError::NotNumeric {
                     section: id,
                     kind: self.section_kind(id)?,
@@ -558,8 +581,8 @@ impl ParsedBundle {
             })
     }
 
-    /// Checks rules V1–V4 for section `id`: its checksum, the zero padding after it, and for a
-    /// mask its zero pad bits, for row scales that they are finite.
+    /// Checks rules V1–V5 for section `id`: its checksum, the zero padding after it, and for a
+    /// mask its zero pad bits, for row scales that they are finite, for a tokenizer that it is UTF-8.
     pub fn verify_section(&self, bytes: &[u8], id: SectionId) -> Result<(), FormatError> {
         let data = self.section(bytes, id)?;
         let m = self.meta(id)?;
@@ -598,13 +621,18 @@ impl ParsedBundle {
                     });
                 }
             }
+            Content::Tokenizer => {
+                if std::str::from_utf8(data).is_err() {
+                    return Err(FormatError::TokenizerNotUtf8 { section: id });
+                }
+            }
             Content::Graph | Content::Dense(_) => {}
         }
         Ok(())
     }
 
     /// Checks everything: that the header and manifest are still those parsed, then rules
-    /// V1–V4 for every section. Reads every byte of the file.
+    /// V1–V5 for every section. Reads every byte of the file.
     pub fn verify(&self, bytes: &[u8]) -> Result<(), FormatError> {
         self.check_buffer(bytes)?;
         if bytes.get(..Header::LEN) != Some(&self.header.to_bytes()[..]) {
@@ -637,6 +665,7 @@ impl ParsedBundle {
                 SectionKind::Mask => &mut r.masks,
                 SectionKind::RowScale => &mut r.scales,
                 SectionKind::Private => &mut r.private,
+                SectionKind::Tokenizer => &mut r.tokenizer,
             };
             *part = part.saturating_add(s.length);
             sections = sections.saturating_add(s.length);

@@ -27,6 +27,16 @@ pub enum ScaleMode {
     Row,
 }
 
+impl std::fmt::Display for ScaleMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ScaleMode::None => "none",
+            ScaleMode::Tensor => "tensor",
+            ScaleMode::Row => "row",
+        })
+    }
+}
+
 impl std::str::FromStr for ScaleMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
