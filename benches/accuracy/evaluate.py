@@ -394,26 +394,41 @@ def git_commit(repo):
 
 
 def plot(rows, path):
+    """Normalized mean accuracy against bundle size, one numbered point per setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
-    points = [r for r in rows if np.isfinite(r.get("normalized_mean", np.nan))
-              and "size_vs_originals" in r]
-    for r in points:
+    fig, ax = plt.subplots(figsize=(11, 6))
+    points = [r for r in rows if r["name"] != INDIVIDUAL and "size_vs_originals" in r
+              and np.isfinite(r.get("normalized_mean", np.nan))]
+    # Numbers of points that would overlap (same size, close accuracy) go side by side.
+    ys = [r["normalized_mean"] for r in points] + [1.0]
+    close = 0.025 * (max(ys) - min(ys))
+    column, last = {}, {}
+    for r in sorted(points, key=lambda r: -r["normalized_mean"]):
+        group, y = round(r["size_vs_originals"], 2), r["normalized_mean"]
+        prev_y, prev_col = last.get(group, (None, -1))
+        col = prev_col + 1 if prev_y is not None and prev_y - y < close else 0
+        column[r["name"]], last[group] = col, (y, col)
+    for i, r in enumerate(points, 1):
         x, y = r["size_vs_originals"], r["normalized_mean"]
-        ax.scatter([x], [y], color="black" if r["name"] == INDIVIDUAL else "tab:blue", zorder=3)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
-    for level in (0.97, 0.99):
-        ax.axhline(level, color="tab:red", linestyle="--", linewidth=0.8)
-        ax.annotate(f"{level:.2f}", (ax.get_xlim()[0], level), textcoords="offset points",
-                    xytext=(3, 2), fontsize=8, color="tab:red")
+        ax.scatter([x], [y], color=f"C{i % 10}", marker="os^D"[i // 10 % 4], zorder=3,
+                   label=f"{i}  {r['name']} ({y:.3f}, {x:.3f}x)")
+        ax.annotate(str(i), (x, y), textcoords="offset points",
+                    xytext=(5 + 13 * column[r["name"]], -3), fontsize=8)
+    for level, style in ((1.0, "-"), (0.99, "--"), (0.97, "--")):
+        ax.axhline(level, color="tab:red" if level < 1 else "black", linestyle=style,
+                   linewidth=0.8)
+        name = "individual models (size 1.0x)" if level == 1 else f"{level:.2f}"
+        ax.annotate(name, (0, level), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(3, 2), fontsize=8)
     ax.set_xlabel("bundle size / size of the six task ONNX files")
     ax.set_ylabel("normalized mean accuracy (bundle / individual)")
-    ax.set_title("taskpack on six MiniLM-L6 text tasks (run through the taskpack runtime)")
+    ax.set_title("taskpack on six fine-tuned MiniLM-L6 text tasks (run by the taskpack runtime)")
     ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -448,7 +463,7 @@ def summary_lines(rows):
     for level in (0.97, 0.99):
         keep = [r for r in bundles if r["normalized_mean"] >= level]
         if keep:
-            r = min(keep, key=lambda r: (r["bytes"], -r["normalized_mean"]))
+            r = min(keep, key=lambda r: (round(r["size_vs_originals"], 3), -r["normalized_mean"]))
             lines.append(f"- Smallest bundle keeping ≥ {level:.0%}: `{r['name']}`, "
                          f"{r['size_vs_originals']:.3f}x ({r['normalized_mean']:.4f}).")
         else:
