@@ -18,6 +18,8 @@ mod demo;
 mod eval;
 #[path = "cli/inspect.rs"]
 mod inspect;
+#[path = "cli/npz.rs"]
+mod npz;
 #[path = "cli/run.rs"]
 mod run_cmd;
 
@@ -33,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Merge a base checkpoint and N task checkpoints into one bundle.
-    Compile(compile_cmd::CompileArgs),
+    Compile(Box<compile_cmd::CompileArgs>),
     /// Show a bundle's tasks, method, hyper-parameters, provenance and sizes.
     Inspect(InspectArgs),
     /// Check every checksum and structural rule of a bundle; exit 0 only if all hold.

@@ -1,5 +1,6 @@
 //! The one integration-test binary (ripgrep style): each module covers one part.
 
+mod calibrate;
 mod common;
 mod compile;
 mod format;

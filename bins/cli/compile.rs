@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use taskpack::compile::{compile, CompileOptions, Progress};
+use taskpack::compile::{compile, compile_calibrated, Calibration, CompileOptions, Progress};
 use taskpack::dtype::DType;
 use taskpack::merge::scaling::ScaleMode;
 use taskpack::merge::{MergeParams, Method};
@@ -63,6 +63,20 @@ pub struct CompileArgs {
     /// Label names of a task's outputs as NAME=FILE, one label per line in logit order.
     #[arg(long = "labels", value_name = "NAME=FILE", value_parser = parse_task)]
     pub labels: Vec<(String, PathBuf)>,
+    /// Calibrate task NAME on the unlabeled inputs in INPUTS.npz (arrays named like the graph's
+    /// inputs, examples on the first axis): its λ (TALL) and scale mode are chosen by agreement
+    /// with the original task model. Repeat per task.
+    #[arg(long = "calib", value_name = "NAME=INPUTS.npz", value_parser = parse_task)]
+    pub calib: Vec<(String, PathBuf)>,
+    /// Calibration: examples used per task (the first ones).
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub calib_examples: usize,
+    /// Calibration: the λ grid for TALL.
+    #[arg(long, value_name = "L,L,...", value_delimiter = ',', default_values_t = [0.2, 0.3, 0.4, 0.5, 0.6, 0.8])]
+    pub calib_lambdas: Vec<f32>,
+    /// Calibration: the scale modes to try.
+    #[arg(long, value_name = "MODE,...", value_delimiter = ',', default_values_t = ["none".to_string(), "tensor".to_string(), "row".to_string()])]
+    pub calib_scales: Vec<String>,
     /// Output bundle.
     #[arg(short, long, value_name = "OUT.tpk")]
     pub output: PathBuf,
@@ -164,30 +178,62 @@ impl CompileArgs {
 /// Runs `taskpack compile`.
 pub fn run(args: &CompileArgs) -> Result<()> {
     let opts = args.options()?;
-    let bundle = compile_with_progress(&opts)?;
+    let calibration = args.calibration()?;
+    let bundle = compile_with_progress(&opts, calibration.as_ref())?;
     print_report(&bundle, &opts.output);
     Ok(())
 }
 
-/// Compiles with a progress bar on stderr (drawn only on a terminal).
-pub fn compile_with_progress(opts: &CompileOptions) -> Result<Bundle> {
+impl CompileArgs {
+    /// The calibration settings, if any `--calib` was given.
+    fn calibration(&self) -> Result<Option<Calibration>> {
+        if self.calib.is_empty() {
+            return Ok(None);
+        }
+        let mut inputs = Vec::with_capacity(self.calib.len());
+        for (name, path) in &self.calib {
+            inputs.push((name.clone(), crate::npz::read_all(path)?));
+        }
+        let scales = self
+            .calib_scales
+            .iter()
+            .map(|s| s.parse::<ScaleMode>().map_err(anyhow::Error::msg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Calibration {
+            lambdas: self.calib_lambdas.clone(),
+            scales,
+            max_examples: self.calib_examples,
+            ..Calibration::new(inputs)
+        }))
+    }
+}
+
+/// Compiles (calibrating if asked) with a progress bar on stderr (drawn only on a terminal).
+pub fn compile_with_progress(
+    opts: &CompileOptions,
+    calibration: Option<&Calibration>,
+) -> Result<Bundle> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} {wide_msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let bundle = compile(opts, &mut |p| match p {
+    let mut report = |p: Progress<'_>| match p {
         Progress::Pass { name, total } => {
             bar.set_prefix(name);
             bar.set_length(total);
             bar.set_position(0);
         }
-        Progress::Tensor(name) => {
+        Progress::Tensor(name) | Progress::Step(name) => {
             bar.set_message(name.to_string());
             bar.inc(1);
         }
-    });
+    };
+    let bundle = match calibration {
+        Some(c) => compile_calibrated(opts, c, &mut report),
+        None => compile(opts, &mut report),
+    };
     bar.finish_and_clear();
     bundle.with_context(|| format!("cannot compile {}", opts.output.display()))
 }
@@ -241,6 +287,23 @@ pub fn print_report(bundle: &Bundle, path: &std::path::Path) {
             t.scale_mode.to_string(),
             lambda
         );
+    }
+    for (t, r) in m.tasks.iter().zip(&m.report.tasks) {
+        let Some(c) = &r.calibration else { continue };
+        if let Some(chosen) = usize::try_from(c.chosen)
+            .ok()
+            .and_then(|i| c.candidates.get(i))
+        {
+            println!(
+                "  calibrated {}: {} (agreement {:.4}, logit distance {:.4}, {} examples, {} candidates)",
+                t.name,
+                chosen.setting,
+                chosen.agreement,
+                chosen.logit_distance,
+                c.examples,
+                c.candidates.len()
+            );
+        }
     }
     for p in &m.report.private {
         println!("  private: {p}");

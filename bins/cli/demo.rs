@@ -95,9 +95,13 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         graph: None,
         tokenizer: None,
         labels: Vec::new(),
+        calib: Vec::new(),
+        calib_examples: 0,
+        calib_lambdas: Vec::new(),
+        calib_scales: Vec::new(),
         output: a.output.clone(),
     };
-    let bundle = compile_cmd::compile_with_progress(&args.options()?)?;
+    let bundle = compile_cmd::compile_with_progress(&args.options()?, None)?;
     compile_cmd::print_report(&bundle, &a.output);
     let bundle = Arc::new(bundle);
     // Cache large enough for every task: the warm switch below is a cache hit.

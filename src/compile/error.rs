@@ -164,6 +164,9 @@ pub enum CompileError {
         /// Number of tasks.
         tasks: usize,
     },
+    /// Calibration cannot run: bad inputs, or a model tract cannot run.
+    #[error("calibration: {0}")]
+    Calibration(String),
     /// The tokenizer file cannot be used.
     #[error("cannot use the tokenizer: {0}")]
     Tokenizer(String),

@@ -2,9 +2,11 @@
 //!
 //! Readers ([`Checkpoint`]: ONNX and safetensors) feed the [`pipeline`], which merges task
 //! vectors with a [`crate::merge`] method and streams sections to the bundle writer;
-//! [`fidelity`] measures each task's reconstruction for the report, and [`export`] turns a task
-//! of a bundle back into a standalone ONNX model.
+//! [`fidelity`] measures each task's reconstruction for the report, [`calibrate`] picks each
+//! task's setting by agreement with its original model on unlabeled inputs, and [`export`] turns
+//! a task of a bundle back into a standalone ONNX model.
 
+pub mod calibrate;
 pub mod checkpoint;
 pub mod error;
 pub mod export;
@@ -14,6 +16,7 @@ mod onnx_reader;
 mod pipeline;
 mod safetensors_reader;
 
+pub use calibrate::{compile_calibrated, Calibration};
 pub use checkpoint::Checkpoint;
 pub use error::CompileError;
 pub use pipeline::{compile, CompileOptions, Progress};

@@ -19,8 +19,8 @@ use crate::compile::error::CompileError;
 use crate::compile::fidelity::Fidelity;
 use crate::dtype::DType;
 use crate::format::manifest::{
-    CompileReport, GraphEntry, InputRecord, Manifest, Provenance, Scale, SectionKind, Stored,
-    TaskEntry, TaskTensor, TensorEntry, TensorStorage,
+    CalibrationReport, CompileReport, GraphEntry, InputRecord, Manifest, Provenance, Scale,
+    SectionKind, Stored, TaskEntry, TaskReport, TaskTensor, TensorEntry, TensorStorage,
 };
 use crate::format::BundleWriter;
 use crate::merge::scaling::{self, ScaleMode};
@@ -98,6 +98,9 @@ pub enum Progress<'a> {
     },
     /// One tensor of the current pass is done.
     Tensor(&'a str),
+    /// One step of the current pass other than a tensor is done (e.g. a calibration run of a
+    /// task).
+    Step(&'a str),
 }
 
 /// Relative change ‖τ‖/‖θ_0‖ above which a tensor is a head candidate…
@@ -133,7 +136,17 @@ pub fn compile(
     opts: &CompileOptions,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Bundle, CompileError> {
-    let started = Instant::now();
+    compile_with_reports(opts, vec![None; opts.tasks.len()], Instant::now(), progress)
+}
+
+/// [`compile`], recording each task's calibration (in task order) in the report, and the time
+/// since `started` as the compile time.
+pub(crate) fn compile_with_reports(
+    opts: &CompileOptions,
+    calibration: Vec<Option<CalibrationReport>>,
+    started: Instant,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Bundle, CompileError> {
     check_task_names(&opts.tasks)?;
     let n_tasks = opts.tasks.len();
     check_per_task("scale", opts.scale.len(), n_tasks)?;
@@ -395,7 +408,11 @@ pub fn compile(
             .iter()
             .zip(&fidelity)
             .zip(&task_scales)
-            .map(|(((name, _), f), g)| f.report(name, *g))
+            .zip(calibration)
+            .map(|((((name, _), f), g), calibration)| TaskReport {
+                calibration,
+                ..f.report(name, *g)
+            })
             .collect(),
         private: private
             .iter()

@@ -1,0 +1,657 @@
+//! Calibration: choose each task's setting by how well it reproduces the original task model.
+//!
+//! Data-free defaults (one λ, one scale mode for every task) leave accuracy on the table: tasks
+//! differ in how much their task vectors interfere. Given *unlabeled* inputs per task,
+//! [`compile_calibrated`] runs the original fine-tuned model and candidate reconstructions
+//! with tract and keeps, per task, the candidate that agrees best with the original: the highest
+//! top-1 agreement, then the lowest logit distance (root mean square difference of the outputs),
+//! then the earliest candidate. No labels are needed.
+//!
+//! Candidates are measured on real bundles through the runtime [`Engine`], exactly as an app
+//! would run them: each round compiles a bundle with one setting per task into a scratch file
+//! next to the output, runs every calibrated task on its inputs, and removes it.
+//! 1. **λ round** (TALL only): one bundle per λ of the grid, the default scale mode.
+//! 2. **scale round**: at each task's best λ, one bundle per other scale mode of the grid.
+//!
+//! A task's reconstruction depends only on its own λ and scale mode (TALL's shared delta is
+//! `α Σ τ`, whatever the λs; scale vectors are per task), so the final bundle, compiled with
+//! every task's winner, reproduces exactly the outputs that were measured. Consensus is the
+//! exception — its shared delta depends on every task's λ — so only scale modes are calibrated
+//! there.
+//!
+//! Cost: one compile per round plus, per task and round, one run over its inputs; the reference
+//! model of each task is loaded once. Tasks are evaluated in parallel threads.
+
+use std::path::{Path, PathBuf};
+
+use tract_onnx::prelude::*;
+
+use crate::compile::checkpoint::Checkpoint;
+use crate::compile::error::CompileError;
+use crate::compile::pipeline::{compile_with_reports, CompileOptions, Progress};
+use crate::format::{CalibrationReport, CandidateScore};
+use crate::merge::scaling::ScaleMode;
+use crate::merge::Method;
+use crate::onnx::TensorBytes;
+use crate::runtime::{Bundle, Engine, EngineOptions, IoInfo};
+
+/// What to calibrate on and over which settings.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    /// Unlabeled inputs per task, as `(task name, named arrays)`; every array has the examples
+    /// along its first axis. Arrays are matched to the graph's inputs by name (a single array
+    /// feeds a single-input graph whatever its name) and converted to the input's element type.
+    /// Tasks without inputs keep the options' setting.
+    pub inputs: Vec<(String, Vec<(String, Tensor)>)>,
+    /// The λ grid (TALL).
+    pub lambdas: Vec<f32>,
+    /// The scale modes to try.
+    pub scales: Vec<ScaleMode>,
+    /// Use at most this many examples per task (the first ones).
+    pub max_examples: usize,
+}
+
+impl Calibration {
+    /// The default grid: λ ∈ {0.2, 0.3, 0.4, 0.5, 0.6, 0.8}, every scale mode, 128 examples.
+    pub fn new(inputs: Vec<(String, Vec<(String, Tensor)>)>) -> Calibration {
+        Calibration {
+            inputs,
+            lambdas: vec![0.2, 0.3, 0.4, 0.5, 0.6, 0.8],
+            scales: vec![ScaleMode::None, ScaleMode::Tensor, ScaleMode::Row],
+            max_examples: 128,
+        }
+    }
+}
+
+/// Examples per run: enough to amortize a run, few enough to bound activation memory.
+const CHUNK: usize = 32;
+
+/// One task's setting.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Setting {
+    lambda: Option<f32>,
+    scale: ScaleMode,
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(l) = self.lambda {
+            write!(f, "lambda {l}, ")?;
+        }
+        write!(f, "scale {}", self.scale)
+    }
+}
+
+/// A calibrated task: its inputs, the original model's outputs, and the candidates so far.
+struct Task {
+    index: usize,
+    name: String,
+    inputs: Vec<(String, Tensor)>,
+    examples: usize,
+    reference: Outputs,
+    tried: Vec<(Setting, CandidateScore)>,
+}
+
+/// The first output of a model over all examples, as rows of the last axis.
+struct Outputs {
+    values: Vec<f32>,
+    width: usize,
+}
+
+/// Compiles like [`crate::compile::compile`], choosing each calibrated task's λ and scale mode
+/// by agreement with its original model (module docs). The report records every candidate's
+/// agreement per task.
+pub fn compile_calibrated(
+    opts: &CompileOptions,
+    calibration: &Calibration,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Bundle, CompileError> {
+    let started = std::time::Instant::now();
+    let n = opts.tasks.len();
+    let has_lambda = opts.params.method == Method::Tall;
+    let mut opts = opts.clone();
+    if let [l] = opts.params.lambda[..] {
+        // One λ for every task: spread it, so that each task can get its own.
+        opts.params.lambda = vec![l; n];
+    }
+    let defaults: Vec<Setting> = (0..n)
+        .map(|t| Setting {
+            lambda: has_lambda
+                .then(|| opts.params.lambda.get(t).copied())
+                .flatten(),
+            scale: opts.scale.get(t).copied().unwrap_or_default(),
+        })
+        .collect();
+    let mut tasks = prepare(&opts, calibration, progress)?;
+
+    let lambda_rounds = if has_lambda {
+        calibration.lambdas.len()
+    } else {
+        1
+    };
+    let total = (lambda_rounds + calibration.scales.len()) * tasks.len();
+    progress(Progress::Pass {
+        name: "calibrating",
+        total: total as u64,
+    });
+    // λ round (or the defaults, for methods without a per-task λ).
+    if has_lambda {
+        for &l in &calibration.lambdas {
+            let settings: Vec<Setting> = defaults
+                .iter()
+                .map(|d| Setting {
+                    lambda: Some(l),
+                    ..*d
+                })
+                .collect();
+            evaluate(&opts, &settings, &mut tasks, progress)?;
+        }
+    } else {
+        evaluate(&opts, &defaults, &mut tasks, progress)?;
+    }
+    // Scale round: every mode at each task's best λ, unless already measured.
+    let at_best = winners(&tasks, &defaults);
+    for &mode in &calibration.scales {
+        let settings: Vec<Setting> = at_best
+            .iter()
+            .map(|s| Setting { scale: mode, ..*s })
+            .collect();
+        evaluate(&opts, &settings, &mut tasks, progress)?;
+    }
+
+    // The final bundle, with every task's winner.
+    let chosen = winners(&tasks, &defaults);
+    for (t, s) in chosen.iter().enumerate() {
+        if let (Some(l), Some(slot)) = (s.lambda, opts.params.lambda.get_mut(t)) {
+            *slot = l;
+        }
+        if let Some(slot) = opts.scale.get_mut(t) {
+            *slot = s.scale;
+        }
+    }
+    let mut reports = vec![None; n];
+    for c in &tasks {
+        let chosen = best(&c.tried).unwrap_or(0);
+        if let Some((setting, _)) = c.tried.get(chosen) {
+            log::info!("{}: calibrated to {setting}", c.name);
+        }
+        if let Some(slot) = reports.get_mut(c.index) {
+            *slot = Some(CalibrationReport {
+                examples: c.examples as u64,
+                candidates: c.tried.iter().map(|(_, s)| s.clone()).collect(),
+                chosen: chosen as u64,
+            });
+        }
+    }
+    compile_with_reports(&opts, reports, started, progress)
+}
+
+/// Every task's best setting so far (its default if it is not calibrated).
+fn winners(tasks: &[Task], defaults: &[Setting]) -> Vec<Setting> {
+    let mut out = defaults.to_vec();
+    for c in tasks {
+        let won = best(&c.tried).and_then(|i| c.tried.get(i)).map(|(s, _)| *s);
+        if let (Some(won), Some(slot)) = (won, out.get_mut(c.index)) {
+            *slot = won;
+        }
+    }
+    out
+}
+
+/// Index of the best candidate: highest agreement, then lowest distance, then earliest.
+pub(crate) fn best(tried: &[(impl Sized, CandidateScore)]) -> Option<usize> {
+    let mut best: Option<(usize, &CandidateScore)> = None;
+    for (i, (_, s)) in tried.iter().enumerate() {
+        let better = match best {
+            None => true,
+            Some((_, b)) => {
+                s.agreement > b.agreement
+                    || (s.agreement == b.agreement && s.logit_distance < b.logit_distance)
+            }
+        };
+        if better {
+            best = Some((i, s));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Checks the calibration inputs and runs every calibrated task's original model on them.
+fn prepare(
+    opts: &CompileOptions,
+    calibration: &Calibration,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Vec<Task>, CompileError> {
+    if calibration.max_examples == 0 {
+        return Err(CompileError::Calibration(
+            "the number of calibration examples must be at least 1".into(),
+        ));
+    }
+    let mut tasks: Vec<Task> = Vec::with_capacity(calibration.inputs.len());
+    for (name, arrays) in &calibration.inputs {
+        let Some(index) = opts.tasks.iter().position(|(n, _)| n == name) else {
+            return Err(CompileError::Calibration(format!(
+                "calibration inputs for {name:?}, which is not a task"
+            )));
+        };
+        if tasks.iter().any(|t| t.index == index) {
+            return Err(CompileError::Calibration(format!(
+                "calibration inputs for {name:?} are given twice"
+            )));
+        }
+        let examples = examples(name, arrays)?.min(calibration.max_examples);
+        let inputs = arrays
+            .iter()
+            .map(|(n, a)| Ok((n.clone(), a.slice(0, 0, examples).map_err(tract(name))?)))
+            .collect::<Result<Vec<_>, CompileError>>()?;
+        tasks.push(Task {
+            index,
+            name: name.clone(),
+            inputs,
+            examples,
+            reference: Outputs {
+                values: Vec::new(),
+                width: 0,
+            },
+            tried: Vec::new(),
+        });
+    }
+    progress(Progress::Pass {
+        name: "references",
+        total: tasks.len() as u64,
+    });
+    for t in &mut tasks {
+        let path = opts
+            .tasks
+            .get(t.index)
+            .map(|(_, p)| p.as_path())
+            .unwrap_or(Path::new(""));
+        t.reference = run_original(path, opts.graph.as_deref(), t)?;
+        progress(Progress::Step(&t.name));
+    }
+    Ok(tasks)
+}
+
+/// Number of examples (first axis) shared by all of a task's arrays.
+fn examples(task: &str, arrays: &[(String, Tensor)]) -> Result<usize, CompileError> {
+    let mut n = None;
+    for (name, a) in arrays {
+        let Some(&rows) = a.shape().first() else {
+            return Err(CompileError::Calibration(format!(
+                "{task}: array {name:?} is a scalar; calibration arrays have the examples on \
+                 their first axis"
+            )));
+        };
+        if n.is_some_and(|n| n != rows) {
+            return Err(CompileError::Calibration(format!(
+                "{task}: arrays have different numbers of examples ({} and {rows})",
+                n.unwrap_or(0)
+            )));
+        }
+        n = Some(rows);
+    }
+    match n {
+        Some(n) if n > 0 => Ok(n),
+        _ => Err(CompileError::Calibration(format!(
+            "{task}: no calibration examples"
+        ))),
+    }
+}
+
+fn tract(task: &str) -> impl Fn(TractError) -> CompileError + '_ {
+    move |e| CompileError::Calibration(format!("{task}: {e:#}"))
+}
+
+/// The original task model (its checkpoint's graph and weights) on the task's inputs, with
+/// plain tract.
+fn run_original(path: &Path, graph: Option<&Path>, task: &Task) -> Result<Outputs, CompileError> {
+    let ckpt = Checkpoint::open(path, graph)?;
+    let mut weights = Vec::with_capacity(ckpt.tensors().len());
+    for info in ckpt.tensors() {
+        let values = ckpt.read_f32(&info.name)?;
+        let mut data = Vec::new();
+        info.dtype.encode(&values, &mut data);
+        weights.push(TensorBytes {
+            name: info.name.clone(),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            data,
+        });
+    }
+    let onnx =
+        crate::onnx::restore_initializers(ckpt.stripped_graph(), weights).map_err(|source| {
+            CompileError::Export {
+                task: task.name.clone(),
+                source,
+            }
+        })?;
+    drop(ckpt);
+    let err = tract(&task.name);
+    let model = tract_onnx::onnx()
+        .model_for_read(&mut &onnx[..])
+        .map_err(&err)?
+        .into_optimized()
+        .map_err(&err)?
+        .into_runnable()
+        .map_err(&err)?;
+    let facts: Vec<IoInfo> = model
+        .model()
+        .input_outlets()
+        .map_err(&err)?
+        .iter()
+        .map(|&o| {
+            let fact = model.model().outlet_fact(o)?;
+            let name = model.model().node(o.node).name.clone();
+            Ok(IoInfo {
+                name,
+                dtype: fact.datum_type,
+                shape: fact
+                    .shape
+                    .iter()
+                    .map(|d| d.as_i64().and_then(|v| usize::try_from(v).ok()))
+                    .collect(),
+            })
+        })
+        .collect::<TractResult<_>>()
+        .map_err(&err)?;
+    run_chunks(task, &facts, |inputs| {
+        model
+            .run(inputs)
+            .map_err(&err)
+            .map(|o| o.into_iter().collect())
+    })
+}
+
+/// Compiles a bundle with `settings` into a scratch file and scores every calibrated task that
+/// has not been scored with its setting yet.
+fn evaluate(
+    opts: &CompileOptions,
+    settings: &[Setting],
+    tasks: &mut [Task],
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<(), CompileError> {
+    let setting_of = |t: &Task| settings.get(t.index).copied();
+    let todo: Vec<bool> = tasks
+        .iter()
+        .map(|t| setting_of(t).is_some_and(|s| !t.tried.iter().any(|(x, _)| *x == s)))
+        .collect();
+    if !todo.contains(&true) {
+        return Ok(());
+    }
+    let scratch = Scratch::new(&opts.output);
+    let mut round = opts.clone();
+    round.output = scratch.0.clone();
+    round.tokenizer = None;
+    for (t, s) in settings.iter().enumerate() {
+        if let (Some(l), Some(slot)) = (s.lambda, round.params.lambda.get_mut(t)) {
+            *slot = l;
+        }
+        if let Some(slot) = round.scale.get_mut(t) {
+            *slot = s.scale;
+        }
+    }
+    let bundle = std::sync::Arc::new(compile_with_reports(
+        &round,
+        vec![None; opts.tasks.len()],
+        std::time::Instant::now(),
+        &mut |_| {},
+    )?);
+    let engine = Engine::new(bundle, EngineOptions::default())?;
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, tasks.len().max(1));
+    let scores: Vec<(usize, Result<CandidateScore, CompileError>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let engine = &engine;
+                let tasks = &*tasks;
+                let todo = &todo;
+                s.spawn(move || {
+                    tasks
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| todo.get(*i) == Some(&true))
+                        .filter(|(i, _)| i % workers == w)
+                        .map(|(i, t)| (i, score(engine, t)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<(usize, Result<CandidateScore, CompileError>)> = Vec::new();
+        for h in handles {
+            match h.join() {
+                Ok(v) => all.extend(v),
+                Err(_) => all.push((
+                    usize::MAX,
+                    Err(CompileError::Calibration(
+                        "a calibration thread panicked".into(),
+                    )),
+                )),
+            }
+        }
+        all.sort_by_key(|(i, _)| *i);
+        all
+    });
+    for (i, score) in scores {
+        let mut score = score?;
+        let Some(t) = tasks.get_mut(i) else { continue };
+        let Some(setting) = setting_of(t) else {
+            continue;
+        };
+        score.setting = setting.to_string();
+        log::info!(
+            "{}: {setting}: agreement {:.4}, logit distance {:.4}",
+            t.name,
+            score.agreement,
+            score.logit_distance
+        );
+        progress(Progress::Step(&t.name));
+        t.tried.push((setting, score));
+    }
+    Ok(())
+}
+
+/// Agreement and logit distance of the engine's task against the original on the task's inputs.
+fn score(engine: &Engine, task: &Task) -> Result<CandidateScore, CompileError> {
+    let facts = engine.input_facts(task.index)?;
+    let outputs = run_chunks(task, &facts, |inputs| {
+        Ok(engine.run(task.index, inputs)?.into_iter().collect())
+    })?;
+    compare(&task.name, &task.reference, &outputs)
+}
+
+/// Top-1 agreement and RMS distance of `candidate` against `reference`.
+fn compare(
+    task: &str,
+    reference: &Outputs,
+    candidate: &Outputs,
+) -> Result<CandidateScore, CompileError> {
+    if reference.width != candidate.width || reference.values.len() != candidate.values.len() {
+        return Err(CompileError::Calibration(format!(
+            "{task}: the candidate's output ({} values, rows of {}) does not match the \
+             original's ({} values, rows of {})",
+            candidate.values.len(),
+            candidate.width,
+            reference.values.len(),
+            reference.width
+        )));
+    }
+    let width = reference.width.max(1);
+    let rows = reference
+        .values
+        .chunks(width)
+        .zip(candidate.values.chunks(width));
+    let (mut agree, mut n) = (0usize, 0usize);
+    for (r, c) in rows {
+        n += 1;
+        if argmax(r) == argmax(c) {
+            agree += 1;
+        }
+    }
+    let sq: f64 = reference
+        .values
+        .iter()
+        .zip(&candidate.values)
+        .map(|(&a, &b)| {
+            let d = f64::from(a) - f64::from(b);
+            d * d
+        })
+        .sum();
+    let count = reference.values.len().max(1) as f64;
+    Ok(CandidateScore {
+        setting: String::new(),
+        agreement: if n == 0 { 0.0 } else { agree as f64 / n as f64 },
+        logit_distance: (sq / count).sqrt(),
+    })
+}
+
+fn argmax(row: &[f32]) -> Option<usize> {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+}
+
+/// Runs `run` over the task's examples in chunks (the graph's fixed batch size, or [`CHUNK`])
+/// and gathers the first output.
+fn run_chunks(
+    task: &Task,
+    facts: &[IoInfo],
+    mut run: impl FnMut(TVec<TValue>) -> Result<Vec<TValue>, CompileError>,
+) -> Result<Outputs, CompileError> {
+    let err = tract(&task.name);
+    // Arrays in graph input order, converted to the input's type.
+    let mut arrays = Vec::with_capacity(facts.len());
+    for fact in facts {
+        let array = match task.inputs.iter().find(|(n, _)| *n == fact.name) {
+            Some((_, a)) => a,
+            None => match (facts, task.inputs.as_slice()) {
+                ([_], [(_, only)]) => only,
+                _ => {
+                    return Err(CompileError::Calibration(format!(
+                        "{}: no calibration array for graph input {:?} (given: {})",
+                        task.name,
+                        fact.name,
+                        task.inputs
+                            .iter()
+                            .map(|(n, _)| n.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )))
+                }
+            },
+        };
+        arrays.push(array.cast_to_dt(fact.dtype).map_err(&err)?.into_owned());
+    }
+    // A graph with a fixed batch size runs chunks of exactly that size (a remainder is left
+    // out); otherwise chunks of up to CHUNK examples.
+    let (batch, exact) = match facts
+        .iter()
+        .find_map(|f| f.shape.first().copied().flatten())
+    {
+        Some(b) => (b.max(1), true),
+        None => (CHUNK, false),
+    };
+    if exact && task.examples < batch {
+        return Err(CompileError::Calibration(format!(
+            "{}: fewer calibration examples ({}) than the graph's fixed batch size ({batch})",
+            task.name, task.examples
+        )));
+    }
+    let end_all = if exact {
+        task.examples - task.examples % batch
+    } else {
+        task.examples
+    };
+    let mut out = Outputs {
+        values: Vec::new(),
+        width: 0,
+    };
+    for start in (0..end_all).step_by(batch) {
+        let end = (start + batch).min(end_all);
+        let inputs = arrays
+            .iter()
+            .map(|a| a.slice(0, start, end).map(TValue::from))
+            .collect::<TractResult<TVec<TValue>>>()
+            .map_err(&err)?;
+        let outputs = run(inputs)?;
+        let first = outputs.first().ok_or_else(|| {
+            CompileError::Calibration(format!("{}: the model has no output", task.name))
+        })?;
+        let first = first.cast_to::<f32>().map_err(&err)?;
+        let view = first.to_plain_array_view::<f32>().map_err(&err)?;
+        out.width = view.shape().last().copied().unwrap_or(1);
+        out.values.extend(view.iter().copied());
+    }
+    Ok(out)
+}
+
+/// A scratch bundle path next to the output, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(output: &Path) -> Scratch {
+        let name = output
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "bundle".into());
+        Scratch(output.with_file_name(format!(".{name}.calibrating.{}", std::process::id())))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(agreement: f64, logit_distance: f64) -> ((), CandidateScore) {
+        (
+            (),
+            CandidateScore {
+                setting: String::new(),
+                agreement,
+                logit_distance,
+            },
+        )
+    }
+
+    #[test]
+    fn best_is_agreement_then_distance_then_first() {
+        assert_eq!(best(&[] as &[((), CandidateScore)]), None);
+        // Higher agreement wins over a smaller distance.
+        assert_eq!(best(&[s(0.90, 0.1), s(0.95, 0.9), s(0.93, 0.0)]), Some(1));
+        // Equal agreement: the smaller distance.
+        assert_eq!(best(&[s(0.95, 0.5), s(0.95, 0.2), s(0.95, 0.3)]), Some(1));
+        // A full tie: the earliest.
+        assert_eq!(best(&[s(0.5, 0.2), s(0.5, 0.2)]), Some(0));
+    }
+
+    #[test]
+    fn compare_counts_top1_matches_and_rms() {
+        // Rows of 2: argmax 1,0,1 vs 1,1,1 → 2/3; squared differences 0,0,1,1,0,0 → rms √(2/6).
+        let r = Outputs {
+            values: vec![0.0, 1.0, 1.0, 0.0, 0.0, 1.0],
+            width: 2,
+        };
+        let c = Outputs {
+            values: vec![0.0, 1.0, 0.0, 1.0, 0.0, 1.0],
+            width: 2,
+        };
+        let score = compare("t", &r, &c).unwrap();
+        assert!((score.agreement - 2.0 / 3.0).abs() < 1e-12);
+        assert!((score.logit_distance - (2.0f64 / 6.0).sqrt()).abs() < 1e-12);
+        let short = Outputs {
+            values: vec![0.0, 1.0],
+            width: 2,
+        };
+        assert!(matches!(
+            compare("t", &r, &short),
+            Err(CompileError::Calibration(_))
+        ));
+    }
+}

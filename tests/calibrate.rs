@@ -1,0 +1,254 @@
+//! Calibration picks, per task, the setting that agrees best with the original model.
+//!
+//! The expected choice is computed independently of the calibrator: every candidate setting is
+//! compiled as an ordinary bundle, the task is exported to ONNX (`export_task`) and run with
+//! plain tract next to the original checkpoint, and the agreement is counted here. The
+//! calibrator instead runs candidates through the runtime engine.
+
+use crate::common::{demo, demo_tasks};
+use std::path::Path;
+
+use taskpack::compile::export::export_task;
+use taskpack::compile::{compile, compile_calibrated, Calibration, CompileError, CompileOptions};
+use taskpack::dtype::DType;
+use taskpack::merge::scaling::ScaleMode;
+use taskpack::merge::Method;
+use tract_onnx::prelude::*;
+
+const EXAMPLES: usize = 48;
+const LAMBDAS: [f32; 3] = [0.2, 0.5, 0.8];
+const CALIBRATED: [&str; 3] = ["digits", "mnist", "parity"];
+
+/// The first `EXAMPLES` images of a task's test set.
+fn images(task: &str) -> Tensor {
+    let file = std::fs::File::open(demo().join(format!("{task}.test.npz"))).unwrap();
+    let mut npz = ndarray_npy::NpzReader::new(file).unwrap();
+    let image: tract_ndarray::ArrayD<f32> = npz.by_name("image").unwrap();
+    image.into_tensor().slice(0, 0, EXAMPLES).unwrap()
+}
+
+/// Logits of an ONNX model (bytes) on `x`, with plain tract, as rows.
+fn logits(onnx: &[u8], x: &Tensor) -> Vec<Vec<f32>> {
+    let model = tract_onnx::onnx()
+        .model_for_read(&mut &onnx[..])
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let out = model.run(tvec!(x.clone().into())).unwrap();
+    let view = out[0].to_plain_array_view::<f32>().unwrap();
+    let width = *view.shape().last().unwrap();
+    let flat: Vec<f32> = view.iter().copied().collect();
+    flat.chunks(width).map(<[f32]>::to_vec).collect()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0
+}
+
+/// (agreement, RMS distance) of `candidate` against `original`.
+fn agreement(original: &[Vec<f32>], candidate: &[Vec<f32>]) -> (f64, f64) {
+    let same = original
+        .iter()
+        .zip(candidate)
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    let (mut sq, mut n) = (0.0f64, 0usize);
+    for (a, b) in original.iter().zip(candidate) {
+        for (x, y) in a.iter().zip(b) {
+            sq += (f64::from(*x) - f64::from(*y)).powi(2);
+            n += 1;
+        }
+    }
+    (same as f64 / original.len() as f64, (sq / n as f64).sqrt())
+}
+
+fn options(out: &Path) -> CompileOptions {
+    CompileOptions {
+        delta_dtype: DType::F32,
+        ..CompileOptions::new(demo().join("base.onnx"), demo_tasks(), Method::Tall, out)
+    }
+}
+
+/// Scores of one task under per-task settings, via an ordinary compile + export + plain tract.
+fn independent_score(
+    dir: &Path,
+    task: &str,
+    lambda: &[f32],
+    scale: &[ScaleMode],
+    x: &Tensor,
+    original: &[Vec<f32>],
+) -> (f64, f64) {
+    let out = dir.join("candidate.tpk");
+    let mut opts = options(&out);
+    opts.params.lambda = lambda.to_vec();
+    opts.scale = scale.to_vec();
+    let bundle = compile(&opts, &mut |_| {}).unwrap();
+    agreement(original, &logits(&export_task(&bundle, task).unwrap(), x))
+}
+
+/// Index of the best score: highest agreement, then lowest distance, then first.
+fn best(scores: &[(f64, f64)]) -> usize {
+    let mut best = 0;
+    for (i, s) in scores.iter().enumerate() {
+        let b = scores[best];
+        if s.0 > b.0 || (s.0 == b.0 && s.1 < b.1) {
+            best = i;
+        }
+    }
+    best
+}
+
+#[test]
+fn calibration_picks_the_setting_that_agrees_best_with_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = demo_tasks();
+    let n = tasks.len();
+    let index = |name: &str| tasks.iter().position(|(t, _)| t == name).unwrap();
+    let inputs: Vec<(String, Vec<(String, Tensor)>)> = CALIBRATED
+        .iter()
+        .map(|t| (t.to_string(), vec![("image".to_string(), images(t))]))
+        .collect();
+    let calibration = Calibration {
+        lambdas: LAMBDAS.to_vec(),
+        scales: vec![ScaleMode::None, ScaleMode::Row],
+        max_examples: EXAMPLES,
+        ..Calibration::new(inputs.clone())
+    };
+    let out = dir.path().join("calibrated.tpk");
+    let bundle = compile_calibrated(&options(&out), &calibration, &mut |_| {}).unwrap();
+    let m = bundle.manifest();
+
+    for name in CALIBRATED {
+        let t = index(name);
+        let x = &inputs.iter().find(|(n, _)| n == name).unwrap().1[0].1;
+        let original = logits(&std::fs::read(&tasks[t].1).unwrap(), x);
+        // Round 1: every λ, no scaling, for all tasks at once.
+        let lambda_scores: Vec<(f64, f64)> = LAMBDAS
+            .iter()
+            .map(|&l| {
+                independent_score(
+                    dir.path(),
+                    name,
+                    &[l; 5],
+                    &[ScaleMode::None; 5],
+                    x,
+                    &original,
+                )
+            })
+            .collect();
+        let best_lambda = LAMBDAS[best(&lambda_scores)];
+        // Round 2: row scaling at the task's best λ (the other tasks' settings do not change
+        // this task's reconstruction, so they are left at the default here).
+        let mut lambda = vec![0.4; n];
+        lambda[t] = best_lambda;
+        let mut scale = vec![ScaleMode::None; n];
+        scale[t] = ScaleMode::Row;
+        let row = independent_score(dir.path(), name, &lambda, &scale, x, &original);
+        let mut all = lambda_scores.clone();
+        all.push(row);
+        let expected = best(&all);
+
+        let report = m.report.tasks[t].calibration.as_ref().unwrap();
+        assert_eq!(report.examples, EXAMPLES as u64);
+        assert_eq!(report.candidates.len(), all.len(), "{name}");
+        for (got, want) in report.candidates.iter().zip(&all) {
+            assert!(
+                (got.agreement - want.0).abs() < 1e-12,
+                "{name}: {got:?} vs {want:?}"
+            );
+            assert!(
+                (got.logit_distance - want.1).abs() < 1e-4,
+                "{name}: {got:?} vs {want:?}"
+            );
+        }
+        assert_eq!(report.chosen, expected as u64, "{name}: {all:?}");
+        // The bundle carries the winner.
+        let (want_lambda, want_scale) = if expected < LAMBDAS.len() {
+            (LAMBDAS[expected], ScaleMode::None)
+        } else {
+            (best_lambda, ScaleMode::Row)
+        };
+        assert_eq!(m.tasks[t].lambda, Some(want_lambda), "{name}");
+        assert_eq!(m.tasks[t].scale_mode, want_scale, "{name}");
+        // And it reproduces the agreement that was measured.
+        let got = agreement(&original, &logits(&export_task(&bundle, name).unwrap(), x));
+        assert!((got.0 - all[expected].0).abs() < 1e-12, "{name}");
+    }
+    // Tasks without calibration inputs keep the defaults.
+    for name in ["fashion3", "footwear"] {
+        let t = index(name);
+        assert!(m.report.tasks[t].calibration.is_none());
+        assert_eq!(m.tasks[t].lambda, Some(0.4));
+        assert_eq!(m.tasks[t].scale_mode, ScaleMode::None);
+    }
+    // No scratch bundle is left behind.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        left.iter()
+            .all(|f| !f.to_string_lossy().contains("calibrating")),
+        "{left:?}"
+    );
+}
+
+#[test]
+fn calibration_inputs_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bad.tpk");
+    let x = images("mnist");
+    let run = |inputs: Vec<(String, Vec<(String, Tensor)>)>| {
+        compile_calibrated(&options(&out), &Calibration::new(inputs), &mut |_| {})
+    };
+    let calib_err = |r: Result<_, CompileError>, needle: &str| match r {
+        Err(CompileError::Calibration(m)) => assert!(m.contains(needle), "{m}"),
+        Err(e) => panic!("expected a calibration error, got {e}"),
+        Ok(_) => panic!("expected a calibration error"),
+    };
+    calib_err(
+        run(vec![("nope".into(), vec![("image".into(), x.clone())])]),
+        "not a task",
+    );
+    calib_err(
+        run(vec![
+            ("mnist".into(), vec![("image".into(), x.clone())]),
+            ("mnist".into(), vec![("image".into(), x.clone())]),
+        ]),
+        "twice",
+    );
+    calib_err(
+        run(vec![(
+            "mnist".into(),
+            vec![(
+                "image".into(),
+                Tensor::zero::<f32>(&[0, 1, 28, 28]).unwrap(),
+            )],
+        )]),
+        "no calibration examples",
+    );
+    calib_err(
+        run(vec![(
+            "mnist".into(),
+            vec![
+                ("image".into(), x.clone()),
+                ("other".into(), x.slice(0, 0, 3).unwrap()),
+            ],
+        )]),
+        "different numbers of examples",
+    );
+    calib_err(
+        run(vec![(
+            "mnist".into(),
+            vec![("a".into(), x.clone()), ("b".into(), x.clone())],
+        )]),
+        "no calibration array for graph input",
+    );
+    assert!(!out.exists());
+}
