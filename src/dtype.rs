@@ -4,7 +4,7 @@
 //! `bf16`. The conversions live here so that the compiler, the exporter and the runtime round in
 //! exactly the same way (IEEE round-to-nearest-even, through the `half` crate).
 
-use half::slice::HalfFloatSliceExt;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use serde::{Deserialize, Serialize};
 
 /// Storage type of a tensor in a bundle. All are little-endian IEEE formats.
@@ -56,37 +56,45 @@ impl DType {
     /// element is ignored; callers validate lengths before decoding.
     pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
         out.clear();
-        out.reserve(bytes.len() / self.size());
+        out.resize(bytes.len() / self.size(), 0.0);
+        self.decode_slice(bytes, out);
+    }
+
+    /// Decodes little-endian `bytes` of this type into `out`, element for element, as many as
+    /// both hold (callers pass `bytes.len() == out.len() * self.size()`). The same conversions
+    /// as [`DType::decode_into`], without allocating: a chunk of a tensor can be decoded
+    /// straight into its destination.
+    pub fn decode_slice(self, bytes: &[u8], out: &mut [f32]) {
         match self {
-            DType::F32 => out.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
+            DType::F32 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
             DType::F16 => {
                 // Bit patterns into a small stack buffer, then `half`'s slice conversion, which
                 // uses the CPU's f16→f32 instructions several lanes at a time where available
                 // (exact either way). No heap allocation: fresh pages would cost more than this.
                 const CHUNK: usize = 256;
-                let mut halves = [half::f16::ZERO; CHUNK];
-                for chunk in bytes.chunks(2 * CHUNK) {
+                let mut bits = [0u16; CHUNK];
+                for (dst, chunk) in out.chunks_mut(CHUNK).zip(bytes.chunks(2 * CHUNK)) {
                     let mut n = 0;
-                    for (h, c) in halves.iter_mut().zip(chunk.chunks_exact(2)) {
-                        *h = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+                    for (b, c) in bits.iter_mut().zip(chunk.chunks_exact(2)) {
+                        *b = u16::from_le_bytes([c[0], c[1]]);
                         n += 1;
                     }
-                    let start = out.len();
-                    out.resize(start + n, 0.0);
-                    if let (Some(src), Some(dst)) = (halves.get(..n), out.get_mut(start..)) {
-                        src.convert_to_f32_slice(dst);
+                    let n = n.min(dst.len());
+                    if let (Some(src), Some(dst)) = (bits.get(..n), dst.get_mut(..n)) {
+                        src.reinterpret_cast::<half::f16>()
+                            .convert_to_f32_slice(dst);
                     }
                 }
             }
-            DType::BF16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-            ),
+            DType::BF16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
         }
     }
 

@@ -1,11 +1,16 @@
 //! Reconstruction of a task's weights from a bundle: `θ̂_t = θ_0 + g_t · s_t ⊙ (m_t ⊙ δ)`.
 //!
-//! This is the one implementation of the normative rule of docs/FORMAT.md ("Reconstruction"):
-//! the exporter and the runtime both call it, so an exported ONNX model and the runtime's bound
-//! weights are bit-identical. Arithmetic is `f32`, base and delta decoded to `f32` first, the
-//! factor `g · s` formed before it multiplies `δ`, and no fused multiply-add.
+//! [`task_tensor`] is the one implementation of the normative rule of docs/FORMAT.md
+//! ("Reconstruction"), written to be read against the spec: arithmetic is `f32`, base and delta
+//! decoded to `f32` first, the factor `g · s` formed before it multiplies `δ`, and no fused
+//! multiply-add. The exporter calls it. The runtime calls [`task_tensor_into`], the same
+//! operations on the same values in one pass per chunk of the tensor, straight into the caller's
+//! buffer, tested bit for bit against [`task_tensor`]; so an exported ONNX model and the runtime's
+//! bound weights are bit-identical.
 
-use crate::format::manifest::{Scale, TaskTensor, TensorStorage};
+use crate::dtype::DType;
+use crate::format::manifest::{Scale, Stored, TaskEntry, TaskTensor, TensorEntry, TensorStorage};
+use crate::format::{FormatError, SectionId};
 use crate::mask::Mask;
 use crate::runtime::{Bundle, Error};
 
@@ -25,20 +30,7 @@ pub fn task_tensor(
     out: &mut Vec<f32>,
     scratch: &mut Scratch,
 ) -> Result<Vec<u64>, Error> {
-    let manifest = bundle.manifest();
-    let t = manifest.tasks.get(task).ok_or(Error::OutOfRange {
-        what: "task",
-        index: task,
-        count: manifest.tasks.len(),
-    })?;
-    let out_of_range = || Error::OutOfRange {
-        what: "tensor",
-        index: tensor,
-        count: manifest.tensors.len(),
-    };
-    let entry = manifest.tensors.get(tensor).ok_or_else(out_of_range)?;
-    // Validated by `parse` (rules 27–29): one module per tensor, of the matching variant.
-    let module = t.tensors.get(tensor).ok_or_else(out_of_range)?;
+    let (t, entry, module) = lookup(bundle, task, tensor)?;
     match (module, &entry.storage) {
         (TaskTensor::Private { stored, shape }, _) => {
             bundle.decode_f32(stored.section, out)?;
@@ -85,14 +77,294 @@ pub fn task_tensor(
             Ok(entry.shape.clone())
         }
         // Unreachable after validation (rule 28); treated as the base alone would be wrong.
-        (TaskTensor::Merged { .. }, TensorStorage::Private) => Err(Error::Format(
-            crate::format::FormatError::TaskTensorMismatch {
-                task: t.name.clone(),
-                tensor: entry.name.clone(),
-                expected: "private",
-                found: "merged",
-            },
-        )),
+        (TaskTensor::Merged { .. }, TensorStorage::Private) => Err(mismatch(t, entry)),
+    }
+}
+
+/// Task `task`, tensor `tensor` and the task's module for it.
+fn lookup(
+    bundle: &Bundle,
+    task: usize,
+    tensor: usize,
+) -> Result<(&TaskEntry, &TensorEntry, &TaskTensor), Error> {
+    let manifest = bundle.manifest();
+    let t = manifest.tasks.get(task).ok_or(Error::OutOfRange {
+        what: "task",
+        index: task,
+        count: manifest.tasks.len(),
+    })?;
+    let out_of_range = || Error::OutOfRange {
+        what: "tensor",
+        index: tensor,
+        count: manifest.tensors.len(),
+    };
+    let entry = manifest.tensors.get(tensor).ok_or_else(out_of_range)?;
+    // Validated by `parse` (rules 27–29): one module per tensor, of the matching variant.
+    let module = t.tensors.get(tensor).ok_or_else(out_of_range)?;
+    Ok((t, entry, module))
+}
+
+fn mismatch(t: &TaskEntry, entry: &TensorEntry) -> Error {
+    Error::Format(FormatError::TaskTensorMismatch {
+        task: t.name.clone(),
+        tensor: entry.name.clone(),
+        expected: "private",
+        found: "merged",
+    })
+}
+
+/// Elements per step of [`task_tensor_into`]: one chunk of the output, of the decoded delta and
+/// of the factors (12 KiB together) stays in L1 cache from decoding to the masked add.
+const CHUNK: usize = 1024;
+
+/// Reconstructs tensor `tensor` of task `task` straight into `out`, which must hold exactly its
+/// number of elements (else an error, and `out` is left as it was): bit for bit what
+/// [`task_tensor`] produces, without its scratch buffers and passes over whole tensors. Chunk by
+/// chunk, the delta is decoded into a buffer on the stack, and the masked, scaled add reads the
+/// base (an `f32` base straight from the bundle) and writes `out` while the chunk is in L1, mask
+/// bits selecting without branches. Every section read is checksum-verified on first use.
+pub fn task_tensor_into(
+    bundle: &Bundle,
+    task: usize,
+    tensor: usize,
+    out: &mut [f32],
+) -> Result<(), Error> {
+    let (t, entry, module) = lookup(bundle, task, tensor)?;
+    let len = out.len();
+    match (module, &entry.storage) {
+        (TaskTensor::Private { stored, .. }, _) => {
+            stored.dtype.decode_slice(dense(bundle, *stored, len)?, out);
+            Ok(())
+        }
+        (TaskTensor::Merged { mask, scale }, TensorStorage::Merged { base, delta }) => {
+            let base_bytes = dense(bundle, *base, len)?;
+            let Some(delta) = delta else {
+                base.dtype.decode_slice(base_bytes, out);
+                return Ok(());
+            };
+            let delta_bytes = dense(bundle, *delta, len)?;
+            let mask = match mask {
+                Some(id) => Some(sized(bundle, *id, Mask::packed_len(len))?),
+                None => None,
+            };
+            let g = t.scale;
+            let factor = match scale {
+                Scale::None => Factor::Uniform(g),
+                Scale::Tensor(s) => Factor::Uniform(g * s),
+                Scale::Rows(id) => {
+                    let scales = bundle.section(*id)?;
+                    // Validated (rule 26): one scale per row, rows along the first axis.
+                    let rows = scales.len() / 4;
+                    let row_len = match rows {
+                        0 => (len == 0).then_some(1),
+                        _ => (len % rows == 0).then(|| (len / rows).max(1)),
+                    };
+                    let Some(row_len) = row_len else {
+                        let expected = entry.shape.first().map_or(0, |r| r.saturating_mul(4));
+                        return Err(length_error(*id, expected, scales.len()));
+                    };
+                    Factor::Rows { g, scales, row_len }
+                }
+            };
+            fused(
+                out,
+                (base.dtype, base_bytes),
+                (delta.dtype, delta_bytes),
+                mask,
+                &factor,
+            );
+            Ok(())
+        }
+        (TaskTensor::Merged { .. }, TensorStorage::Private) => Err(mismatch(t, entry)),
+    }
+}
+
+fn length_error(section: SectionId, expected: u64, found: usize) -> Error {
+    Error::Format(FormatError::SectionLengthMismatch {
+        section,
+        expected,
+        found: found as u64,
+    })
+}
+
+/// The bytes of section `id`, which must be `bytes` long.
+fn sized(bundle: &Bundle, id: SectionId, bytes: usize) -> Result<&[u8], Error> {
+    let data = bundle.section(id)?;
+    if data.len() == bytes {
+        Ok(data)
+    } else {
+        Err(length_error(id, bytes as u64, data.len()))
+    }
+}
+
+/// The bytes of a dense section of `len` elements.
+fn dense(bundle: &Bundle, stored: Stored, len: usize) -> Result<&[u8], Error> {
+    let bytes = len
+        .checked_mul(stored.dtype.size())
+        .ok_or(FormatError::Overflow {
+            what: "byte length of a dense tensor",
+        })?;
+    sized(bundle, stored.section, bytes)
+}
+
+/// The factor `g · s_r` of every element.
+enum Factor<'a> {
+    /// The same for every element: `g` or `g · s`.
+    Uniform(f32),
+    /// `g · s_r` for the row `r` of each element, rows of `row_len` elements, `s_r` the `f32`
+    /// at byte `4 r` of `scales`.
+    Rows {
+        g: f32,
+        scales: &'a [u8],
+        row_len: usize,
+    },
+}
+
+/// `out = base + factor · δ` where the mask selects, `base` elsewhere, chunk by chunk. The
+/// lengths were checked by the caller: `base`, `delta` hold `out.len()` elements, `mask` (if any)
+/// `⌈out.len() / 8⌉` bytes.
+fn fused(
+    out: &mut [f32],
+    base: (DType, &[u8]),
+    delta: (DType, &[u8]),
+    mask: Option<&[u8]>,
+    factor: &Factor<'_>,
+) {
+    let mut d = [0f32; CHUNK];
+    let mut f = [0f32; CHUNK];
+    let mut masks = mask.map(|m| m.chunks(CHUNK / 8));
+    let f32_base = base.0 == DType::F32;
+    let chunks = out
+        .chunks_mut(CHUNK)
+        .zip(base.1.chunks(CHUNK * base.0.size()))
+        .zip(delta.1.chunks(CHUNK * delta.0.size()));
+    for (c, ((o, b), dl)) in chunks.enumerate() {
+        let n = o.len();
+        let Some(d) = d.get_mut(..n) else { return };
+        delta.0.decode_slice(dl, d);
+        let m = masks.as_mut().and_then(Iterator::next);
+        if !f32_base {
+            base.0.decode_slice(b, o);
+        }
+        match *factor {
+            Factor::Uniform(x) if f32_base => combine_f32(o, b, d, m, |_| x),
+            Factor::Uniform(x) => combine(o, d, m, |_| x),
+            Factor::Rows { g, scales, row_len } => {
+                let Some(f) = f.get_mut(..n) else { return };
+                row_factors(c * CHUNK, row_len, g, scales, f);
+                let factor = |j: usize| f.get(j).copied().unwrap_or(0.0);
+                if f32_base {
+                    combine_f32(o, b, d, m, factor);
+                } else {
+                    combine(o, d, m, factor);
+                }
+            }
+        }
+    }
+}
+
+/// `f[j] = g · s_r` for element `start + j` of row `r`.
+fn row_factors(start: usize, row_len: usize, g: f32, scales: &[u8], f: &mut [f32]) {
+    let mut j = 0;
+    while j < f.len() {
+        let i = start + j;
+        let row = i / row_len;
+        let end = ((row + 1) * row_len - start).min(f.len());
+        let s = scales
+            .get(4 * row..4 * row + 4)
+            .map_or(0.0, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        if let Some(run) = f.get_mut(j..end) {
+            run.fill(g * s);
+        }
+        j = end;
+    }
+}
+
+/// `o[j] = base[j] + factor(j) · d[j]` where bit `j` of `mask` is set (all, without a mask),
+/// `base[j]` elsewhere, `base` the little-endian `f32` bytes of the chunk: [`combine`] with the
+/// base read straight from the bundle, saving a pass that copies it into `o` first.
+#[inline(always)]
+fn combine_f32(
+    o: &mut [f32],
+    base: &[u8],
+    d: &[f32],
+    mask: Option<&[u8]>,
+    factor: impl Fn(usize) -> f32,
+) {
+    let le = |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    let Some(mask) = mask else {
+        for (j, ((o, b), d)) in o.iter_mut().zip(base.chunks_exact(4)).zip(d).enumerate() {
+            *o = le(b) + factor(j) * d;
+        }
+        return;
+    };
+    let mut o8 = o.chunks_exact_mut(8);
+    let mut b8 = base.chunks_exact(32);
+    let mut d8 = d.chunks_exact(8);
+    let mut k = 0;
+    for (((o, b), d), &bits) in (&mut o8).zip(&mut b8).zip(&mut d8).zip(mask) {
+        let (Ok(o), Ok(b), Ok(d)) = (
+            <&mut [f32; 8]>::try_from(o),
+            <&[u8; 32]>::try_from(b),
+            <&[f32; 8]>::try_from(d),
+        ) else {
+            continue;
+        };
+        for j in 0..8 {
+            let b = f32::from_le_bytes([b[4 * j], b[4 * j + 1], b[4 * j + 2], b[4 * j + 3]]);
+            let sum = b + factor(8 * k + j) * d[j];
+            o[j] = if bits & (1 << j) != 0 { sum } else { b };
+        }
+        k += 1;
+    }
+    let bits = mask.get(k).copied().unwrap_or(0);
+    let tail = o8
+        .into_remainder()
+        .iter_mut()
+        .zip(b8.remainder().chunks_exact(4));
+    for (j, ((o, b), d)) in tail.zip(d8.remainder()).enumerate() {
+        let b = le(b);
+        *o = if bits & (1 << j) != 0 {
+            b + factor(8 * k + j) * d
+        } else {
+            b
+        };
+    }
+}
+
+/// `o[j] += factor(j) · d[j]` where bit `j` of `mask` is set (all, without a mask).
+///
+/// The masked loop computes the sum for all eight elements of a mask byte and keeps it or the
+/// old value by the bit: a select, not a branch, so random masks cost no mispredictions and the
+/// loop vectorizes. The values are those of `apply`: the same `f32` product and sum.
+#[inline(always)]
+fn combine(o: &mut [f32], d: &[f32], mask: Option<&[u8]>, factor: impl Fn(usize) -> f32) {
+    let Some(mask) = mask else {
+        for (j, (o, d)) in o.iter_mut().zip(d).enumerate() {
+            *o += factor(j) * d;
+        }
+        return;
+    };
+    let mut o8 = o.chunks_exact_mut(8);
+    let mut d8 = d.chunks_exact(8);
+    let mut k = 0;
+    for ((o, d), &bits) in (&mut o8).zip(&mut d8).zip(mask) {
+        for (j, (o, d)) in o.iter_mut().zip(d).enumerate() {
+            let sum = *o + factor(8 * k + j) * d;
+            *o = if bits & (1 << j) != 0 { sum } else { *o };
+        }
+        k += 1;
+    }
+    let bits = mask.get(k).copied().unwrap_or(0);
+    for (j, (o, d)) in o8
+        .into_remainder()
+        .iter_mut()
+        .zip(d8.remainder())
+        .enumerate()
+    {
+        if bits & (1 << j) != 0 {
+            *o += factor(8 * k + j) * d;
+        }
     }
 }
 
@@ -125,5 +397,202 @@ fn apply(out: &mut [f32], delta: &[f32], mask: Option<&[u8]>, factor: impl Fn(us
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random bits (xorshift).
+    struct Bits(u64);
+
+    impl Bits {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn f32(&mut self) -> f32 {
+            // Mostly ordinary weights, with the special values mixed in.
+            match self.next() % 16 {
+                0 => f32::NAN,
+                1 => -0.0,
+                2 => f32::INFINITY,
+                3 => 1e-40, // subnormal
+                4 => 65504.0,
+                _ => (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0,
+            }
+        }
+    }
+
+    /// The normative path (`decode_into` + `apply`) next to the fused one on the same bytes.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        len: usize,
+        base_dt: DType,
+        delta_dt: DType,
+        masked: bool,
+        rows: Option<usize>,
+        g: f32,
+        seed: u64,
+    ) {
+        let mut r = Bits(seed);
+        let base: Vec<f32> = (0..len).map(|_| r.f32()).collect();
+        let delta: Vec<f32> = (0..len).map(|_| r.f32()).collect();
+        let (mut base_bytes, mut delta_bytes) = (Vec::new(), Vec::new());
+        base_dt.encode(&base, &mut base_bytes);
+        delta_dt.encode(&delta, &mut delta_bytes);
+        let mask = masked.then(|| {
+            let mask = Mask::from_fn(len, |_| r.next() % 3 == 0);
+            mask.as_bytes().to_vec()
+        });
+        let scales: Vec<f32> = (0..rows.unwrap_or(0))
+            .map(|_| 0.5 + (r.next() % 100) as f32 / 64.0)
+            .collect();
+        let mut scale_bytes = Vec::new();
+        DType::F32.encode(&scales, &mut scale_bytes);
+
+        let mut expected = Vec::new();
+        base_dt.decode_into(&base_bytes, &mut expected);
+        let mut d = Vec::new();
+        delta_dt.decode_into(&delta_bytes, &mut d);
+        let factor = match rows {
+            None => Factor::Uniform(g),
+            Some(n) => Factor::Rows {
+                g,
+                scales: &scale_bytes,
+                row_len: (len / n).max(1),
+            },
+        };
+        match rows {
+            None => apply(&mut expected, &d, mask.as_deref(), |_| g),
+            Some(n) => {
+                let row_len = (len / n).max(1);
+                apply(&mut expected, &d, mask.as_deref(), |i| {
+                    scales.get(i / row_len).map_or(0.0, |s| g * s)
+                })
+            }
+        }
+
+        let mut out = vec![7.0; len];
+        fused(
+            &mut out,
+            (base_dt, &base_bytes),
+            (delta_dt, &delta_bytes),
+            mask.as_deref(),
+            &factor,
+        );
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&out),
+            bits(&expected),
+            "len {len}, {base_dt} base, {delta_dt} delta, masked {masked}, rows {rows:?}"
+        );
+    }
+
+    #[test]
+    fn fused_pass_is_bit_identical_to_the_normative_one() {
+        // Lengths around the mask byte, the chunk and the f16 decode buffer.
+        let lens = [0, 1, 7, 8, 9, 255, 256, 257, 1023, 1024, 1025, 2048, 3001];
+        let dtypes = [DType::F32, DType::F16, DType::BF16];
+        let mut seed = 0x9e37_79b9_7f4a_7c15;
+        for len in lens {
+            for base_dt in dtypes {
+                for delta_dt in dtypes {
+                    for masked in [false, true] {
+                        seed += 1;
+                        check(len, base_dt, delta_dt, masked, None, 0.7, seed);
+                        check(len, base_dt, delta_dt, masked, None, 1.0, seed);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_row_scales_are_bit_identical_to_the_normative_ones() {
+        // Rows shorter than a mask byte, not a multiple of it, and across chunk boundaries.
+        for (len, rows) in [
+            (12, 4),
+            (15, 3),
+            (21, 7),
+            (3000, 3),
+            (3001, 1),
+            (2050, 2),
+            (4096, 2),
+        ] {
+            for masked in [false, true] {
+                for delta_dt in [DType::F32, DType::F16] {
+                    check(
+                        len,
+                        DType::F32,
+                        delta_dt,
+                        masked,
+                        Some(rows),
+                        0.9,
+                        len as u64,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every tensor of every task of demo bundles compiled with every method, the three scale
+    /// modes (one per task) and the three delta types: `task_tensor_into` gives the bits of
+    /// `task_tensor`.
+    #[cfg(feature = "compiler")]
+    #[test]
+    fn fast_path_matches_task_tensor_on_the_demo_bundles() {
+        use crate::compile::{compile, CompileOptions};
+        use crate::merge::scaling::ScaleMode;
+        use crate::merge::Method;
+
+        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+        let tasks: Vec<(String, std::path::PathBuf)> =
+            ["digits", "fashion3", "footwear", "mnist", "parity"]
+                .iter()
+                .map(|t| (t.to_string(), demo.join(format!("{t}.onnx"))))
+                .collect();
+        let modes = [ScaleMode::None, ScaleMode::Tensor, ScaleMode::Row];
+        let dir = tempfile::tempdir().unwrap();
+        let mut checked = (0, 0);
+        for (k, method) in Method::ALL.into_iter().enumerate() {
+            let delta_dtype = [DType::F16, DType::F32, DType::BF16][k % 3];
+            let out = dir.path().join(format!("{}.tpk", method.name()));
+            let opts = CompileOptions {
+                scale: (0..tasks.len()).map(|t| modes[(t + k) % 3]).collect(),
+                delta_dtype,
+                ..CompileOptions::new(demo.join("base.onnx"), tasks.clone(), method, &out)
+            };
+            drop(compile(&opts, &mut |_| {}).unwrap());
+            let bundle = Bundle::read(&out).unwrap();
+            let m = bundle.manifest();
+            let (mut expected, mut scratch) = (Vec::new(), Scratch::default());
+            for task in 0..m.tasks.len() {
+                for tensor in 0..m.tensors.len() {
+                    task_tensor(&bundle, task, tensor, &mut expected, &mut scratch).unwrap();
+                    let mut out = vec![f32::NAN; expected.len()];
+                    task_tensor_into(&bundle, task, tensor, &mut out).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&out),
+                        bits(&expected),
+                        "{method:?} task {task} tensor {tensor}"
+                    );
+                    let masked = matches!(
+                        m.tasks[task].tensors[tensor],
+                        TaskTensor::Merged { mask: Some(_), .. }
+                    );
+                    checked.0 += 1;
+                    checked.1 += usize::from(masked);
+                }
+            }
+            // A wrong length is an error, not a panic or a partial write.
+            let mut short = vec![0.0; 3];
+            assert!(task_tensor_into(&bundle, 0, 0, &mut short).is_err());
+        }
+        assert!(checked.1 > 0 && checked.1 < checked.0, "{checked:?}");
     }
 }
