@@ -6,11 +6,12 @@
 //!    some task changes left as a model input and every weight no task changes as a constant
 //!    (see `src/runtime/template.rs` for the details, including `BatchNormalization`).
 //! 2. **Once per task switch** (a cache miss): *binding* — the task's weights are reconstructed
-//!    ([`reconstruct::task_tensor`](super::reconstruct::task_tensor), the normative rule) into
-//!    reused tensors, the template's weight inputs are replaced by constants holding them, and
-//!    tract's constant propagation evaluates what the optimizer wired on the weight side (matmul
-//!    packing, folded BatchNorm products). No parsing, no declutter, no optimizer pass. The
-//!    result is a plan as fast as a normally optimized model of the task.
+//!    one at a time ([`reconstruct::task_tensor_into`](super::reconstruct::task_tensor_into),
+//!    bit for bit the normative rule) into reused tensors, what the optimizer wired on the weight
+//!    side is evaluated on them (the matmul packing right after each weight, folded BatchNorm
+//!    products by tract's constant propagation), and the results replace the template's weight
+//!    inputs as constants. No parsing, no declutter, no optimizer pass. The result is a plan as
+//!    fast as a normally optimized model of the task.
 //! 3. **Bound plans are cached** ([`EngineOptions::cache_bytes`], least recently used first out),
 //!    so switching back to a recent task is a map lookup.
 //!
@@ -364,8 +365,11 @@ impl Engine {
         lock(&self.cache).contains(task)
     }
 
-    /// Drops every cached bound task and the binding buffers each template keeps for reuse
-    /// (up to [`Engine::task_weight_bytes`] per binding that ran concurrently). Templates stay.
+    /// Drops every cached bound task and the binding buffers each template keeps for reuse, per
+    /// binding that ran concurrently: one tensor per distinct weight shape when every weight is
+    /// packed as it is reconstructed (transformers), up to [`Engine::task_weight_bytes`] when
+    /// constant propagation needs all of them at once (e.g. BatchNorm folded into convolutions).
+    /// Templates stay.
     pub fn clear_cache(&self) {
         lock(&self.cache).clear();
         for template in self.slots.iter().filter_map(|s| s.built.get()) {
@@ -442,11 +446,6 @@ impl Engine {
             }
             _ => None,
         };
-        if cacheable {
-            // Free the plans that will be evicted anyway before binding, not after: otherwise
-            // they and the new task's weights are all resident at the peak.
-            lock(&self.cache).make_room(bytes);
-        }
         if cacheable {
             // Free the plans that will be evicted anyway before binding, not after: otherwise
             // they and the new task's weights are all resident at the peak.

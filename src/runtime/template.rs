@@ -5,9 +5,15 @@
 //! §5), and none of that work depends on the values of the weights. A template does it once per
 //! graph with every weight some task changes declared as a `TypedSource` of known type and shape,
 //! and every weight no task changes (a merged tensor without delta) as a constant. Binding a task
-//! then only replaces those sources by `Const` nodes holding the task's materialized tensors and
-//! runs constant propagation, which evaluates whatever the optimizer wired on the weight side
-//! (matmul packing, kernel reshapes, folded channel-wise products) exactly once.
+//! then reconstructs one weight at a time ([`reconstruct::task_tensor_into`]) into a pooled
+//! tensor and at once evaluates what constant propagation would fold into that weight alone: the
+//! chain of single-input nodes after it (the matmul packing, reshapes), while the weight is still
+//! in cache. The chain's last node becomes a `Const` holding the result, and the pooled tensor is
+//! free for the next weight of its shape: binding keeps one tensor per weight shape, not one per
+//! weight. What depends on several weights (e.g. a BatchNorm folded into the preceding
+//! convolution) is left to tract's constant propagation, which binding runs only for templates
+//! that have such nodes. Either way the plan's constants are those `prop_consts` would compute:
+//! the same ops evaluated on the same values.
 //!
 //! **BatchNormalization.** tract lowers `BatchNormalization` to `x·slope + intercept` only when
 //! its four parameters are constants, which task-dependent parameters (per-task running
@@ -32,6 +38,8 @@ use tract_onnx::pb::attribute_proto::AttributeType;
 use tract_onnx::pb::{GraphProto, ModelProto, NodeProto, TensorProto};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::konst::Const;
+use tract_onnx::tract_core::ops::source::TypedSource;
+use tract_onnx::tract_core::optim::CONST_FOLD_MEM_BUDGET;
 use tract_onnx::tract_hir::internal::{DimLike, Factoid};
 
 use crate::dtype::DType;
@@ -65,6 +73,10 @@ enum Slot {
         node: usize,
         dt: DatumType,
         shape: Vec<usize>,
+        /// The single-input nodes constant propagation would fold into this weight (typically
+        /// the matmul packing), in order: binding evaluates them right after reconstructing
+        /// the weight, while it is in cache (see [`fold_chain`]).
+        fold: Vec<usize>,
     },
     /// The slope and intercept replacing a `BatchNormalization` node.
     BatchNorm {
@@ -80,17 +92,17 @@ enum Slot {
     },
 }
 
-/// Reused memory for binding: reconstruction scratch and the weight tensors themselves. Tensors
-/// the bound plan no longer references after constant propagation (typically the matmul weights,
-/// which the plan keeps packed) come back here, so the next binding writes into memory that is
-/// already mapped instead of page-faulting fresh allocations.
+/// Reused memory for binding. Weight tensors the bound plan does not reference (typically the
+/// matmul weights, which the plan keeps packed) come back here by type and shape, so the next
+/// weight of that shape is reconstructed into memory that is mapped and, as the weights are
+/// packed one at a time, still in cache. With every packed weight folded as soon as it is
+/// reconstructed, that is one tensor per distinct weight shape, not one per weight.
 #[derive(Default)]
 pub(crate) struct Buffers {
     values: Vec<f32>,
     params: [Vec<f32>; 4],
     derived: [Vec<f32>; 2],
-    scratch: Scratch,
-    tensors: HashMap<usize, Tensor>,
+    tensors: HashMap<(DatumType, Vec<usize>), Vec<Tensor>>,
 }
 
 /// One optimized model of a graph, with task-dependent weights as inputs.
@@ -103,6 +115,10 @@ pub(crate) struct Template {
     input_facts: Vec<TypedFact>,
     outputs: Vec<IoInfo>,
     weight_bytes: usize,
+    /// Whether some node outside the fold chains computes from the weights only, so that
+    /// binding must run tract's constant propagation (e.g. a BatchNorm folded into a
+    /// convolution); see [`needs_prop_consts`].
+    prop_consts: bool,
     pool: Mutex<Vec<Buffers>>,
 }
 
@@ -547,11 +563,13 @@ impl Template {
             let Some((dt, shape, _)) = weights.get(i) else {
                 continue;
             };
+            let node = source_node(&typed, name)?;
             slots.push(Slot::Weight {
                 tensor: *i,
-                node: source_node(&typed, name)?,
+                node,
                 dt: *dt,
                 shape: shape.clone(),
+                fold: fold_chain(&typed, node),
             });
         }
         for (bn, (dt, shape, channels)) in bns.iter().zip(bn_facts) {
@@ -574,6 +592,7 @@ impl Template {
                 } => vec![*slope, *intercept],
             })
             .collect();
+        let prop_consts = needs_prop_consts(&typed, &slots);
         let data_inputs: Vec<OutletId> = typed
             .inputs
             .iter()
@@ -613,10 +632,12 @@ impl Template {
             .fold(0usize, usize::saturating_add);
         log::debug!(
             "template for graph {graph_index}: {} nodes, {} weight inputs ({weight_bytes} bytes), \
-             {} BatchNorm rewritten; parse {:?}, type {:?}, declutter {:?}, optimize {:?}",
+             {} BatchNorm rewritten, constant propagation at binding: {}; parse {:?}, type {:?}, \
+             declutter {:?}, optimize {:?}",
             typed.nodes.len(),
             slots.len(),
             bns.len(),
+            prop_consts,
             parsed_at,
             typed_at.saturating_sub(parsed_at),
             decluttered_at.saturating_sub(typed_at),
@@ -631,6 +652,7 @@ impl Template {
             input_facts,
             outputs,
             weight_bytes,
+            prop_consts,
             pool: Mutex::new(Vec::new()),
         })
     }
@@ -702,7 +724,7 @@ impl Template {
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
             .unwrap_or_default();
-        let result = self.bind_with(bundle, task, task_name, &mut buffers);
+        let result = self.bind_with(bundle, task, task_name, &mut buffers, true);
         self.pool
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -710,21 +732,27 @@ impl Template {
         result
     }
 
+    /// [`Template::bind`] with the given buffers; `eager: false` leaves every fold to tract's
+    /// constant propagation (for tests: both must give the same plan).
     fn bind_with(
         &self,
         bundle: &Bundle,
         task: usize,
         task_name: &str,
         buffers: &mut Buffers,
+        eager: bool,
     ) -> Result<(Plan, BindTimings), Error> {
         let started = Instant::now();
+        let action = || format!("bind task {task_name}");
+        let mut materialize = Duration::ZERO;
         let mut model = self.model.clone();
-        let mut bound: Vec<(usize, Arc<Tensor>)> = Vec::with_capacity(self.slots.len() + 4);
+        // The pooled tensors given to the model, to take back when the plan no longer needs them.
+        let mut lent: Vec<Arc<Tensor>> = Vec::new();
+        let mut prop_consts = self.prop_consts || !eager;
         let Buffers {
             values,
             params,
             derived,
-            scratch,
             tensors,
         } = buffers;
         for slot in &self.slots {
@@ -734,10 +762,23 @@ impl Template {
                     node,
                     dt,
                     shape,
+                    fold,
                 } => {
-                    reconstruct::task_tensor(bundle, task, *tensor, values, scratch)?;
-                    let t = self.fill(tensors, *node, *dt, shape, values)?;
-                    bound.push((*node, t));
+                    let reconstructing = Instant::now();
+                    let weight =
+                        self.reconstruct(bundle, task, *tensor, *dt, shape, tensors, values)?;
+                    materialize += reconstructing.elapsed();
+                    let weight = Arc::new(weight);
+                    let fold = if eager { fold.as_slice() } else { &[] };
+                    let (last, value, complete) = self.fold(&weight, *node, fold);
+                    prop_consts |= !complete;
+                    replace_by_const(&mut model, last, value, &action)?;
+                    // Folded (e.g. packed): free again, and the next weight of that shape is
+                    // reconstructed into it while it is still in cache.
+                    match Arc::try_unwrap(weight) {
+                        Ok(t) => give_back(tensors, t),
+                        Err(t) => lent.push(t),
+                    }
                 }
                 Slot::BatchNorm {
                     params: ids,
@@ -748,85 +789,132 @@ impl Template {
                     slope,
                     intercept,
                 } => {
+                    let reconstructing = Instant::now();
                     for (id, out) in ids.iter().zip(params.iter_mut()) {
-                        reconstruct::task_tensor(bundle, task, *id, out, scratch)?;
-                        if out.len() != *channels {
-                            return Err(self.length_error(*id, out.len(), &[*channels]));
-                        }
+                        out.clear();
+                        out.resize(*channels, 0.0);
+                        reconstruct::task_tensor_into(bundle, task, *id, out)?;
                     }
                     let [gamma, beta, mean, var] = &*params;
                     let [a, b] = derived;
                     batchnorm_affine(gamma, beta, mean, var, *epsilon, a, b);
-                    let ta = self.fill(tensors, *slope, *dt, shape, a)?;
-                    let tb = self.fill(tensors, *intercept, *dt, shape, b)?;
-                    bound.push((*slope, ta));
-                    bound.push((*intercept, tb));
+                    let ta = Arc::new(self.fill(tensors, *slope, *dt, shape, a)?);
+                    let tb = Arc::new(self.fill(tensors, *intercept, *dt, shape, b)?);
+                    materialize += reconstructing.elapsed();
+                    replace_by_const(&mut model, *slope, Arc::clone(&ta), &action)?;
+                    replace_by_const(&mut model, *intercept, Arc::clone(&tb), &action)?;
+                    lent.extend([ta, tb]);
                 }
             }
         }
-        let materialized = started.elapsed();
-        let action = || format!("bind task {task_name}");
-        for (node, tensor) in &bound {
-            let op = Const::new(Arc::clone(tensor)).map_err(tract_err(action()))?;
-            let fact = op
-                .output_facts(&[])
-                .map_err(tract_err(action()))?
-                .into_iter()
-                .next();
-            let (Some(n), Some(fact)) = (model.nodes.get_mut(*node), fact) else {
-                return Err(Error::Tract {
-                    action: action(),
-                    message: format!("node {node} is not in the template"),
-                });
-            };
-            let Some(output) = n.outputs.get_mut(0) else {
-                return Err(Error::Tract {
-                    action: action(),
-                    message: format!("node {node} has no output"),
-                });
-            };
-            output.fact = fact;
-            n.op = Box::new(op);
-        }
         model.inputs.clone_from(&self.data_inputs);
-        model.prop_consts().map_err(tract_err(action()))?;
+        if prop_consts {
+            model.prop_consts().map_err(tract_err(action()))?;
+        }
         let plan = model.into_runnable().map_err(tract_err(action()))?;
-        // Take back the tensors the plan does not hold (those it consumed into packed forms).
-        for (node, tensor) in bound {
-            if let Ok(t) = Arc::try_unwrap(tensor) {
-                tensors.insert(node, t);
+        // Take back the tensors constant propagation consumed.
+        for t in lent {
+            if let Ok(t) = Arc::try_unwrap(t) {
+                give_back(tensors, t);
             }
         }
         let timings = BindTimings {
-            materialize: materialized,
-            bind: started.elapsed().saturating_sub(materialized),
+            materialize,
+            bind: started.elapsed().saturating_sub(materialize),
         };
         Ok((plan, timings))
     }
 
-    fn length_error(&self, tensor: usize, got: usize, shape: &[usize]) -> Error {
+    /// Tensor `tensor` of task `task`, of type `dt` and `shape`, reconstructed into a pooled
+    /// tensor of that type and shape (or a new one).
+    #[allow(clippy::too_many_arguments)]
+    fn reconstruct(
+        &self,
+        bundle: &Bundle,
+        task: usize,
+        tensor: usize,
+        dt: DatumType,
+        shape: &[usize],
+        pool: &mut HashMap<(DatumType, Vec<usize>), Vec<Tensor>>,
+        values: &mut Vec<f32>,
+    ) -> Result<Tensor, Error> {
+        let mut t = take(pool, dt, shape)?;
+        let mut view = t
+            .try_as_plain_ram_mut()
+            .map_err(tract_err("write a weight"))?;
+        if dt == DatumType::F16 {
+            values.clear();
+            values.resize(view.len(), 0.0);
+            reconstruct::task_tensor_into(bundle, task, tensor, values)?;
+            view.as_slice_mut::<f16>()
+                .map_err(tract_err("write a weight"))?
+                .iter_mut()
+                .zip(values.iter())
+                .for_each(|(o, v)| *o = f16::from_f32(*v));
+        } else {
+            let out = view
+                .as_slice_mut::<f32>()
+                .map_err(tract_err("write a weight"))?;
+            reconstruct::task_tensor_into(bundle, task, tensor, out)?;
+        }
+        Ok(t)
+    }
+
+    /// Evaluates the fold chain `fold` of the weight source `node` on `weight`, as tract's
+    /// constant propagation would (`PropConst`: the same evaluation, the same memory guard).
+    /// Returns the last node folded (`node` itself if none), its value, and whether the whole
+    /// chain was folded; what is not is left to constant propagation (which reports errors).
+    fn fold(
+        &self,
+        weight: &Arc<Tensor>,
+        node: usize,
+        fold: &[usize],
+    ) -> (usize, Arc<Tensor>, bool) {
+        let mut last = node;
+        let mut value = Arc::clone(weight);
+        let input_mem = weight_mem(weight);
+        for &n in fold {
+            let Some(op) = self.model.nodes.get(n).map(|n| &n.op) else {
+                return (last, value, false);
+            };
+            let result = op.eval_out_of_plan(tvec![Arc::clone(&value).into_tvalue()]);
+            let Some(out) = result
+                .ok()
+                .flatten()
+                .filter(|r| r.len() == 1)
+                .and_then(|mut r| r.pop())
+            else {
+                return (last, value, false);
+            };
+            if weight_mem(&out) > input_mem.max(CONST_FOLD_MEM_BUDGET) {
+                return (last, value, false);
+            }
+            value = out.into_arc_tensor();
+            last = n;
+        }
+        (last, value, true)
+    }
+
+    fn length_error(&self, node: usize, got: usize, shape: &[usize]) -> Error {
         Error::Unsupported {
             graph: self.graph,
             reason: format!(
-                "tensor {tensor} reconstructs to {got} values, but the graph needs shape {shape:?}"
+                "weight node {node} gets {got} values, but the graph needs shape {shape:?}"
             ),
         }
     }
 
-    /// A tensor of type `dt` and `shape` holding `values`, reusing the pooled tensor of `node`.
+    /// A tensor of type `dt` and `shape` holding `values` (for node `node`), pooled if one is
+    /// free.
     fn fill(
         &self,
-        pool: &mut HashMap<usize, Tensor>,
+        pool: &mut HashMap<(DatumType, Vec<usize>), Vec<Tensor>>,
         node: usize,
         dt: DatumType,
         shape: &[usize],
         values: &[f32],
-    ) -> Result<Arc<Tensor>, Error> {
-        let mut t = match pool.remove(&node) {
-            Some(t) if t.datum_type() == dt && t.shape() == shape => t,
-            _ => Tensor::zero_aligned_dt(dt, shape, WEIGHT_ALIGN)
-                .map_err(tract_err("allocate a weight"))?,
-        };
+    ) -> Result<Tensor, Error> {
+        let mut t = take(pool, dt, shape)?;
         if t.len() != values.len() {
             return Err(self.length_error(node, values.len(), shape));
         }
@@ -845,8 +933,131 @@ impl Template {
                 .map_err(tract_err("write a weight"))?
                 .copy_from_slice(values),
         }
-        Ok(Arc::new(t))
+        Ok(t)
     }
+}
+
+/// Bytes of a tensor's elements, as `PropConst` counts them.
+fn weight_mem(t: &Tensor) -> u64 {
+    (t.datum_type().size_of() * t.volume()) as u64
+}
+
+/// A pooled tensor of type `dt` and `shape`, or a new one (64-byte aligned).
+fn take(
+    pool: &mut HashMap<(DatumType, Vec<usize>), Vec<Tensor>>,
+    dt: DatumType,
+    shape: &[usize],
+) -> Result<Tensor, Error> {
+    if let Some(t) = pool.get_mut(&(dt, shape.to_vec())).and_then(Vec::pop) {
+        return Ok(t);
+    }
+    Tensor::zero_aligned_dt(dt, shape, WEIGHT_ALIGN).map_err(tract_err("allocate a weight"))
+}
+
+fn give_back(pool: &mut HashMap<(DatumType, Vec<usize>), Vec<Tensor>>, t: Tensor) {
+    pool.entry((t.datum_type(), t.shape().to_vec()))
+        .or_default()
+        .push(t);
+}
+
+/// Makes node `node` of `model` a constant holding `value` (with the exotic fact, e.g. the
+/// packing format, of its output in the template), detached from its inputs.
+fn replace_by_const(
+    model: &mut TypedModel,
+    node: usize,
+    value: Arc<Tensor>,
+    action: &impl Fn() -> String,
+) -> Result<(), Error> {
+    let missing = || Error::Tract {
+        action: action(),
+        message: format!("node {node} is not in the template"),
+    };
+    let exotic = model
+        .nodes
+        .get(node)
+        .and_then(|n| n.outputs.first())
+        .ok_or_else(missing)?
+        .fact
+        .exotic_fact
+        .clone();
+    let op = Const::new_with_opt_exotic_fact(value, exotic).map_err(tract_err(action()))?;
+    let fact = op
+        .output_facts(&[])
+        .map_err(tract_err(action()))?
+        .into_iter()
+        .next()
+        .ok_or_else(missing)?;
+    let inputs = {
+        let n = model.nodes.get_mut(node).ok_or_else(missing)?;
+        let output = n.outputs.get_mut(0).ok_or_else(missing)?;
+        output.fact = fact;
+        n.op = Box::new(op);
+        std::mem::take(&mut n.inputs)
+    };
+    for (slot, input) in inputs.iter().enumerate() {
+        if let Some(out) = model
+            .nodes
+            .get_mut(input.node)
+            .and_then(|n| n.outputs.get_mut(input.slot))
+        {
+            out.successors
+                .retain(|s| !(s.node == node && s.slot == slot));
+        }
+    }
+    Ok(())
+}
+
+/// The nodes constant propagation would fold into weight source `source` by itself: starting
+/// from its only consumer, each node with that one input and one output, as long as the value
+/// has one consumer (`PropConst`'s walk; a weight read by several nodes is left to it).
+fn fold_chain(model: &TypedModel, source: usize) -> Vec<usize> {
+    let mut chain = Vec::new();
+    let mut current = source;
+    while let Some([output]) = model.nodes.get(current).map(|n| n.outputs.as_slice()) {
+        let [next] = output.successors.as_slice() else {
+            break;
+        };
+        let Some(node) = model.nodes.get(next.node) else {
+            break;
+        };
+        if node.inputs.len() != 1
+            || node.outputs.len() != 1
+            || node.op_is::<Const>()
+            || node.op_is::<TypedSource>()
+        {
+            break;
+        }
+        chain.push(node.id);
+        current = node.id;
+    }
+    chain
+}
+
+/// Whether binding must run constant propagation: some node outside the fold chains reads a
+/// weight (or what a chain makes of it) and has only constant inputs once the weights are bound.
+fn needs_prop_consts(model: &TypedModel, slots: &[Slot]) -> bool {
+    let mut bound: HashSet<usize> = HashSet::new();
+    for slot in slots {
+        match slot {
+            Slot::Weight { node, fold, .. } => {
+                bound.insert(*node);
+                bound.extend(fold.iter().copied());
+            }
+            Slot::BatchNorm {
+                slope, intercept, ..
+            } => {
+                bound.extend([*slope, *intercept]);
+            }
+        }
+    }
+    model.nodes.iter().any(|n| {
+        !bound.contains(&n.id)
+            && !n.op_is::<Const>()
+            && n.inputs.iter().any(|i| bound.contains(&i.node))
+            && n.inputs.iter().all(|i| {
+                bound.contains(&i.node) || model.outlet_fact(*i).is_ok_and(|f| f.konst.is_some())
+            })
+    })
 }
 
 /// tract's lowering of an inference-mode BatchNormalization, in `f32`:
@@ -937,6 +1148,79 @@ mod tests {
         assert_eq!(g.node[2].input[0], r.intercept);
         assert_eq!(g.node[2].input[1], g.node[1].output[0]);
         assert_eq!(g.node[2].output, vec!["y".to_string()]);
+    }
+
+    /// Folding each weight's chain as it is reconstructed gives the plan tract's constant
+    /// propagation gives: the same outputs, bit for bit, on every demo task.
+    #[cfg(feature = "compiler")]
+    #[test]
+    fn eager_folding_matches_constant_propagation() {
+        use crate::compile::{compile, CompileOptions};
+        use crate::merge::Method;
+
+        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+        let tasks: Vec<(String, std::path::PathBuf)> = ["digits", "mnist", "parity"]
+            .iter()
+            .map(|t| (t.to_string(), demo.join(format!("{t}.onnx"))))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("demo.tpk");
+        let opts = CompileOptions::new(demo.join("base.onnx"), tasks, Method::Emr, &out);
+        drop(compile(&opts, &mut |_| {}).unwrap());
+        let bundle = Bundle::read(&out).unwrap();
+        let m = bundle.manifest();
+        let by_name: HashMap<&str, usize> = m
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        let input = Tensor::from_shape(
+            &[2, 1, 28, 28],
+            &(0..2 * 28 * 28)
+                .map(|i| (i % 97) as f32 / 97.0)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let mut folded = 0;
+        for (task, entry) in m.tasks.iter().enumerate() {
+            let graph = entry.graph as usize;
+            let used = graph_weights(&bundle, graph, &by_name).unwrap();
+            let private_shapes = used
+                .iter()
+                .filter_map(|&i| match entry.tensors.get(i) {
+                    Some(TaskTensor::Private { shape, .. }) => Some((i, shape.clone())),
+                    _ => None,
+                })
+                .collect();
+            let key = TemplateKey {
+                graph,
+                private_shapes,
+            };
+            let template = Template::build(&bundle, &key, task, &used, &[]).unwrap();
+            folded += template
+                .slots
+                .iter()
+                .filter(|s| matches!(s, Slot::Weight { fold, .. } if !fold.is_empty()))
+                .count();
+            let mut outputs = Vec::new();
+            for eager in [true, false] {
+                let mut buffers = Buffers::default();
+                let (plan, _) = template
+                    .bind_with(&bundle, task, &entry.name, &mut buffers, eager)
+                    .unwrap();
+                let out = plan.run(tvec![input.clone().into_tvalue()]).unwrap();
+                let bits: Vec<u32> = out[0]
+                    .to_plain_array_view::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                outputs.push(bits);
+            }
+            assert_eq!(outputs[0], outputs[1], "task {}", entry.name);
+        }
+        assert!(folded > 0, "the demo graphs have weights folded eagerly");
     }
 
     #[test]
