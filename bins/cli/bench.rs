@@ -52,6 +52,43 @@ fn measure(budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result<Durati
     Ok(times.get(times.len() / 2).copied().unwrap_or_default())
 }
 
+/// Median times of each function of `fs`, each given a time budget, measured in `rounds` rounds
+/// of blocks: in every round, each function runs for its budget / `rounds` (at least twice) before
+/// the next one starts. One warm-up call of each comes first. Blocks keep each measurement's cache
+/// state to itself (e.g. a tract model load evicts the bundle from the CPU caches, which doubles
+/// the cold switch on the small demo model if the two alternate call by call), while the rounds
+/// spread load from other processes that changes during the run over all of them alike, so that
+/// their ratios are measured side by side.
+fn measure_blocks(
+    rounds: u32,
+    fs: &mut [(Duration, &mut dyn FnMut() -> Result<()>)],
+) -> Result<Vec<Duration>> {
+    let mut times: Vec<Vec<Duration>> = fs.iter().map(|_| Vec::new()).collect();
+    for (_, f) in fs.iter_mut() {
+        f()?;
+    }
+    for _ in 0..rounds.max(1) {
+        for ((budget, f), times) in fs.iter_mut().zip(&mut times) {
+            let block = *budget / rounds.max(1);
+            let started = Instant::now();
+            let mut n = 0;
+            while n < 2 || (started.elapsed() < block && n < 10_000) {
+                let t = Instant::now();
+                f()?;
+                times.push(t.elapsed());
+                n += 1;
+            }
+        }
+    }
+    Ok(times
+        .into_iter()
+        .map(|mut v| {
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or_default()
+        })
+        .collect())
+}
+
 /// Median times of `a` and `b` called alternately, in alternating order (so that load from other
 /// processes and cache effects hit both alike), over repetitions filling `budget`, after one warm-up call of each.
 fn measure_pair(
@@ -326,22 +363,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let data = inputs(&engine.input_facts(task)?, a.batch)?;
 
         // Cold switch: materialize + bind into the warm template, bypassing the cache.
-        let mut materialize = Vec::new();
-        let cold = measure(budget, || {
-            let bound = engine.bind(task)?;
-            materialize.push(bound.timings().0);
-            black_box(bound);
-            Ok(())
-        })?;
-        materialize.sort_unstable();
-        let materialize = materialize
-            .get(materialize.len() / 2)
-            .copied()
-            .unwrap_or_default();
-
-        // Baseline: the task's own ONNX model, loaded and optimized by tract. (Measured apart
-        // from the cold switch: alternating them lets tract's allocations evict the bundle from
-        // the CPU caches, which doubles the switch time on the small demo model.)
+        // Baseline: the task's own ONNX model, loaded and optimized by tract (from memory: no
+        // file read, which a user loading the file would pay on top). Memcpy: a plain copy of as
+        // many bytes as the switch materializes, between two buffers already mapped.
+        // The three in rounds of blocks (`measure_blocks`), so their ratios are side by side.
         let onnx = taskpack::compile::export::export_task(&bundle, &name)?;
         let load = || -> Result<Arc<TypedRunnableModel>> {
             tract_onnx::onnx()
@@ -349,17 +374,38 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 .into_optimized()?
                 .into_runnable()
         };
-        let baseline = measure(budget, || load().map(black_box).map(drop))?;
         let bytes = engine.task_weight_bytes(task)?;
-
-        // A plain copy of as many bytes as the switch materializes.
         let src = vec![1u8; bytes.max(1)];
         let mut dst = vec![0u8; bytes.max(1)];
-        let memcpy = measure(budget / 4, || {
+        let mut materialize = Vec::new();
+        let mut cold = || -> Result<()> {
+            let bound = engine.bind(task)?;
+            materialize.push(bound.timings().0);
+            black_box(bound);
+            Ok(())
+        };
+        let mut baseline = || load().map(black_box).map(drop);
+        let mut memcpy = || -> Result<()> {
             dst.copy_from_slice(black_box(&src));
             black_box(&mut dst);
             Ok(())
-        })?;
+        };
+        let times = measure_blocks(
+            3,
+            &mut [
+                (budget, &mut cold),
+                (budget, &mut baseline),
+                (budget / 4, &mut memcpy),
+            ],
+        )?;
+        let [cold, baseline, memcpy] = times[..] else {
+            bail!("expected three timings");
+        };
+        materialize.sort_unstable();
+        let materialize = materialize
+            .get(materialize.len() / 2)
+            .copied()
+            .unwrap_or_default();
 
         // Warm switch: the task is cached, switching is a lookup.
         engine.prepare(task)?;
