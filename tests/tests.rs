@@ -6,3 +6,4 @@ mod compile;
 mod format;
 mod readers;
 mod runtime;
+mod text;

@@ -1,18 +1,19 @@
-//! `taskpack run`: one task of a bundle on inputs from a `.npz` or `.npy` file, through the
-//! runtime [`Engine`] (the path an app takes).
+//! `taskpack run`: one task of a bundle through the runtime [`Engine`] (the path an app takes),
+//! on inputs from a `.npz` or `.npy` file, or on texts with the bundle's tokenizer.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{ArgGroup, Args};
 use ndarray_npy::{NpzReader, NpzWriter, ReadNpyExt};
-use taskpack::runtime::{Engine, EngineOptions, IoInfo};
+use taskpack::runtime::{Engine, EngineOptions, IoInfo, TextClassifier};
 use tract_onnx::prelude::*;
 
 /// Arguments of `taskpack run`.
 #[derive(Args, Debug)]
+#[command(group(ArgGroup::new("what").required(true).args(["input", "text"])))]
 pub struct RunArgs {
     /// The bundle.
     pub bundle: PathBuf,
@@ -21,12 +22,18 @@ pub struct RunArgs {
     pub task: String,
     /// Inputs: an `.npz` with one array per graph input (matched by name; a single array is
     /// accepted for a single-input model), or an `.npy` for a single-input model.
-    #[arg(long)]
-    pub input: PathBuf,
-    /// Write the outputs, by name, to this `.npz`.
-    #[arg(long)]
+    #[arg(long, value_name = "X.npz")]
+    pub input: Option<PathBuf>,
+    /// A text to classify with the bundle's tokenizer (compile with --tokenizer); repeat for
+    /// several. Prints one line per text, tab-separated: the label (the class index if the task
+    /// has no label names), its softmax probability, the text.
+    #[arg(long, value_name = "TEXT")]
+    pub text: Vec<String>,
+    /// With --input: write the outputs, by name, to this `.npz`. With --text: write the
+    /// predictions to this JSON file (per text: text, class, label, probability, logits).
+    #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
-    /// Rows to show the argmax of, for `[N, C]` outputs.
+    /// Rows to show the argmax of, for `[N, C]` outputs (with --input).
     #[arg(long, default_value_t = 10)]
     pub rows: usize,
 }
@@ -36,10 +43,45 @@ pub fn run(a: &RunArgs) -> Result<()> {
     let bundle = Arc::new(crate::open_bundle(&a.bundle)?);
     let engine = Engine::new(bundle, EngineOptions::default())?;
     let task = engine.task_index(&a.task)?;
+    match &a.input {
+        Some(input) => run_tensors(a, &engine, task, input),
+        None => run_texts(a, engine, task),
+    }
+}
+
+/// `--text`: one line per text, and the predictions as JSON with `--output`.
+fn run_texts(a: &RunArgs, engine: Engine, task: usize) -> Result<()> {
+    let classifier = TextClassifier::new(Arc::new(engine))
+        .with_context(|| format!("cannot run {} on text", a.bundle.display()))?;
+    let predictions = classifier.classify(task, &a.text)?;
+    let mut json = Vec::with_capacity(predictions.len());
+    for (text, p) in a.text.iter().zip(&predictions) {
+        let label = p.label.clone().unwrap_or_else(|| p.class.to_string());
+        println!("{label}\t{:.4}\t{text}", p.probability);
+        json.push(serde_json::json!({
+            "text": text,
+            "class": p.class,
+            "label": p.label,
+            "probability": p.probability,
+            "logits": p.logits,
+        }));
+    }
+    if let Some(path) = &a.output {
+        let mut bytes = serde_json::to_vec_pretty(&json)?;
+        bytes.push(b'\n');
+        crate::write_atomically(path, &bytes)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// `--input`: the graph's outputs, their argmax per row, and the outputs as `.npz` with
+/// `--output`.
+fn run_tensors(a: &RunArgs, engine: &Engine, task: usize, input: &Path) -> Result<()> {
     let started = Instant::now();
     let facts = engine.input_facts(task)?;
     let template = started.elapsed();
-    let inputs = read_inputs(&a.input, &facts)?;
+    let inputs = read_inputs(input, &facts)?;
     for (fact, value) in facts.iter().zip(&inputs) {
         println!(
             "input  {:<16} {:?} {:?}",

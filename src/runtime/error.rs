@@ -71,6 +71,53 @@ pub enum Error {
         /// What is unsupported.
         reason: String,
     },
+    /// The bundle carries no tokenizer, so its tasks cannot take text
+    /// ([`crate::runtime::text`]; feature `text`).
+    #[error("the bundle has no tokenizer; compile it with --tokenizer")]
+    NoTokenizer,
+    /// The bundle's tokenizer (a Hugging Face `tokenizer.json`) does not load.
+    #[error("the bundle's tokenizer does not load: {message}")]
+    TokenizerParse {
+        /// Why, from the `tokenizers` crate or the check that failed.
+        message: String,
+    },
+    /// The tokenizer failed on a text, or a text does not fit the graph.
+    #[error("cannot tokenize text {index}: {message}")]
+    Tokenize {
+        /// Index of the text in the batch.
+        index: usize,
+        /// Why.
+        message: String,
+    },
+    /// A graph input that text classification cannot fill: not one of `input_ids`,
+    /// `attention_mask`, `token_type_ids`, or not an `[batch, sequence]` integer tensor.
+    #[error("input {name:?} of task {task:?} cannot be filled from text: {reason}")]
+    UnfillableInput {
+        /// The task name.
+        task: String,
+        /// The graph input's name.
+        name: String,
+        /// Why it cannot be filled.
+        reason: String,
+    },
+    /// A task's label names do not match the width of its output.
+    #[error("task {task:?} has {labels} label names but its output has {classes} classes")]
+    LabelCount {
+        /// The task name.
+        task: String,
+        /// How many label names the bundle gives the task.
+        labels: usize,
+        /// How many logits its first output has per example.
+        classes: usize,
+    },
+    /// A task whose first output is not `[batch, classes]` logits was asked to classify.
+    #[error("task {task:?} is not a classifier: {reason}")]
+    NotAClassifier {
+        /// The task name.
+        task: String,
+        /// What its output is instead.
+        reason: String,
+    },
     /// tract failed to load, optimize, bind or run a graph; the message is tract's error chain.
     #[error("tract failed to {action}: {message}")]
     Tract {

@@ -1,6 +1,7 @@
 //! The on-device half: open a bundle, reconstruct any task's weights and run it ([`Engine`]).
 //!
-//! Built without any compiler dependency: an app links this (and the C ABI) only.
+//! Built without any compiler dependency: an app links this (and the C ABI) only. With the
+//! `text` feature, `TextClassifier` runs tasks on text with the bundle's tokenizer.
 
 mod bundle;
 mod cache;
@@ -8,10 +9,14 @@ mod engine;
 mod error;
 pub mod reconstruct;
 mod template;
+#[cfg(feature = "text")]
+pub mod text;
 
 pub use bundle::Bundle;
 pub use engine::{BoundTask, Engine, EngineOptions, EngineStats, IoInfo};
 pub use error::Error;
+#[cfg(feature = "text")]
+pub use text::{Prediction, TextClassifier};
 
 /// tract types of the engine's API, re-exported so that users need no direct tract dependency.
 pub use tract_onnx::prelude::{tvec, DatumType, IntoTValue, TValue, TVec, Tensor};
