@@ -21,8 +21,9 @@
  *   Every _free function takes the address of the handle, releases it and sets it to NULL, so
  *   freeing twice through the same variable is a harmless no-op.
  * - An engine keeps its own reference to its bundle: the bundle may be freed right after
- *   tp_engine_new. Strings and shapes that an engine hands out (task names, TpIoInfo) live
- *   until tp_engine_free; the data and shapes of a TpOutputs until tp_outputs_free.
+ *   tp_engine_new. Strings and shapes that an engine hands out (task names, label names,
+ *   TpIoInfo) live until tp_engine_free; the data and shapes of a TpOutputs until
+ *   tp_outputs_free.
  * - A bundle opened with tp_bundle_open is memory-mapped: its file must not be truncated or
  *   rewritten in place while it is open (replace it by rename, or use tp_bundle_read).
  *
@@ -44,6 +45,13 @@
  *   size_t len, rank;
  *   TpStatus s = tp_engine_run_f32(engine, task, image, shape, 4, logits, 10, &len,
  *                                  out_shape, 2, &rank);
+ *
+ * Text in, label out (a bundle compiled with --tokenizer, and --labels for the names)
+ *   size_t class; float probability; const char *label;
+ *   if (tp_engine_classify_text(engine, task, "I love this pizza!", &class, &probability)
+ *           == TP_OK
+ *       && tp_engine_task_label(engine, task, class, &label) == TP_OK)
+ *     printf("%s %.4f\n", label, probability);
  *   tp_engine_free(&engine);
  */
 
@@ -69,16 +77,20 @@ typedef enum TpStatus {
   TP_INVALID_ARGUMENT = 2,
   // The bundle file cannot be opened, mapped or read.
   TP_IO = 3,
-  // The bundle breaks a rule of the format, or a checksum does not match.
+  // The bundle breaks a rule of the format, or a checksum does not match; or its tokenizer
+  // does not load, or a task's label names do not match its number of classes.
   TP_INVALID_BUNDLE = 4,
   // No task of that name, or a task index not below `tp_engine_task_count`.
   TP_UNKNOWN_TASK = 5,
-  // The inputs do not fit the task's graph: their number, element type or shape.
+  // The inputs do not fit the task's graph: their number, element type or shape; or the
+  // tokenizer fails on a text.
   TP_BAD_INPUT = 6,
   // A caller buffer is too small; the needed length was written to the length out-parameter.
   TP_BUFFER_TOO_SMALL = 7,
   // The task's graph is not one this call can run (e.g. a model with two outputs given to
-  // `tp_engine_run_f32`, or an output element type the C API has no code for).
+  // `tp_engine_run_f32`, an output element type the C API has no code for, or a graph
+  // without token inputs given to `tp_engine_classify_text`), or the bundle has no tokenizer
+  // for `tp_engine_classify_text`.
   TP_UNSUPPORTED = 8,
   // tract failed to load, bind or run the task.
   TP_RUNTIME = 9,
@@ -223,7 +235,8 @@ enum TpStatus tp_engine_new(const struct TpBundle *bundle,
                             struct TpEngine **out);
 
 // Releases `*engine` and sets `*engine` to NULL; a no-op (`TP_OK`) if `*engine` is already
-// NULL. Every pointer the engine handed out (task names, `TpIoInfo` fields) dies with it.
+// NULL. Every pointer the engine handed out (task names, label names, `TpIoInfo` fields) dies
+// with it.
 // `TP_NULL_ARGUMENT` if `engine` itself is NULL.
 //
 // # Safety
@@ -409,6 +422,47 @@ enum TpStatus tp_outputs_get(const struct TpOutputs *outputs,
 // `outputs` is NULL or valid for reading and writing a pointer; `*outputs` is NULL or a live
 // `TpOutputs` that no other thread is using.
 enum TpStatus tp_outputs_free(struct TpOutputs **outputs);
+
+// Classifies the NUL-terminated UTF-8 `text` with task `task`: the bundle's tokenizer turns it
+// into the graph's token inputs (`input_ids`, `attention_mask`, `token_type_ids`, matched by
+// name), the task runs, and the most probable class is written to `*class_index` and its
+// softmax probability to `*probability`. The class's name, if the task has label names:
+// `tp_engine_task_label`. The tokenizer is loaded on the engine's first text call.
+//
+// `TP_UNSUPPORTED` if the bundle has no tokenizer (compile it with `--tokenizer`), or the task's
+// graph does not take token inputs or does not give `[batch, classes]` logits;
+// `TP_INVALID_BUNDLE` if the tokenizer does not load or the task's label names do not match its
+// number of classes; `TP_BAD_INPUT` if the tokenizer fails on the text; `TP_INVALID_ARGUMENT` if
+// `text` is not UTF-8. On failure `*class_index` is `SIZE_MAX` and `*probability` 0.
+//
+// # Safety
+// `engine` is NULL or a live engine; `text` is NULL or a NUL-terminated string; `class_index` is
+// NULL or valid for writing a `size_t`; `probability` is NULL or valid for writing a `float`.
+enum TpStatus tp_engine_classify_text(const struct TpEngine *engine,
+                                      size_t task,
+                                      const char *text,
+                                      size_t *class_index,
+                                      float *probability);
+
+// Writes to `*count` the number of label names of task `task`: its number of classes, or 0 if
+// the bundle gives the task no label names. `TP_UNKNOWN_TASK` for an index out of range.
+//
+// # Safety
+// `engine` is NULL or a live engine; `count` is NULL or valid for writing a `size_t`.
+enum TpStatus tp_engine_task_label_count(const struct TpEngine *engine, size_t task, size_t *count);
+
+// Writes to `*label` the name of class `class_index` of task `task` (the class
+// `tp_engine_classify_text` returns; 0-based, below `tp_engine_task_label_count`): a
+// NUL-terminated UTF-8 string owned by the engine, valid until `tp_engine_free`. On failure
+// `*label` is set to NULL; `TP_UNKNOWN_TASK` for a task index out of range,
+// `TP_INVALID_ARGUMENT` for a class out of range (always, for a task without label names).
+//
+// # Safety
+// `engine` is NULL or a live engine; `label` is NULL or valid for writing a pointer.
+enum TpStatus tp_engine_task_label(const struct TpEngine *engine,
+                                   size_t task,
+                                   size_t class_index,
+                                   const char **label);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -1,9 +1,9 @@
 //! `TpEngine`: runs the tasks of a bundle; task queries and graph input/output descriptions.
 
 use std::ffi::{c_char, CString};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use taskpack_core::runtime::{DatumType, Engine, EngineOptions, IoInfo};
+use taskpack_core::runtime::{DatumType, Engine, EngineOptions, IoInfo, TextClassifier};
 
 use crate::args;
 use crate::bundle::TpBundle;
@@ -15,11 +15,18 @@ use crate::tensor::dtype_code;
 /// same engine at once (each call runs on the calling thread; bound tasks are cached and
 /// shared), except `tp_engine_free`, which must not race with any other use.
 pub struct TpEngine {
-    pub(crate) engine: Engine,
+    pub(crate) engine: Arc<Engine>,
     names: Vec<CString>,
     /// Per task, its graph's inputs and outputs, described on first request and kept (their
     /// strings and shapes are handed out by pointer until the engine is freed).
     io: Vec<OnceLock<TaskIo>>,
+    /// Per task, its label names as C strings, made on first request and kept (handed out by
+    /// pointer until the engine is freed).
+    labels: Vec<OnceLock<Vec<CString>>>,
+    /// The text classifier (the bundle's tokenizer, loaded once), made on first use.
+    text: OnceLock<TextClassifier>,
+    /// Held while making `text`, so that the tokenizer is loaded once.
+    text_init: Mutex<()>,
 }
 
 /// The inputs and outputs of one task's graph.
@@ -80,7 +87,7 @@ pub(crate) fn describe(dtype: DatumType, shape: impl Iterator<Item = i64>) -> St
 }
 
 impl TpEngine {
-    fn check_task(&self, task: usize) -> Result<(), Failure> {
+    pub(crate) fn check_task(&self, task: usize) -> Result<(), Failure> {
         if task < self.names.len() {
             Ok(())
         } else {
@@ -126,6 +133,43 @@ impl TpEngine {
         };
         Ok(slot.get_or_init(|| io))
     }
+
+    /// Task `task`'s label names (checked; made once, then kept for the engine's life).
+    pub(crate) fn labels(&self, task: usize) -> Result<&[CString], Failure> {
+        self.check_task(task)?;
+        let slot = &self.labels[task];
+        let labels = slot.get_or_init(|| {
+            let names = self
+                .engine
+                .bundle()
+                .manifest()
+                .tasks
+                .get(task)
+                .map_or(&[][..], |t| t.labels.as_slice());
+            names
+                .iter()
+                .map(|l| CString::new(l.replace('\0', "\\0")).unwrap_or_default())
+                .collect()
+        });
+        Ok(labels)
+    }
+
+    /// The text classifier: the bundle's tokenizer, loaded on first use (once, whatever the
+    /// number of threads; a failure is not kept, the next call retries).
+    pub(crate) fn text(&self) -> Result<&TextClassifier, Failure> {
+        if let Some(text) = self.text.get() {
+            return Ok(text);
+        }
+        let _init = self
+            .text_init
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(text) = self.text.get() {
+            return Ok(text);
+        }
+        let text = TextClassifier::new(Arc::clone(&self.engine))?;
+        Ok(self.text.get_or_init(|| text))
+    }
 }
 
 /// Builds an engine over `bundle` with a cache of bound tasks of `cache_bytes` bytes of
@@ -153,7 +197,7 @@ pub unsafe extern "C" fn tp_engine_new(
         } else {
             EngineOptions::with_cache_bytes(cache_bytes)
         };
-        let engine = Engine::new(bundle.bundle.clone(), options)?;
+        let engine = Arc::new(Engine::new(bundle.bundle.clone(), options)?);
         let names = (0..engine.task_count())
             .map(|t| {
                 let name = engine.task_name(t).unwrap_or_default();
@@ -165,14 +209,21 @@ pub unsafe extern "C" fn tp_engine_new(
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let io = names.iter().map(|_| OnceLock::new()).collect();
-        *out = Box::into_raw(Box::new(TpEngine { engine, names, io }));
+        *out = Box::into_raw(Box::new(TpEngine {
+            engine,
+            io: names.iter().map(|_| OnceLock::new()).collect(),
+            labels: names.iter().map(|_| OnceLock::new()).collect(),
+            text: OnceLock::new(),
+            text_init: Mutex::new(()),
+            names,
+        }));
         Ok(())
     })
 }
 
 /// Releases `*engine` and sets `*engine` to NULL; a no-op (`TP_OK`) if `*engine` is already
-/// NULL. Every pointer the engine handed out (task names, `TpIoInfo` fields) dies with it.
+/// NULL. Every pointer the engine handed out (task names, label names, `TpIoInfo` fields) dies
+/// with it.
 /// `TP_NULL_ARGUMENT` if `engine` itself is NULL.
 ///
 /// # Safety

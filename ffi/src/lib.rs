@@ -22,6 +22,7 @@ mod bundle;
 mod engine;
 mod status;
 mod tensor;
+mod text;
 
 pub use bundle::{
     tp_bundle_free, tp_bundle_from_memory, tp_bundle_open, tp_bundle_read, tp_bundle_verify,
@@ -38,3 +39,4 @@ pub use tensor::{
     tp_engine_run, tp_engine_run_f32, tp_outputs_count, tp_outputs_free, tp_outputs_get, TpDType,
     TpOutputs, TpTensor,
 };
+pub use text::{tp_engine_classify_text, tp_engine_task_label, tp_engine_task_label_count};

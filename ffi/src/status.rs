@@ -22,16 +22,20 @@ pub enum TpStatus {
     TP_INVALID_ARGUMENT = 2,
     /// The bundle file cannot be opened, mapped or read.
     TP_IO = 3,
-    /// The bundle breaks a rule of the format, or a checksum does not match.
+    /// The bundle breaks a rule of the format, or a checksum does not match; or its tokenizer
+    /// does not load, or a task's label names do not match its number of classes.
     TP_INVALID_BUNDLE = 4,
     /// No task of that name, or a task index not below `tp_engine_task_count`.
     TP_UNKNOWN_TASK = 5,
-    /// The inputs do not fit the task's graph: their number, element type or shape.
+    /// The inputs do not fit the task's graph: their number, element type or shape; or the
+    /// tokenizer fails on a text.
     TP_BAD_INPUT = 6,
     /// A caller buffer is too small; the needed length was written to the length out-parameter.
     TP_BUFFER_TOO_SMALL = 7,
     /// The task's graph is not one this call can run (e.g. a model with two outputs given to
-    /// `tp_engine_run_f32`, or an output element type the C API has no code for).
+    /// `tp_engine_run_f32`, an output element type the C API has no code for, or a graph
+    /// without token inputs given to `tp_engine_classify_text`), or the bundle has no tokenizer
+    /// for `tp_engine_classify_text`.
     TP_UNSUPPORTED = 8,
     /// tract failed to load, bind or run the task.
     TP_RUNTIME = 9,
@@ -77,7 +81,12 @@ impl From<Error> for Failure {
             Error::OutOfRange { what: "task", .. } => TpStatus::TP_UNKNOWN_TASK,
             Error::OutOfRange { .. } => TpStatus::TP_INVALID_ARGUMENT,
             Error::InputCount { .. } | Error::InputMismatch { .. } => TpStatus::TP_BAD_INPUT,
-            Error::Unsupported { .. } => TpStatus::TP_UNSUPPORTED,
+            Error::Unsupported { .. }
+            | Error::NoTokenizer
+            | Error::UnfillableInput { .. }
+            | Error::NotAClassifier { .. } => TpStatus::TP_UNSUPPORTED,
+            Error::TokenizerParse { .. } | Error::LabelCount { .. } => TpStatus::TP_INVALID_BUNDLE,
+            Error::Tokenize { .. } => TpStatus::TP_BAD_INPUT,
             _ => TpStatus::TP_RUNTIME,
         };
         Failure::new(status, e.to_string())

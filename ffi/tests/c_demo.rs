@@ -1,21 +1,11 @@
 //! A C program (tests/c/demo.c) compiled with the system C compiler against libtaskpack.a: it
 //! runs every task of the demo bundle on its test inputs and checks the outputs computed here.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use crate::common::Demo;
-
-/// libtaskpack.a of this build: cargo builds it next to this test's executable (in `deps/`)
-/// because the test links the crate's rlib.
-fn static_library() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    let lib = deps.join("libtaskpack.a");
-    assert!(lib.exists(), "{} is missing", lib.display());
-    lib
-}
+use crate::common::{build_c, Demo};
 
 fn write_f32(path: &Path, values: &[f32]) {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -45,24 +35,8 @@ fn c_program_runs_every_task_against_the_static_library() {
     }
     std::fs::write(data.join("tasks.txt"), tasks).unwrap();
 
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let exe = demo.dir.path().join("demo");
-    let cc = Command::new("cc")
-        .args(["-std=c99", "-O1", "-Wall", "-Wextra", "-Werror", "-I"])
-        .arg(root.join("include"))
-        .arg(root.join("tests/c/demo.c"))
-        .arg(static_library())
-        // noexecstack: tract's assembly kernels lack a .note.GNU-stack section, without which
-        // the linker would make the stack executable.
-        .args(["-lpthread", "-ldl", "-lm", "-Wl,-z,noexecstack", "-o"])
-        .arg(&exe)
-        .output()
-        .expect("cannot run cc");
-    assert!(
-        cc.status.success(),
-        "cc failed:\n{}",
-        String::from_utf8_lossy(&cc.stderr)
-    );
+    build_c("demo.c", &exe);
 
     let run = Command::new(&exe)
         .arg(&demo.path)

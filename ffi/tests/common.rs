@@ -2,6 +2,7 @@
 
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use ndarray_npy::NpzReader;
 use taskpack::{tp_last_error, TpStatus};
@@ -137,4 +138,35 @@ pub fn expect(status: TpStatus, want: TpStatus) {
     let message = last_error();
     assert_eq!(status, want, "last error: {message}");
     assert_eq!(message.is_empty(), want == TpStatus::TP_OK, "{message}");
+}
+
+/// libtaskpack.a of this build: cargo builds it next to the test executable (in `deps/`)
+/// because the test links the crate's rlib.
+fn static_library() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let lib = deps.join("libtaskpack.a");
+    assert!(lib.exists(), "{} is missing", lib.display());
+    lib
+}
+
+/// Compiles `tests/c/{source}` with the system C compiler against libtaskpack.a into `exe`.
+pub fn build_c(source: &str, exe: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cc = Command::new("cc")
+        .args(["-std=c99", "-O1", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root.join("include"))
+        .arg(root.join("tests/c").join(source))
+        .arg(static_library())
+        // noexecstack: tract's assembly kernels lack a .note.GNU-stack section, without which
+        // the linker would make the stack executable.
+        .args(["-lpthread", "-ldl", "-lm", "-Wl,-z,noexecstack", "-o"])
+        .arg(exe)
+        .output()
+        .expect("cannot run cc");
+    assert!(
+        cc.status.success(),
+        "cc failed:\n{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
 }
