@@ -44,7 +44,7 @@ enum Command {
     Export(ExportArgs),
     /// Compile the embedded demo models and compare each task's accuracy before and after.
     Demo(demo::DemoArgs),
-    /// Run one task of a bundle on inputs from an .npz or .npy file.
+    /// Run one task of a bundle on inputs from an .npz or .npy file, or on texts (--text).
     Run(run_cmd::RunArgs),
     /// Measure task switching and inference against loading each task's ONNX with tract.
     Bench(bench::BenchArgs),

@@ -261,6 +261,9 @@ pub fn print_report(bundle: &Bundle, path: &std::path::Path) {
         ("overhead", sizes.overhead),
         ("total", sizes.total),
     ] {
+        if part == "tokenizer" && v == 0 {
+            continue;
+        }
         println!("  {part:<14}{v:>14}");
     }
     println!(
