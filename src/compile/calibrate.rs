@@ -82,12 +82,19 @@ impl std::fmt::Display for Setting {
     }
 }
 
-/// A calibrated task: its inputs, the original model's outputs, and the candidates so far.
-struct Task {
+/// A calibrated task's inputs.
+struct Inputs {
+    /// Task index in the options.
     index: usize,
     name: String,
-    inputs: Vec<(String, Tensor)>,
+    /// Named arrays, cut to `examples` along the first axis.
+    arrays: Vec<(String, Tensor)>,
     examples: usize,
+}
+
+/// A calibrated task: its inputs, the original model's outputs, and the candidates so far.
+struct Task {
+    set: Inputs,
     reference: Outputs,
     tried: Vec<(Setting, CandidateScore)>,
 }
@@ -173,11 +180,11 @@ pub fn compile_calibrated(
     for c in &tasks {
         let chosen = best(&c.tried).unwrap_or(0);
         if let Some((setting, _)) = c.tried.get(chosen) {
-            log::info!("{}: calibrated to {setting}", c.name);
+            log::info!("{}: calibrated to {setting}", c.set.name);
         }
-        if let Some(slot) = reports.get_mut(c.index) {
+        if let Some(slot) = reports.get_mut(c.set.index) {
             *slot = Some(CalibrationReport {
-                examples: c.examples as u64,
+                examples: c.set.examples as u64,
                 candidates: c.tried.iter().map(|(_, s)| s.clone()).collect(),
                 chosen: chosen as u64,
             });
@@ -191,7 +198,7 @@ fn winners(tasks: &[Task], defaults: &[Setting]) -> Vec<Setting> {
     let mut out = defaults.to_vec();
     for c in tasks {
         let won = best(&c.tried).and_then(|i| c.tried.get(i)).map(|(s, _)| *s);
-        if let (Some(won), Some(slot)) = (won, out.get_mut(c.index)) {
+        if let (Some(won), Some(slot)) = (won, out.get_mut(c.set.index)) {
             *slot = won;
         }
     }
@@ -199,7 +206,7 @@ fn winners(tasks: &[Task], defaults: &[Setting]) -> Vec<Setting> {
 }
 
 /// Index of the best candidate: highest agreement, then lowest distance, then earliest.
-pub(crate) fn best(tried: &[(impl Sized, CandidateScore)]) -> Option<usize> {
+fn best(tried: &[(impl Sized, CandidateScore)]) -> Option<usize> {
     let mut best: Option<(usize, &CandidateScore)> = None;
     for (i, (_, s)) in tried.iter().enumerate() {
         let better = match best {
@@ -227,47 +234,49 @@ fn prepare(
             "the number of calibration examples must be at least 1".into(),
         ));
     }
-    let mut tasks: Vec<Task> = Vec::with_capacity(calibration.inputs.len());
+    // Every set is checked before the first (slow) model run.
+    let mut sets: Vec<Inputs> = Vec::with_capacity(calibration.inputs.len());
     for (name, arrays) in &calibration.inputs {
         let Some(index) = opts.tasks.iter().position(|(n, _)| n == name) else {
             return Err(CompileError::Calibration(format!(
                 "calibration inputs for {name:?}, which is not a task"
             )));
         };
-        if tasks.iter().any(|t| t.index == index) {
+        if sets.iter().any(|t| t.index == index) {
             return Err(CompileError::Calibration(format!(
                 "calibration inputs for {name:?} are given twice"
             )));
         }
         let examples = examples(name, arrays)?.min(calibration.max_examples);
-        let inputs = arrays
+        let arrays = arrays
             .iter()
             .map(|(n, a)| Ok((n.clone(), a.slice(0, 0, examples).map_err(tract(name))?)))
             .collect::<Result<Vec<_>, CompileError>>()?;
-        tasks.push(Task {
+        sets.push(Inputs {
             index,
             name: name.clone(),
-            inputs,
+            arrays,
             examples,
-            reference: Outputs {
-                values: Vec::new(),
-                width: 0,
-            },
-            tried: Vec::new(),
         });
     }
     progress(Progress::Pass {
         name: "references",
-        total: tasks.len() as u64,
+        total: sets.len() as u64,
     });
-    for t in &mut tasks {
+    let mut tasks = Vec::with_capacity(sets.len());
+    for set in sets {
         let path = opts
             .tasks
-            .get(t.index)
+            .get(set.index)
             .map(|(_, p)| p.as_path())
             .unwrap_or(Path::new(""));
-        t.reference = run_original(path, opts.graph.as_deref(), t)?;
-        progress(Progress::Step(&t.name));
+        let reference = run_original(path, opts.graph.as_deref(), &set)?;
+        progress(Progress::Step(&set.name));
+        tasks.push(Task {
+            set,
+            reference,
+            tried: Vec::new(),
+        });
     }
     Ok(tasks)
 }
@@ -302,34 +311,18 @@ fn tract(task: &str) -> impl Fn(TractError) -> CompileError + '_ {
     move |e| CompileError::Calibration(format!("{task}: {e:#}"))
 }
 
-/// The original task model (its checkpoint's graph and weights) on the task's inputs, with
-/// plain tract.
-fn run_original(path: &Path, graph: Option<&Path>, task: &Task) -> Result<Outputs, CompileError> {
-    let ckpt = Checkpoint::open(path, graph)?;
-    let mut weights = Vec::with_capacity(ckpt.tensors().len());
-    for info in ckpt.tensors() {
-        let values = ckpt.read_f32(&info.name)?;
-        let mut data = Vec::new();
-        info.dtype.encode(&values, &mut data);
-        weights.push(TensorBytes {
-            name: info.name.clone(),
-            dtype: info.dtype,
-            shape: info.shape.clone(),
-            data,
-        });
-    }
-    let onnx =
-        crate::onnx::restore_initializers(ckpt.stripped_graph(), weights).map_err(|source| {
-            CompileError::Export {
-                task: task.name.clone(),
-                source,
-            }
-        })?;
-    drop(ckpt);
-    let err = tract(&task.name);
-    let model = tract_onnx::onnx()
-        .model_for_read(&mut &onnx[..])
-        .map_err(&err)?
+/// The original task model on the task's inputs, with plain tract. An ONNX checkpoint is
+/// loaded as it is; safetensors weights are first put into the graph (`--graph`).
+fn run_original(path: &Path, graph: Option<&Path>, set: &Inputs) -> Result<Outputs, CompileError> {
+    let err = tract(&set.name);
+    let onnx = tract_onnx::onnx();
+    let model = match graph {
+        None => onnx.model_for_path(path).map_err(&err)?,
+        Some(_) => onnx
+            .model_for_read(&mut &with_weights(path, graph, &set.name)?[..])
+            .map_err(&err)?,
+    };
+    let model = model
         .into_optimized()
         .map_err(&err)?
         .into_runnable()
@@ -340,25 +333,38 @@ fn run_original(path: &Path, graph: Option<&Path>, task: &Task) -> Result<Output
         .map_err(&err)?
         .iter()
         .map(|&o| {
-            let fact = model.model().outlet_fact(o)?;
             let name = model.model().node(o.node).name.clone();
-            Ok(IoInfo {
-                name,
-                dtype: fact.datum_type,
-                shape: fact
-                    .shape
-                    .iter()
-                    .map(|d| d.as_i64().and_then(|v| usize::try_from(v).ok()))
-                    .collect(),
-            })
+            Ok(IoInfo::from_fact(name, model.model().outlet_fact(o)?))
         })
         .collect::<TractResult<_>>()
         .map_err(&err)?;
-    run_chunks(task, &facts, |inputs| {
+    run_chunks(set, &facts, |inputs| {
         model
             .run(inputs)
             .map_err(&err)
             .map(|o| o.into_iter().collect())
+    })
+}
+
+/// A standalone ONNX model of a checkpoint whose weights live outside its graph.
+fn with_weights(path: &Path, graph: Option<&Path>, task: &str) -> Result<Vec<u8>, CompileError> {
+    let ckpt = Checkpoint::open(path, graph)?;
+    let mut weights = Vec::with_capacity(ckpt.tensors().len());
+    for info in ckpt.tensors() {
+        let mut data = Vec::new();
+        info.dtype.encode(&ckpt.read_f32(&info.name)?, &mut data);
+        weights.push(TensorBytes {
+            name: info.name.clone(),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            data,
+        });
+    }
+    crate::onnx::restore_initializers(ckpt.stripped_graph(), weights).map_err(|source| {
+        CompileError::Export {
+            task: task.to_string(),
+            source,
+        }
     })
 }
 
@@ -370,7 +376,7 @@ fn evaluate(
     tasks: &mut [Task],
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(), CompileError> {
-    let setting_of = |t: &Task| settings.get(t.index).copied();
+    let setting_of = |t: &Task| settings.get(t.set.index).copied();
     let todo: Vec<bool> = tasks
         .iter()
         .map(|t| setting_of(t).is_some_and(|s| !t.tried.iter().any(|(x, _)| *x == s)))
@@ -441,11 +447,11 @@ fn evaluate(
         score.setting = setting.to_string();
         log::info!(
             "{}: {setting}: agreement {:.4}, logit distance {:.4}",
-            t.name,
+            t.set.name,
             score.agreement,
             score.logit_distance
         );
-        progress(Progress::Step(&t.name));
+        progress(Progress::Step(&t.set.name));
         t.tried.push((setting, score));
     }
     Ok(())
@@ -453,11 +459,12 @@ fn evaluate(
 
 /// Agreement and logit distance of the engine's task against the original on the task's inputs.
 fn score(engine: &Engine, task: &Task) -> Result<CandidateScore, CompileError> {
-    let facts = engine.input_facts(task.index)?;
-    let outputs = run_chunks(task, &facts, |inputs| {
-        Ok(engine.run(task.index, inputs)?.into_iter().collect())
+    let set = &task.set;
+    let facts = engine.input_facts(set.index)?;
+    let outputs = run_chunks(set, &facts, |inputs| {
+        Ok(engine.run(set.index, inputs)?.into_iter().collect())
     })?;
-    compare(&task.name, &task.reference, &outputs)
+    compare(&set.name, &task.reference, &outputs)
 }
 
 /// Top-1 agreement and RMS distance of `candidate` against `reference`.
@@ -515,7 +522,7 @@ fn argmax(row: &[f32]) -> Option<usize> {
 /// Runs `run` over the task's examples in chunks (the graph's fixed batch size, or [`CHUNK`])
 /// and gathers the first output.
 fn run_chunks(
-    task: &Task,
+    task: &Inputs,
     facts: &[IoInfo],
     mut run: impl FnMut(TVec<TValue>) -> Result<Vec<TValue>, CompileError>,
 ) -> Result<Outputs, CompileError> {
@@ -523,16 +530,16 @@ fn run_chunks(
     // Arrays in graph input order, converted to the input's type.
     let mut arrays = Vec::with_capacity(facts.len());
     for fact in facts {
-        let array = match task.inputs.iter().find(|(n, _)| *n == fact.name) {
+        let array = match task.arrays.iter().find(|(n, _)| *n == fact.name) {
             Some((_, a)) => a,
-            None => match (facts, task.inputs.as_slice()) {
+            None => match (facts, task.arrays.as_slice()) {
                 ([_], [(_, only)]) => only,
                 _ => {
                     return Err(CompileError::Calibration(format!(
                         "{}: no calibration array for graph input {:?} (given: {})",
                         task.name,
                         fact.name,
-                        task.inputs
+                        task.arrays
                             .iter()
                             .map(|(n, _)| n.as_str())
                             .collect::<Vec<_>>()

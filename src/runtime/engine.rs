@@ -32,9 +32,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use tract_onnx::prelude::{DatumType, TValue, TVec, TypedModel};
+use tract_onnx::prelude::{DatumType, TValue, TVec, TypedFact, TypedModel};
+use tract_onnx::tract_hir::internal::DimLike;
 
-use crate::format::manifest::TaskTensor;
 use crate::runtime::cache::Lru;
 use crate::runtime::template::{graph_weights, Plan, Template, TemplateKey};
 use crate::runtime::{Bundle, Error};
@@ -92,6 +92,17 @@ pub struct IoInfo {
     pub dtype: DatumType,
     /// Shape; `None` for a symbolic dimension (e.g. the batch size).
     pub shape: Vec<Option<usize>>,
+}
+
+impl IoInfo {
+    /// The info of a tract fact; dimensions that are not a known integer are `None`.
+    pub(crate) fn from_fact(name: String, fact: &TypedFact) -> IoInfo {
+        IoInfo {
+            name,
+            dtype: fact.datum_type,
+            shape: fact.shape.iter().map(|d| d.to_usize().ok()).collect(),
+        }
+    }
 }
 
 /// Counters of the work an engine did since it was created.
@@ -230,17 +241,7 @@ impl Engine {
                 index: graph,
                 count: manifest.graphs.len(),
             })?;
-            let private_shapes = graph_used
-                .iter()
-                .filter_map(|&i| match task.tensors.get(i) {
-                    Some(TaskTensor::Private { shape, .. }) => Some((i, shape.clone())),
-                    _ => None,
-                })
-                .collect();
-            let key = TemplateKey {
-                graph,
-                private_shapes,
-            };
+            let key = TemplateKey::for_task(task, graph_used);
             let slot = match slots.iter().position(|s| s.key == key) {
                 Some(s) => s,
                 None => {

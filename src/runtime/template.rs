@@ -43,7 +43,7 @@ use tract_onnx::tract_core::optim::CONST_FOLD_MEM_BUDGET;
 use tract_onnx::tract_hir::internal::{DimLike, Factoid};
 
 use crate::dtype::DType;
-use crate::format::manifest::{TaskTensor, TensorStorage};
+use crate::format::manifest::{TaskEntry, TaskTensor, TensorStorage};
 use crate::runtime::engine::IoInfo;
 use crate::runtime::reconstruct::{self, Scratch};
 use crate::runtime::{Bundle, Error};
@@ -62,6 +62,23 @@ pub(crate) struct TemplateKey {
     /// `(tensor index, shape)` of every private weight the graph uses, for one task: tasks that
     /// share a graph but whose private tensors differ in shape need distinct templates.
     pub private_shapes: Vec<(usize, Vec<u64>)>,
+}
+
+impl TemplateKey {
+    /// The key of `task`'s template: its graph, and the shapes of the private weights among
+    /// `used` (the weights that graph uses).
+    pub(crate) fn for_task(task: &TaskEntry, used: &[usize]) -> TemplateKey {
+        TemplateKey {
+            graph: task.graph as usize,
+            private_shapes: used
+                .iter()
+                .filter_map(|&i| match task.tensors.get(i) {
+                    Some(TaskTensor::Private { shape, .. }) => Some((i, shape.clone())),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Where one source of the template gets its value from at binding.
@@ -607,7 +624,7 @@ impl Template {
                 .map_err(tract_err("read an input fact"))?
                 .clone();
             let name = typed.node(o.node).name.clone();
-            inputs.push(io_info(name, &fact));
+            inputs.push(IoInfo::from_fact(name, &fact));
             input_facts.push(fact);
         }
         let mut outputs = Vec::new();
@@ -619,7 +636,7 @@ impl Template {
                 .outlet_label(*o)
                 .map(str::to_string)
                 .unwrap_or_else(|| typed.node(o.node).name.clone());
-            outputs.push(io_info(name, fact));
+            outputs.push(IoInfo::from_fact(name, fact));
         }
         let weight_bytes = slots
             .iter()
@@ -1083,14 +1100,6 @@ fn batchnorm_affine(
     }
 }
 
-fn io_info(name: String, fact: &TypedFact) -> IoInfo {
-    IoInfo {
-        name,
-        dtype: fact.datum_type,
-        shape: fact.shape.iter().map(|d| d.to_usize().ok()).collect(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1189,17 +1198,7 @@ mod tests {
         for (task, entry) in m.tasks.iter().enumerate() {
             let graph = entry.graph as usize;
             let used = graph_weights(&bundle, graph, &by_name).unwrap();
-            let private_shapes = used
-                .iter()
-                .filter_map(|&i| match entry.tensors.get(i) {
-                    Some(TaskTensor::Private { shape, .. }) => Some((i, shape.clone())),
-                    _ => None,
-                })
-                .collect();
-            let key = TemplateKey {
-                graph,
-                private_shapes,
-            };
+            let key = TemplateKey::for_task(entry, &used);
             let template = Template::build(&bundle, &key, task, &used, &[]).unwrap();
             folded += template
                 .slots
