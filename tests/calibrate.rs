@@ -29,13 +29,7 @@ fn images(task: &str) -> Tensor {
 
 /// Logits of an ONNX model (bytes) on `x`, with plain tract, as rows.
 fn logits(onnx: &[u8], x: &Tensor) -> Vec<Vec<f32>> {
-    let model = tract_onnx::onnx()
-        .model_for_read(&mut &onnx[..])
-        .unwrap()
-        .into_optimized()
-        .unwrap()
-        .into_runnable()
-        .unwrap();
+    let model = crate::common::tract_plan(onnx);
     let out = model.run(tvec!(x.clone().into())).unwrap();
     let view = out[0].to_plain_array_view::<f32>().unwrap();
     let width = *view.shape().last().unwrap();

@@ -1,6 +1,34 @@
-//! Helpers shared by the integration tests: the embedded demo model family.
+//! Helpers shared by the integration tests: the embedded demo model family, plain tract and the
+//! CLI.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tract_onnx::prelude::*;
+
+/// An ONNX model (bytes) loaded, optimized and made runnable by plain tract.
+pub fn tract_plan(onnx: &[u8]) -> Arc<TypedRunnableModel> {
+    tract_onnx::onnx()
+        .model_for_read(&mut &onnx[..])
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap()
+}
+
+/// Runs the CLI; returns (success, stdout, stderr).
+pub fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_taskpack"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
 
 /// The demo model folder.
 pub fn demo() -> PathBuf {

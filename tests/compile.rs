@@ -3,10 +3,9 @@
 //! reader), ONNX vs safetensors inputs, the golden onnxruntime outputs, and every bad input the
 //! CLI must refuse with one clear line and no output file.
 
-use crate::common::{demo, demo_tasks};
+use crate::common::{cli, demo, demo_tasks};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use prost::Message;
 use taskpack::compile::{compile, CompileError, CompileOptions};
@@ -311,19 +310,6 @@ fn library_rejects_zero_and_duplicate_tasks_before_writing() {
         "{err}"
     );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-}
-
-/// Runs the CLI; returns (success, stdout, stderr).
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_taskpack"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 /// Asserts that `taskpack compile` with these task arguments fails with one line containing

@@ -679,13 +679,7 @@ fn safetensors_mismatches_are_explained() {
 
 fn run_tract(bytes: &[u8], x: [f32; 2]) -> Vec<f32> {
     use tract_onnx::prelude::*;
-    let model = tract_onnx::onnx()
-        .model_for_read(&mut &bytes[..])
-        .unwrap()
-        .into_optimized()
-        .unwrap()
-        .into_runnable()
-        .unwrap();
+    let model = crate::common::tract_plan(bytes);
     let input = tract_ndarray::arr2(&[x]).into_tensor();
     let out = model.run(tvec!(input.into())).unwrap();
     out[0]

@@ -4,7 +4,6 @@
 //! token ids, onnxruntime on the task's own ONNX file for the logits).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -15,7 +14,7 @@ use taskpack::merge::Method;
 use taskpack::runtime::{Bundle, Engine, EngineOptions, Error, Prediction, TextClassifier};
 use tract_onnx::prelude::*;
 
-use crate::common::demo;
+use crate::common::{cli, demo};
 
 fn models() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/text")
@@ -109,8 +108,13 @@ fn compile_text(
 }
 
 fn classifier(path: &Path, options: EngineOptions) -> TextClassifier {
+    try_classifier(path, options).unwrap()
+}
+
+/// A text classifier for a bundle, or the error `TextClassifier::new` gives.
+fn try_classifier(path: &Path, options: EngineOptions) -> Result<TextClassifier, Error> {
     let engine = Engine::new(Arc::new(Bundle::open(path).unwrap()), options).unwrap();
-    TextClassifier::new(Arc::new(engine)).unwrap()
+    TextClassifier::new(Arc::new(engine))
 }
 
 /// Asserts that `got` is the golden prediction: same class and label, probability within 1e-5,
@@ -231,13 +235,7 @@ fn merged_bundle_classifies_as_its_exported_tasks_do() {
     for task in TASKS {
         let t = classifier.engine().task_index(task).unwrap();
         let onnx = export_task(&bundle, task).unwrap();
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut &onnx[..])
-            .unwrap()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap();
+        let model = crate::common::tract_plan(&onnx);
         let cases = goldens("dynamic", task);
         let mut agree = 0;
         for g in &cases {
@@ -279,14 +277,7 @@ fn text_errors_are_typed() {
     let dir = tempfile::tempdir().unwrap();
     // No tokenizer.
     let (path, _) = compile_text(dir.path(), "bare", &["mood"], Method::Emr, None);
-    let engine = Arc::new(
-        Engine::new(
-            Arc::new(Bundle::open(&path).unwrap()),
-            EngineOptions::default(),
-        )
-        .unwrap(),
-    );
-    let err = TextClassifier::new(engine).unwrap_err();
+    let err = try_classifier(&path, EngineOptions::default()).unwrap_err();
     assert!(matches!(err, Error::NoTokenizer), "{err}");
     assert!(err.to_string().contains("--tokenizer"), "{err}");
 
@@ -298,14 +289,7 @@ fn text_errors_are_typed() {
         Method::Emr,
         Some(b"{\"model\": 3}".to_vec()),
     );
-    let engine = Arc::new(
-        Engine::new(
-            Arc::new(Bundle::open(&path).unwrap()),
-            EngineOptions::default(),
-        )
-        .unwrap(),
-    );
-    let err = TextClassifier::new(engine).unwrap_err();
+    let err = try_classifier(&path, EngineOptions::default()).unwrap_err();
     assert!(matches!(err, Error::TokenizerParse { .. }), "{err}");
 
     // Unknown task names and indices.
@@ -370,19 +354,6 @@ fn text_errors_are_typed() {
         matches!(err, Error::UnfillableInput { ref name, .. } if name == "image"),
         "{err}"
     );
-}
-
-/// Runs the CLI; returns (success, stdout, stderr).
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_taskpack"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 #[test]
