@@ -367,7 +367,8 @@ class Bench:
         os.replace(tmp, dst)
         return dst
 
-    def baseline(self, kind):
+    def baseline(self, kind, run=True):
+        """The int8 or f16 row; with run=False only a current cached result (or None)."""
         import onnx
         import onnxruntime as ort
 
@@ -378,9 +379,10 @@ class Bench:
             versions["onnxconverter_common"] = onnxconverter_common.__version__
         key = digest({"models": self.model_sha, "test": self.test_sha, "kind": kind,
                       "versions": versions, "pred": 1, "fix_casts": kind == "f16"})
-        result = None if self.a.force else self.cached(kind, key)
-        if result is not None:
-            print(f"{kind}: cached", flush=True)
+        result = None if self.a.force and run else self.cached(kind, key)
+        if result is not None or not run:
+            if result is not None:
+                print(f"{kind}: cached", flush=True)
             return result
         acc, seconds, pred, size, convert_s = {}, {}, {}, 0, 0.0
         for t in self.tasks:
@@ -484,12 +486,16 @@ class Bench:
                 got = weights(out)
             want = weights(self.model(task))
             head = re.compile(HEAD_PATTERN)
+            shared = [n for n in base if not head.search(n) and base[n].size]
+            missing = [n for n in shared if n not in got]
             encoder = max(float(np.abs(got[n].astype(np.float64) - base[n]).max())
-                          for n in base if not head.search(n) and base[n].size and n in got)
+                          for n in shared if n in got)
             heads = max(float(np.abs(got[n].astype(np.float64) - want[n]).max())
                         for n in want if head.search(n))
             check[task] = {"encoder_max_abs_diff_vs_base": encoder,
-                           "head_max_abs_diff_vs_task": heads}
+                           "head_max_abs_diff_vs_task": heads,
+                           "encoder_tensors_compared": len(shared) - len(missing),
+                           "encoder_tensors_missing_in_export": missing}
             print(f"  check {task}: encoder vs base {encoder:.2e}, head vs task {heads:.2e}")
         return check
 
@@ -572,7 +578,8 @@ def task_table(rows, tasks, what):
             cells = [fmt(r.get("accuracy", {}).get(t), ".4f") for t in tasks]
         elif what == "normalized":
             cells = [f"{fmt(r.get('normalized', {}).get(t), '.3f')} "
-                     f"{ci_text(r.get('normalized_ci', {}).get(t))}" for t in tasks]
+                     f"{ci_text(r.get('normalized_ci', {}).get(t))}"
+                     if t in r.get("normalized", {}) else "–" for t in tasks]
         else:
             cells = [fmt(r.get("agreement", {}).get(t), ".3f") for t in tasks]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
@@ -776,7 +783,9 @@ def compiler_notes(rows):
     for r in rows:
         for task, c in r.get("check", {}).items():
             lines.append(f"- `{r['name']}`, `{task}` exported back to ONNX: encoder max abs "
-                         f"difference to the base {c['encoder_max_abs_diff_vs_base']:.2g}, head "
+                         f"difference to the base {c['encoder_max_abs_diff_vs_base']:.2g} "
+                         f"({c.get('encoder_tensors_compared', '–')} tensors; missing in the "
+                         f"export: {len(c.get('encoder_tensors_missing_in_export', []))}), head "
                          f"to the task's {c['head_max_abs_diff_vs_task']:.2g}.")
     private = {}
     for r in rows:
@@ -1016,8 +1025,9 @@ def main():
         individual = bench.individual()
         results = []
         for kind in BASELINES:
-            if wants(kind):
-                results.append(bench.baseline(kind))
+            row = bench.baseline(kind, run=wants(kind))
+            if row is not None:
+                results.append(row)
         for s in SETTINGS:
             if s.calib and not cli.offers("--calib"):
                 skipped[f"{fam.name} `{s.name}`"] = "`taskpack compile` has no `--calib` yet"
