@@ -606,13 +606,19 @@ def noise_lines(rows):
     best = next((r["differences"]["vs_best"]["reference"] for r in scored
                  if "vs_best" in r.get("differences", {})), None)
     if best:
-        same = [r["name"] for r in scored if r["name"] != best
-                and "vs_best" in r.get("differences", {})
-                and within_noise(r["differences"]["vs_best"]["ci"])]
+        groups = {"within": [], "above": [], "below": []}
+        for r in scored:
+            d = r.get("differences", {}).get("vs_best")
+            if r["name"] == best or d is None:
+                continue
+            low, high = d["ci"]
+            groups["above" if low > 0 else "below" if high < 0 else "within"].append(
+                f"`{r['name']}`")
         lines.append(f"- Within noise of the best bundle, `{best}` (95% CI of the paired "
                      f"difference of the normalized mean contains 0): "
-                     + (", ".join(f"`{n}`" for n in same) or "none") + "; every other row is "
-                     "below it.")
+                     + (", ".join(groups["within"]) or "none") + "; significantly above it: "
+                     + (", ".join(groups["above"]) or "none") + "; below it: "
+                     + (", ".join(groups["below"]) or "none") + ".")
     if any("vs_int8" in r.get("differences", {}) for r in scored):
         groups = {"above": [], "within noise of": [], "below": []}
         for r in scored:
