@@ -14,12 +14,13 @@ packages is imported.
 Per task: exact duplicate texts are dropped (and texts seen with two labels), the classes are
 balanced by down-sampling every class to the smallest one (all tasks but supersense, whose 26
 classes keep their natural, long-tailed distribution), the examples are shuffled with a fixed
-seed and split into test (the first TEST examples), calib (the next CALIB, used without labels)
-and train (the rest, at most MAX_TRAIN). Texts are tokenized with the model's own tokenizer.json
+seed and split into test (the first TEST examples), calib (the next CALIB, used without labels),
+val (the next VAL, labeled: early stopping in finetune.py) and train (the rest, at most
+MAX_TRAIN); the four are disjoint. Texts are tokenized with the model's own tokenizer.json
 to a fixed length (pad / truncate).
 
 Writes into OUT: {task}.test.npz (input_ids, attention_mask, label: int64), {task}.calib.npz
-(input_ids, attention_mask), {task}.train.npz (the same with label, for finetune.py),
+(input_ids, attention_mask), {task}.val.npz and {task}.train.npz (the same with label, for finetune.py),
 {task}.labels.txt (one label name per line, index order), tokenizer.json and summary.json.
 A re-run with the same arguments and the same script does nothing (--force rebuilds).
 """
@@ -160,8 +161,12 @@ def dedupe(rows):
     return sorted((t, next(iter(ls))) for t, ls in labels.items() if len(ls) == 1)
 
 
-def split(rows, classes, balance, test, calib, rng):
-    """Shuffled (optionally class-balanced) test / calib / train split of (text, label) rows."""
+def split(rows, classes, balance, test, calib, val, rng):
+    """Shuffled (optionally class-balanced) test / calib / val / train split of (text, label) rows.
+
+    The test set is cut to what is left after calib, val and 1,000 training examples when the
+    task has fewer examples than that (the summary records the size).
+    """
     by_class = [[r for r in rows if r[1] == c] for c in range(classes)]
     if balance:
         smallest = min(len(b) for b in by_class)
@@ -169,9 +174,11 @@ def split(rows, classes, balance, test, calib, rng):
     pool = [r for b in by_class for r in b]
     order = rng.permutation(len(pool))
     pool = [pool[i] for i in order]
-    if len(pool) < test + calib + 1000:
-        sys.exit(f"only {len(pool)} examples: not enough for test, calib and train")
-    return pool[:test], pool[test:test + calib], pool[test + calib:]
+    test = min(test, len(pool) - calib - val - 1000)
+    if test < 500:
+        sys.exit(f"only {len(pool)} examples: not enough for test, calib, val and train")
+    parts = np.cumsum([test, calib, val])
+    return pool[:parts[0]], pool[parts[0]:parts[1]], pool[parts[1]:parts[2]], pool[parts[2]:]
 
 
 def tokenizer(path, length):
@@ -207,8 +214,10 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pkgs", required=True, help="folder with the unpacked data packages")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--test", type=int, default=500)
+    ap.add_argument("--test", type=int, default=1000, help="test examples per task (fewer only "
+                                                          "when the task has too few)")
     ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--val", type=int, default=500, help="validation examples (early stopping)")
     ap.add_argument("--max-train", type=int, default=10000, help="cap on training examples")
     ap.add_argument("--length", type=int, default=64, help="token sequence length")
     ap.add_argument("--seed", type=int, default=0)
@@ -231,11 +240,11 @@ def main():
         rows, names = LOADERS[task](a.pkgs)
         rows = dedupe(rows)
         rng = np.random.default_rng(a.seed + i)
-        test, calib, train = split(rows, len(names), task not in NATURAL_DISTRIBUTION,
-                                   a.test, a.calib, rng)
+        test, calib, val, train = split(rows, len(names), task not in NATURAL_DISTRIBUTION,
+                                        a.test, a.calib, a.val, rng)
         arrays = {}
         for part, data, with_label in (("test", test, True), ("calib", calib, False),
-                                       ("train", train[:a.max_train], True)):
+                                       ("val", val, True), ("train", train[:a.max_train], True)):
             arrays[part] = encode(tok, data, with_label)
             np.savez(os.path.join(a.out, f"{task}.{part}.npz"), **arrays[part])
         with open(os.path.join(a.out, f"{task}.labels.txt"), "w", encoding="utf-8") as f:
@@ -244,12 +253,13 @@ def main():
         truncated = float(np.mean(arrays["test"]["attention_mask"].sum(1) == a.length))
         summary["tasks"][task] = {
             "classes": len(names), "examples": len(rows), "train": min(len(train), a.max_train),
-            "calib": len(calib), "test": len(test), "balanced": task not in NATURAL_DISTRIBUTION,
+            "calib": len(calib), "val": len(val), "test": len(test), "balanced": task not in NATURAL_DISTRIBUTION,
             "test_majority_fraction": float(counts.max() / counts.sum()),
             "test_truncated_fraction": truncated,
         }
         print(f"{task:<11} {len(names):>2} classes, {len(rows):>6} examples after dedupe -> "
-              f"train {min(len(train), a.max_train)}, calib {len(calib)}, test {len(test)} "
+              f"train {min(len(train), a.max_train)}, val {len(val)}, calib {len(calib)}, "
+              f"test {len(test)} "
               f"(majority class {counts.max() / counts.sum():.3f}, truncated {truncated:.2f})")
     with open(summary_path, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
@@ -265,7 +275,7 @@ def up_to_date(summary_path, stamp):
         return False
     folder = os.path.dirname(summary_path)
     names = [f"{t}.{p}" for t in summary["tasks"] for p in
-             ("test.npz", "calib.npz", "train.npz", "labels.txt")]
+             ("test.npz", "calib.npz", "val.npz", "train.npz", "labels.txt")]
     return all(os.path.exists(os.path.join(folder, n)) for n in names + ["tokenizer.json"])
 
 

