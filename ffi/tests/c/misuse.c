@@ -590,6 +590,27 @@ static void wrong_shapes(const TpEngine *engine) {
         CHECK_STATUS(tp_engine_run(engine, 0, &in, 1, &outputs), cases[c].want);
         CHECK(outputs == NULL, "shape case %zu: *outputs reset", c);
     }
+    /* An empty batch: no input bytes (NULL is allowed for 0 elements), an empty output. */
+    int64_t empty[MAX_RANK];
+    memcpy(empty, t->shape, t->rank * sizeof(int64_t));
+    empty[0] = 0;
+    size_t len = 7, rank = 7;
+    for (size_t k = 0; k < MAX_RANK; k++) out_shape[k] = -7;
+    CHECK_STATUS(tp_engine_run_f32(engine, 0, NULL, empty, t->rank, NULL, 0, &len, out_shape,
+                                   MAX_RANK, &rank),
+                 TP_OK);
+    CHECK(len == 0 && rank == t->out_rank && out_shape[0] == 0
+              && out_shape[1] == t->out_shape[1],
+          "an empty batch gives an empty output (%zu floats, rank %zu)", len, rank);
+    TpTensor none = {TP_DTYPE_F32, NULL, empty, t->rank};
+    TpOutputs *nothing = NULL;
+    CHECK_STATUS(tp_engine_run(engine, 0, &none, 1, &nothing), TP_OK);
+    TpTensor got = {0};
+    CHECK_STATUS(tp_outputs_get(nothing, 0, &got), TP_OK);
+    CHECK(got.dtype == TP_DTYPE_F32 && got.rank == t->out_rank && got.shape[0] == 0,
+          "tp_engine_run on an empty batch");
+    CHECK_STATUS(tp_outputs_free(&nothing), TP_OK);
+
     /* The message says what was expected. */
     CHECK_STATUS(tp_engine_run_f32(engine, 0, x, cases[2].dims, t->rank, y, 256, &(size_t){0},
                                    out_shape, MAX_RANK, &(size_t){0}),
