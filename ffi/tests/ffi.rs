@@ -8,5 +8,6 @@ mod c_misuse;
 mod common;
 mod header;
 mod misuse;
+mod soak;
 mod text;
 mod valgrind;
