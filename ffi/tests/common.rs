@@ -170,3 +170,34 @@ pub fn build_c(source: &str, exe: &Path) {
         String::from_utf8_lossy(&cc.stderr)
     );
 }
+
+fn write_f32(path: &Path, values: &[f32]) {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The data folder the C programs demo.c and misuse.c read, made in `demo`'s folder: per task,
+/// its first `n` test images (`NAME.input.f32`) and the outputs expected for them
+/// (`NAME.expected.f32`), as raw little-endian floats, and `tasks.txt` with one line per task:
+/// `NAME RANK DIMS... OUT_RANK OUT_DIMS...`.
+pub fn write_demo_data(demo: &Demo, n: usize) -> PathBuf {
+    let data = demo.dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut tasks = String::new();
+    for name in &demo.tasks {
+        let case = demo.case(name, n);
+        write_f32(&data.join(format!("{name}.input.f32")), &case.input);
+        write_f32(&data.join(format!("{name}.expected.f32")), &case.expected);
+        let dims = |shape: &[i64]| {
+            let dims: Vec<String> = shape.iter().map(i64::to_string).collect();
+            format!("{} {}", shape.len(), dims.join(" "))
+        };
+        tasks += &format!(
+            "{name} {} {}\n",
+            dims(&case.input_shape),
+            dims(&case.expected_shape)
+        );
+    }
+    std::fs::write(data.join("tasks.txt"), tasks).unwrap();
+    data
+}

@@ -20,7 +20,7 @@ fn models() -> PathBuf {
 }
 
 /// `(text, class, label, probability)` of the golden sentences of `task` (dynamic shapes).
-fn goldens(task: &str) -> Vec<(String, usize, String, f64)> {
+pub fn goldens(task: &str) -> Vec<(String, usize, String, f64)> {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(models().join("golden.json")).unwrap()).unwrap();
     json["dynamic"]
@@ -42,7 +42,7 @@ fn goldens(task: &str) -> Vec<(String, usize, String, f64)> {
 /// `task` of the text family compiled alone (task arithmetic at α = 1, f32 delta: its own
 /// weights up to f32 rounding), with the family's label names and, if `tokenizer`, its
 /// tokenizer.
-fn compile_task(dir: &Path, task: &str, tokenizer: bool) -> CString {
+pub fn compile_task(dir: &Path, task: &str, tokenizer: bool) -> CString {
     let path = dir.join(format!("{task}-{tokenizer}.tpk"));
     let mut opts = CompileOptions::new(
         models().join("base.onnx"),
