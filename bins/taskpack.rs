@@ -38,7 +38,8 @@ enum Command {
     Compile(Box<compile_cmd::CompileArgs>),
     /// Show a bundle's tasks, method, hyper-parameters, provenance and sizes.
     Inspect(InspectArgs),
-    /// Check every checksum and structural rule of a bundle; exit 0 only if all hold.
+    /// Check every checksum, structural rule and graph rule of a bundle; exit 0 only if all
+    /// hold.
     Verify(VerifyArgs),
     /// Write one task's reconstructed weights as a standalone ONNX model.
     Export(ExportArgs),
@@ -123,14 +124,18 @@ fn verify(path: &Path) -> Result<()> {
     bundle
         .verify()
         .with_context(|| format!("{} failed verification", path.display()))?;
+    taskpack::runtime::check_graphs(&bundle)
+        .with_context(|| format!("{} failed verification", path.display()))?;
     let m = bundle.manifest();
     println!(
-        "{}: OK ({} bytes, {} sections, {} tasks, {} tensors, all checksums match)",
+        "{}: OK ({} bytes, {} sections, {} tasks, {} tensors, all checksums match, {} graphs \
+         load with their tensors)",
         path.display(),
         bundle.bytes().len(),
         m.sections.len(),
         m.tasks.len(),
-        m.tensors.len()
+        m.tensors.len(),
+        m.graphs.len()
     );
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use taskpack::compile::export::export_task;
-use taskpack::compile::{compile, CompileOptions};
+use taskpack::compile::{compile, CompileError, CompileOptions};
 use taskpack::dtype::DType;
 use taskpack::merge::Method;
 use taskpack::runtime::{Bundle, Engine, EngineOptions, Error, Prediction, TextClassifier};
@@ -281,14 +281,30 @@ fn text_errors_are_typed() {
     assert!(matches!(err, Error::NoTokenizer), "{err}");
     assert!(err.to_string().contains("--tokenizer"), "{err}");
 
-    // A tokenizer that does not parse.
-    let (path, _) = compile_text(
+    // A tokenizer that does not parse: the compiler refuses it, and a bundle that has one anyway
+    // (rewritten here) does not load it.
+    let garbled = b"{\"model\": 3}".to_vec();
+    let mut opts = CompileOptions::new(
+        models().join("base.onnx"),
+        vec![("mood".into(), models().join("mood.onnx"))],
+        Method::Emr,
+        dir.path().join("garbled.tpk"),
+    );
+    opts.tokenizer = Some(garbled.clone());
+    let err = compile(&opts, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, CompileError::Tokenizer(_)), "{err}");
+    let (_, bundle) = compile_text(
         dir.path(),
-        "garbled",
+        "good",
         &["mood"],
         Method::Emr,
-        Some(b"{\"model\": 3}".to_vec()),
+        Some(tokenizer()),
     );
+    let rewritten = crate::hostile_graphs::rewrite(&bundle, |m, sections| {
+        sections[m.tokenizer.unwrap() as usize].1 = garbled;
+    });
+    let path = dir.path().join("garbled.tpk");
+    std::fs::write(&path, rewritten.bytes()).unwrap();
     let err = try_classifier(&path, EngineOptions::default()).unwrap_err();
     assert!(matches!(err, Error::TokenizerParse { .. }), "{err}");
 
@@ -316,6 +332,8 @@ fn text_errors_are_typed() {
     assert!(matches!(err, Error::UnfillableInput { .. }), "{err}");
 
     // Label names that do not match the output width: topic's three for mood's two classes.
+    // The compiler refuses them; a bundle that has them anyway (rewritten here) still runs, and
+    // classifying reports the mismatch.
     let mut opts = CompileOptions::new(
         models().join("base.onnx"),
         vec![("mood".into(), models().join("mood.onnx"))],
@@ -324,7 +342,14 @@ fn text_errors_are_typed() {
     );
     opts.tokenizer = Some(tokenizer());
     opts.labels = vec![labels("topic")];
-    compile(&opts, &mut |_| {}).unwrap();
+    let err = compile(&opts, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, CompileError::Labels { .. }), "{err}");
+    opts.labels = vec![Vec::new()];
+    let bundle = compile(&opts, &mut |_| {}).unwrap();
+    let relabeled = crate::hostile_graphs::rewrite(&bundle, |m, _| {
+        m.tasks[0].labels = labels("topic");
+    });
+    std::fs::write(dir.path().join("labels.tpk"), relabeled.bytes()).unwrap();
     let c = classifier(&dir.path().join("labels.tpk"), EngineOptions::default());
     let err = c.classify(0, &["i love this pizza"]).unwrap_err();
     assert!(

@@ -167,6 +167,22 @@ pub enum CompileError {
     /// Calibration cannot run: bad inputs, or a model tract cannot run.
     #[error("calibration: {0}")]
     Calibration(String),
+    /// A task's graph could not run with the task's weights (docs/FORMAT.md, rules G1–G7).
+    #[error("task {task:?}: its graph cannot run: {reason}")]
+    TaskGraph {
+        /// The task.
+        task: String,
+        /// What is wrong (the runtime's [`crate::runtime::GraphProblem`] or tract's error).
+        reason: String,
+    },
+    /// A task's label names do not fit its graph's first output (docs/FORMAT.md, rule G8).
+    #[error("--labels {task}: {reason}")]
+    Labels {
+        /// The task.
+        task: String,
+        /// What does not fit.
+        reason: String,
+    },
     /// The tokenizer file cannot be used.
     #[error("cannot use the tokenizer: {0}")]
     Tokenizer(String),

@@ -152,9 +152,7 @@ pub(crate) fn compile_with_reports(
     check_per_task("scale", opts.scale.len(), n_tasks)?;
     check_per_task("labels", opts.labels.len(), n_tasks)?;
     if let Some(t) = &opts.tokenizer {
-        if std::str::from_utf8(t).is_err() {
-            return Err(CompileError::Tokenizer("it is not UTF-8 text".into()));
-        }
+        check_tokenizer(t)?;
     }
     // Fail on an unwritable output before any heavy work.
     let mut writer = BundleWriter::create(&opts.output)?;
@@ -167,7 +165,9 @@ pub(crate) fn compile_with_reports(
         .map(|(_, p)| Checkpoint::open(p, graph))
         .collect::<Result<Vec<_>, _>>()?;
     let names: Vec<&str> = opts.tasks.iter().map(|(n, _)| n.as_str()).collect();
-    let tensors = align(&base, &tasks, &names)?;
+    let tensors = read_tensors(align(&base, &tasks, &names)?, &base, &tasks);
+    // Refuse, before anything is written, a task whose bundle could not run.
+    check_task_graphs(opts, &tasks, &tensors)?;
 
     // Pass 1: relative change of every tensor (also reads every value once, so NaN/Inf and
     // decoding errors surface before anything is written).
@@ -475,6 +475,132 @@ impl TaskScale {
             TaskScale::Rows { scales, row_len } => scales.get(i / row_len).copied().unwrap_or(0.0),
         }
     }
+}
+
+/// Refuses a tokenizer the runtime would not load: with the `text` feature, what the
+/// `tokenizers` crate (the runtime's) does not load; without it, text that is not JSON.
+fn check_tokenizer(bytes: &[u8]) -> Result<(), CompileError> {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Err(CompileError::Tokenizer("it is not UTF-8 text".into()));
+    };
+    #[cfg(feature = "text")]
+    {
+        // The tokenizers crate asserts on some inputs: a panic is a refusal too.
+        let loaded = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(text));
+        match loaded {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(CompileError::Tokenizer(format!(
+                "it does not load as a Hugging Face tokenizer.json: {e}"
+            ))),
+            Err(_) => Err(CompileError::Tokenizer(
+                "it does not load as a Hugging Face tokenizer.json (the tokenizers crate \
+                 panicked on it)"
+                    .into(),
+            )),
+        }
+    }
+    #[cfg(not(feature = "text"))]
+    {
+        serde_json::from_str::<serde_json::de::IgnoredAny>(text)
+            .map(drop)
+            .map_err(|e| CompileError::Tokenizer(format!("it is not JSON: {e}")))
+    }
+}
+
+/// The tensors some checkpoint's graph reads: an initializer no node reads (and that is no
+/// graph output) has no effect on any task, and a bundle carries only what its graphs read
+/// (docs/FORMAT.md rule G3).
+fn read_tensors(
+    tensors: Vec<InitializerInfo>,
+    base: &Checkpoint,
+    tasks: &[Checkpoint],
+) -> Vec<InitializerInfo> {
+    let read: BTreeSet<String> = std::iter::once(base)
+        .chain(tasks)
+        .filter_map(|c| c.graph().graph.as_ref())
+        .flat_map(read_names)
+        .collect();
+    tensors
+        .into_iter()
+        .filter(|t| {
+            let kept = read.contains(&t.name);
+            if !kept {
+                log::info!("{}: dropped (no graph reads it)", t.name);
+            }
+            kept
+        })
+        .collect()
+}
+
+/// Names a graph reads: node inputs (subgraphs included) and graph outputs.
+fn read_names(graph: &crate::onnx::GraphProto) -> Vec<String> {
+    let mut names: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+    for node in &graph.node {
+        names.extend(node.input.iter().filter(|n| !n.is_empty()).cloned());
+        for attr in &node.attribute {
+            for sub in attr.g.iter().chain(&attr.graphs) {
+                names.extend(read_names(sub));
+            }
+        }
+    }
+    names
+}
+
+/// Checks each task's graph with the task's weights as the runtime will check the bundle
+/// ([`crate::runtime::check::check_checkpoint_graph`]: rules G1–G7 of docs/FORMAT.md), once per
+/// distinct graph and weight shapes, and the task's label names against its first output
+/// (`[batch, classes]`, rule G8).
+fn check_task_graphs(
+    opts: &CompileOptions,
+    tasks: &[Checkpoint],
+    tensors: &[InitializerInfo],
+) -> Result<(), CompileError> {
+    use crate::runtime::check::{check_checkpoint_graph, check_labels, WeightInfo};
+    use crate::runtime::{Error, GraphProblem, IoInfo};
+
+    let mut checked: BTreeMap<(String, Vec<Vec<u64>>), Vec<IoInfo>> = BTreeMap::new();
+    for (t, ((name, _), ckpt)) in opts.tasks.iter().zip(tasks).enumerate() {
+        let weights: Vec<WeightInfo> = tensors
+            .iter()
+            .map(|info| WeightInfo {
+                name: info.name.clone(),
+                dtype: info.dtype,
+                shape: ckpt
+                    .tensor(&info.name)
+                    .map_or_else(|| info.shape.clone(), |t| t.shape.clone()),
+            })
+            .collect();
+        let key = (
+            ckpt.graph_sha256().to_string(),
+            weights.iter().map(|w| w.shape.clone()).collect(),
+        );
+        let outputs = match checked.get(&key) {
+            Some(outputs) => outputs.clone(),
+            None => {
+                let outputs =
+                    check_checkpoint_graph(name, ckpt.graph(), &weights).map_err(|e| {
+                        CompileError::TaskGraph {
+                            task: name.clone(),
+                            reason: match e {
+                                Error::Graph { problem, .. } => problem.to_string(),
+                                other => other.to_string(),
+                            },
+                        }
+                    })?;
+                checked.insert(key, outputs.clone());
+                outputs
+            }
+        };
+        let labels = opts.labels.get(t).map_or(0, Vec::len);
+        check_labels(name, labels, &outputs).map_err(|problem| CompileError::Labels {
+            task: name.clone(),
+            reason: match problem {
+                GraphProblem::Labels { reason, .. } => reason,
+                other => other.to_string(),
+            },
+        })?;
+    }
+    Ok(())
 }
 
 /// A per-task option list must have one entry per task.

@@ -27,7 +27,6 @@
 //! different tasks give the same results as sequential ones. Threads missing the same task at
 //! once bind it once (the others wait for it); different tasks bind in parallel.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
@@ -36,7 +35,8 @@ use tract_onnx::prelude::{DatumType, TValue, TVec, TypedFact, TypedModel};
 use tract_onnx::tract_hir::internal::DimLike;
 
 use crate::runtime::cache::Lru;
-use crate::runtime::template::{graph_weights, Plan, Template, TemplateKey};
+use crate::runtime::check;
+use crate::runtime::template::{Plan, Template, TemplateKey, TypedGraph};
 use crate::runtime::{Bundle, Error};
 
 /// Tuning knobs of an [`Engine`].
@@ -174,6 +174,8 @@ struct TemplateSlot {
     task: usize,
     /// Tensor indices the graph uses.
     used: Vec<usize>,
+    /// The graph parsed and typed by `Engine::new`'s check, until the template is built from it.
+    typed: Mutex<Option<TypedGraph>>,
     built: OnceLock<Arc<Template>>,
     building: Mutex<()>,
 }
@@ -218,45 +220,30 @@ fn run_plan(plan: &Plan, task: &str, inputs: TVec<TValue>) -> Result<TVec<TValue
 }
 
 impl Engine {
-    /// Builds an engine over `bundle`. Reads only metadata and the (small) stored graphs, whose
-    /// checksums it verifies; templates are built on the first use of each graph (or by
-    /// [`Engine::prepare`]).
+    /// Builds an engine over `bundle`, after checking that every graph can run with its tasks'
+    /// tensors (the graph rules G1–G7 of docs/FORMAT.md, [`Error::Graph`] naming the node,
+    /// attribute or tensor at fault): each stored graph is decoded and checked, then parsed and
+    /// typed by tract once per template, with every task's weights declared at their type and
+    /// shape. Reads the (small) stored graphs, whose checksums it verifies, and the weights no
+    /// task changes (constants of the templates). The typed models are kept: a template is
+    /// completed (decluttered and optimized) from its typed model on the first use of its graph
+    /// (or by [`Engine::prepare`]), so nothing is parsed twice.
     pub fn new(bundle: Arc<Bundle>, options: EngineOptions) -> Result<Engine, Error> {
-        let manifest = bundle.manifest();
-        let by_name: HashMap<&str, usize> = manifest
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.as_str(), i))
-            .collect();
-        let used = (0..manifest.graphs.len())
-            .map(|g| graph_weights(&bundle, g, &by_name))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut slots: Vec<TemplateSlot> = Vec::new();
-        let mut task_slot = Vec::with_capacity(manifest.tasks.len());
-        for (t, task) in manifest.tasks.iter().enumerate() {
-            let graph = task.graph as usize;
-            let graph_used = used.get(graph).ok_or(Error::OutOfRange {
-                what: "graph",
-                index: graph,
-                count: manifest.graphs.len(),
-            })?;
-            let key = TemplateKey::for_task(task, graph_used);
-            let slot = match slots.iter().position(|s| s.key == key) {
-                Some(s) => s,
-                None => {
-                    slots.push(TemplateSlot {
-                        key,
-                        task: t,
-                        used: graph_used.clone(),
-                        built: OnceLock::new(),
-                        building: Mutex::new(()),
-                    });
-                    slots.len() - 1
-                }
-            };
-            task_slot.push(slot);
+        let layout = check::layout(&bundle)?;
+        let mut slots = Vec::with_capacity(layout.slots.len());
+        for (key, task, used) in layout.slots {
+            let typed = Template::type_graph(&bundle, &key, task, &used, &options.symbol_values)?;
+            slots.push(TemplateSlot {
+                key,
+                task,
+                used,
+                typed: Mutex::new(Some(typed)),
+                built: OnceLock::new(),
+                building: Mutex::new(()),
+            });
         }
+        let task_slot = layout.task_slot;
+        let manifest = bundle.manifest();
         log::debug!(
             "engine: {} tasks, {} graphs, {} templates",
             manifest.tasks.len(),
@@ -414,13 +401,17 @@ impl Engine {
         if let Some(t) = slot.built.get() {
             return Ok(Arc::clone(t));
         }
-        let template = Arc::new(Template::build(
-            &self.bundle,
-            &slot.key,
-            slot.task,
-            &slot.used,
-            &self.options.symbol_values,
-        )?);
+        let typed = match lock(&slot.typed).take() {
+            Some(typed) => typed,
+            None => Template::type_graph(
+                &self.bundle,
+                &slot.key,
+                slot.task,
+                &slot.used,
+                &self.options.symbol_values,
+            )?,
+        };
+        let template = Arc::new(Template::from_typed(typed)?);
         self.templates_built.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::clone(slot.built.get_or_init(|| template)))
     }

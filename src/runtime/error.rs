@@ -118,6 +118,16 @@ pub enum Error {
         /// What its output is instead.
         reason: String,
     },
+    /// A stored graph cannot run with the bundle's tensors: it breaks one of the graph rules
+    /// G1–G7 of docs/FORMAT.md (checked by [`crate::runtime::check_graphs`] and
+    /// [`crate::runtime::Engine::new`]).
+    #[error("graph {graph}: {problem}")]
+    Graph {
+        /// Index of the graph in the bundle.
+        graph: usize,
+        /// What is wrong with it.
+        problem: crate::runtime::GraphProblem,
+    },
     /// tract failed to load, optimize, bind or run a graph; the message is tract's error chain.
     #[error("tract failed to {action}: {message}")]
     Tract {

@@ -5,6 +5,7 @@
 
 mod bundle;
 mod cache;
+pub mod check;
 mod engine;
 mod error;
 pub mod reconstruct;
@@ -13,6 +14,7 @@ mod template;
 pub mod text;
 
 pub use bundle::Bundle;
+pub use check::{check_graphs, GraphProblem};
 pub use engine::{BoundTask, Engine, EngineOptions, EngineStats, IoInfo};
 pub use error::Error;
 #[cfg(feature = "text")]

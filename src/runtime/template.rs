@@ -34,16 +34,21 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::attribute_proto::AttributeType;
 use tract_onnx::pb::{GraphProto, ModelProto, NodeProto, TensorProto};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::source::TypedSource;
 use tract_onnx::tract_core::optim::CONST_FOLD_MEM_BUDGET;
-use tract_onnx::tract_hir::internal::{DimLike, Factoid};
+use tract_onnx::tract_hir::infer::*;
+use tract_onnx::tract_hir::internal::{bail, DimLike, Factoid, StaticName};
+use tract_onnx::tract_hir::ops::array::Flatten;
+use tract_onnx::tract_hir::ops::expandable::{expand, Expansion};
 
 use crate::dtype::DType;
 use crate::format::manifest::{TaskEntry, TaskTensor, TensorStorage};
+use crate::runtime::check::GraphProblem;
 use crate::runtime::engine::IoInfo;
 use crate::runtime::reconstruct::{self, Scratch};
 use crate::runtime::{Bundle, Error};
@@ -170,26 +175,38 @@ fn used_names(graph: &GraphProto, out: &mut HashSet<String>) {
     }
 }
 
-/// Tensor indices (into the manifest) of the weights graph `graph` uses, ascending.
-pub(crate) fn graph_weights(
-    bundle: &Bundle,
-    graph: usize,
-    by_name: &HashMap<&str, usize>,
-) -> Result<Vec<usize>, Error> {
-    let proto = decode_graph(bundle, graph)?;
+/// Names `graph` reads: the inputs of its nodes (and, recursively, of their subgraphs) and its
+/// outputs (an output may be a weight or a graph input as it is).
+pub(crate) fn read_names(graph: &GraphProto) -> HashSet<String> {
     let mut names = HashSet::new();
-    if let Some(g) = &proto.graph {
-        used_names(g, &mut names);
-    }
+    used_names(graph, &mut names);
+    names.extend(graph.output.iter().map(|o| o.name.clone()));
+    names
+}
+
+/// Tensor indices (into `by_name`'s manifest) of the weights `proto` reads, ascending.
+pub(crate) fn weights_read(proto: &ModelProto, by_name: &HashMap<&str, usize>) -> Vec<usize> {
+    let names = proto.graph.as_ref().map(read_names).unwrap_or_default();
     let mut used: Vec<usize> = names
         .iter()
         .filter_map(|n| by_name.get(n.as_str()).copied())
         .collect();
     used.sort_unstable();
-    Ok(used)
+    used
 }
 
-fn decode_graph(bundle: &Bundle, graph: usize) -> Result<ModelProto, Error> {
+/// Tensor indices (into the manifest) of the weights graph `graph` uses, ascending.
+#[cfg(test)]
+pub(crate) fn graph_weights(
+    bundle: &Bundle,
+    graph: usize,
+    by_name: &HashMap<&str, usize>,
+) -> Result<Vec<usize>, Error> {
+    Ok(weights_read(&decode_graph(bundle, graph)?, by_name))
+}
+
+/// The stored graph `graph`, decoded ([`GraphProblem::NotOnnx`] if it is not an ONNX model).
+pub(crate) fn decode_graph(bundle: &Bundle, graph: usize) -> Result<ModelProto, Error> {
     let manifest = bundle.manifest();
     let entry = manifest.graphs.get(graph).ok_or(Error::OutOfRange {
         what: "graph",
@@ -197,9 +214,14 @@ fn decode_graph(bundle: &Bundle, graph: usize) -> Result<ModelProto, Error> {
         count: manifest.graphs.len(),
     })?;
     let bytes = bundle.section(entry.section)?;
-    crate::onnx::decode_model(bytes).map_err(|e| Error::Unsupported {
+    crate::onnx::decode_model(bytes).map_err(|e| Error::Graph {
         graph,
-        reason: format!("the stored graph is not a valid ONNX model: {e}"),
+        problem: GraphProblem::NotOnnx {
+            reason: match e {
+                crate::onnx::OnnxError::NotOnnx { reason } => reason,
+                other => other.to_string(),
+            },
+        },
     })
 }
 
@@ -354,9 +376,418 @@ fn bn_rewrite(
     ))
 }
 
+/// One weight a graph reads, as it is declared to tract: its type and shape, and whether some
+/// task changes it (a model input of the template) or not (a constant of the template).
+#[derive(Debug, Clone)]
+pub(crate) struct WeightDecl {
+    /// Index of the tensor in the manifest (or in the compiler's tensor list).
+    pub index: usize,
+    /// The ONNX name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape (the task's shape for a private tensor).
+    pub shape: Vec<u64>,
+    /// Whether some task changes it.
+    pub dynamic: bool,
+}
+
+/// A graph parsed and typed by tract for one template, before declutter and optimization: what
+/// `Engine::new` and [`crate::runtime::check::check_graphs`] check up front (docs/FORMAT.md
+/// rules G5–G7), and what [`Template::from_typed`] continues from, so that a graph is parsed and
+/// typed once.
+pub(crate) struct TypedGraph {
+    graph: usize,
+    model: TypedModel,
+    /// `(tensor index, name)` of the weights left as model inputs.
+    sources: Vec<(usize, String)>,
+    /// Type, shape and kind (dynamic or not) of every weight the graph reads.
+    weights: BTreeMap<usize, (DatumType, Vec<usize>, bool)>,
+    bns: Vec<BnRewrite>,
+    /// Per rewritten BatchNorm: type and shape of its slope and intercept, and its channels.
+    bn_facts: Vec<(DatumType, Vec<usize>, usize)>,
+    parse: Duration,
+    typing: Duration,
+}
+
+impl std::fmt::Debug for TypedGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TypedGraph")
+            .field("graph", &self.graph)
+            .field("nodes", &self.model.nodes.len())
+            .field("weights", &self.weights.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TypedGraph {
+    /// The typed model (weights as inputs or constants, BatchNorms rewritten).
+    pub(crate) fn model(&self) -> &TypedModel {
+        &self.model
+    }
+}
+
+/// Runs `f`, turning a panic inside it (tract asserts on some malformed graphs) into
+/// [`GraphProblem::Panic`] for graph `graph`.
+pub(crate) fn catch_panic<T>(
+    graph: usize,
+    stage: &str,
+    f: impl FnOnce() -> Result<T, Error>,
+) -> Result<T, Error> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_string());
+        Err(Error::Graph {
+            graph,
+            problem: GraphProblem::Panic {
+                stage: stage.to_string(),
+                message,
+            },
+        })
+    })
+}
+
+/// Parses and types `proto` (graph `graph_index`) with the weights `decls` declared at their type
+/// and shape: dynamic weights as model inputs, the others as constants whose values `constant`
+/// gives (by tensor index). BatchNorms with a dynamic parameter are rewritten first (module
+/// docs). tract runs under [`catch_panic`]; a Flatten axis outside its input's rank is reported
+/// as [`GraphProblem::BadAttribute`].
+pub(crate) fn type_graph(
+    mut proto: ModelProto,
+    graph_index: usize,
+    decls: &[WeightDecl],
+    constant: &mut dyn FnMut(usize) -> Result<Vec<f32>, Error>,
+    symbol_values: &[(String, usize)],
+) -> Result<TypedGraph, Error> {
+    let started = Instant::now();
+    let unsupported = |reason: String| Error::Unsupported {
+        graph: graph_index,
+        reason,
+    };
+    let problem = |problem: GraphProblem| Error::Graph {
+        graph: graph_index,
+        problem,
+    };
+
+    // Type, shape and kind of every weight the graph uses.
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
+    let mut weights: BTreeMap<usize, (DatumType, Vec<usize>, bool)> = BTreeMap::new();
+    for decl in decls {
+        let dt = datum_type(decl.dtype).ok_or_else(|| {
+            problem(GraphProblem::WeightType {
+                tensor: decl.name.clone(),
+                dtype: decl.dtype,
+            })
+        })?;
+        let shape = to_usize_shape(&decl.shape)
+            .filter(|s| byte_len(dt, s).is_some())
+            .ok_or_else(|| unsupported(format!("weight {:?} is too large", decl.name)))?;
+        by_name.insert(decl.name.as_str(), decl.index);
+        weights.insert(decl.index, (dt, shape, decl.dynamic));
+    }
+    let Some(graph) = proto.graph.as_mut() else {
+        return Err(problem(GraphProblem::NotOnnx {
+            reason: "the protobuf has no graph".into(),
+        }));
+    };
+
+    let bns = rewrite_batchnorms(
+        graph,
+        |name| by_name.get(name).copied(),
+        |i| weights.get(&i).is_some_and(|w| w.2),
+    );
+    // Weights still read after the rewrite (a BatchNorm's parameters may be read only by it).
+    let names = read_names(graph);
+    let mut sources: Vec<(usize, String)> = Vec::new();
+    for decl in decls {
+        let Some((_, shape, dynamic)) = weights.get(&decl.index) else {
+            continue;
+        };
+        if !names.contains(&decl.name) {
+            continue;
+        }
+        if *dynamic {
+            sources.push((decl.index, decl.name.clone()));
+            continue;
+        }
+        // A constant: the same for every task, so part of the template.
+        let values = constant(decl.index)?;
+        let mut raw = Vec::new();
+        decl.dtype.encode(&values, &mut raw);
+        let dims = shape
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| unsupported(format!("weight {:?} is too large", decl.name)))?;
+        graph.initializer.push(TensorProto {
+            dims,
+            data_type: crate::onnx::onnx_data_type(decl.dtype),
+            name: decl.name.clone(),
+            raw_data: raw,
+            ..Default::default()
+        });
+    }
+    let flattens = flatten_axes(graph);
+
+    let onnx = onnx_parser();
+    let parsed = catch_panic(graph_index, "parsing the graph", || {
+        onnx.parse(&proto, None)
+            .map_err(tract_err(format!("parse graph {graph_index}")))
+    })?;
+    let mut model = parsed.model;
+    if !symbol_values.is_empty() {
+        let mut subs = HashMap::new();
+        for (name, value) in symbol_values {
+            let value = i64::try_from(*value)
+                .map_err(|_| unsupported(format!("symbol {name} = {value} is too large")))?;
+            if let Some(symbol) = model.symbols.get(name) {
+                subs.insert(symbol, TDim::Val(value));
+            }
+        }
+        model
+            .set_symbols(&subs)
+            .map_err(tract_err(format!("fix the symbols of graph {graph_index}")))?;
+    }
+    let outlet = |name: &str| {
+        parsed
+            .outlets_by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| unsupported(format!("tract did not create an input for {name:?}")))
+    };
+    let bn_names: HashSet<&str> = bns
+        .iter()
+        .flat_map(|b| [b.slope.as_str(), b.intercept.as_str()])
+        .collect();
+    if let Some(name) = parsed
+        .unresolved_inputs
+        .iter()
+        .find(|n| !bn_names.contains(n.as_str()) && !sources.iter().any(|(_, s)| s == *n))
+    {
+        return Err(unsupported(format!(
+            "the graph reads {name:?}, which is neither a graph input nor a weight of the bundle"
+        )));
+    }
+    for (i, name) in &sources {
+        let Some((dt, shape, _)) = weights.get(i) else {
+            continue;
+        };
+        model
+            .set_outlet_fact(outlet(name)?, InferenceFact::dt_shape(*dt, shape.clone()))
+            .map_err(tract_err(format!("declare weight {name:?}")))?;
+    }
+
+    // Shape analysis: the rank and type of each BatchNorm input, and of each Flatten input. A
+    // Flatten axis past the rank makes tract panic (it slices the shape), so the axes are checked
+    // against the ranks whatever the outcome, before reporting a failure.
+    let analysed = catch_panic(graph_index, "analysing the graph", || {
+        model
+            .analyse(false)
+            .map_err(tract_err(format!("analyse graph {graph_index}")))
+    });
+    for (node, input, axis) in &flattens {
+        let rank = parsed
+            .outlets_by_name
+            .get(input)
+            .and_then(|o| model.outlet_fact(*o).ok())
+            .and_then(|f| f.shape.rank().concretize());
+        // tract leaves the facts of a failed analysis partial: the checked Flatten's own error
+        // names the axis then.
+        let failed_here = matches!(&analysed, Err(Error::Tract { message, .. })
+            if message.contains(&format!("Flatten axis {axis} is outside")));
+        if rank.is_none() && failed_here {
+            return Err(problem(GraphProblem::BadAttribute {
+                node: node.clone(),
+                op: "Flatten".into(),
+                attribute: "axis".into(),
+                value: axis.to_string(),
+                reason: "outside the rank of its input".into(),
+            }));
+        }
+        if let Some(rank) = rank {
+            if *axis < -rank || *axis > rank {
+                return Err(problem(GraphProblem::BadAttribute {
+                    node: node.clone(),
+                    op: "Flatten".into(),
+                    attribute: "axis".into(),
+                    value: axis.to_string(),
+                    reason: format!("outside [-{rank}, {rank}] for an input of rank {rank}"),
+                }));
+            }
+        }
+    }
+    analysed?;
+
+    let mut bn_facts = Vec::new();
+    for bn in &bns {
+        let fact = model
+            .outlet_fact(outlet(&bn.x)?)
+            .map_err(tract_err("read a BatchNormalization input"))?;
+        let rank = fact
+            .shape
+            .rank()
+            .concretize()
+            .and_then(|r| usize::try_from(r).ok())
+            .filter(|&r| r >= 2);
+        let dt = fact.datum_type.concretize();
+        let (Some(rank), Some(dt @ (DatumType::F32 | DatumType::F16))) = (rank, dt) else {
+            return Err(unsupported(format!(
+                "cannot infer a float input of rank ≥ 2 for BatchNormalization {:?}",
+                bn.node
+            )));
+        };
+        let channels = bn
+            .params
+            .iter()
+            .map(|p| weights.get(p).map(|w| w.1.as_slice()));
+        let channels: Option<Vec<&[usize]>> = channels.collect();
+        let channels = match channels.as_deref() {
+            Some([[c], rest @ ..]) if rest.iter().all(|s| *s == [*c]) => *c,
+            _ => {
+                return Err(unsupported(format!(
+                    "BatchNormalization {:?}: parameters are not four vectors of one length",
+                    bn.node
+                )))
+            }
+        };
+        let mut shape = vec![1usize; rank];
+        if let Some(c) = shape.get_mut(1) {
+            *c = channels;
+        }
+        for name in [&bn.slope, &bn.intercept] {
+            model
+                .set_outlet_fact(outlet(name)?, InferenceFact::dt_shape(dt, shape.clone()))
+                .map_err(tract_err(format!("declare {name:?}")))?;
+        }
+        bn_facts.push((dt, shape, channels));
+    }
+
+    let parse = started.elapsed();
+    let model = catch_panic(graph_index, "typing the graph", || {
+        model
+            .into_typed()
+            .map_err(tract_err(format!("type graph {graph_index}")))
+    });
+    if let Err(Error::Tract { message, .. }) = &model {
+        // The checked Flatten fails the typing with its axis named (rule G6).
+        let bad = flattens
+            .iter()
+            .find(|(_, _, axis)| message.contains(&format!("Flatten axis {axis} is outside")));
+        if let Some((node, _, axis)) = bad {
+            return Err(problem(GraphProblem::BadAttribute {
+                node: node.clone(),
+                op: "Flatten".into(),
+                attribute: "axis".into(),
+                value: axis.to_string(),
+                reason: "outside the rank of its input".into(),
+            }));
+        }
+    }
+    let model = model?;
+    Ok(TypedGraph {
+        graph: graph_index,
+        model,
+        sources,
+        weights,
+        bns,
+        bn_facts,
+        parse,
+        typing: started.elapsed().saturating_sub(parse),
+    })
+}
+
+/// tract's `Flatten` with its axis checked against the input's rank: tract's own slices the shape
+/// with the axis and panics past the rank (rule G6); this one fails the analysis instead, and
+/// [`type_graph`] names the node.
+#[derive(Debug, Clone, Hash)]
+struct CheckedFlatten {
+    axis: i64,
+}
+
+impl Expansion for CheckedFlatten {
+    fn name(&self) -> StaticName {
+        "Flatten".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, &inputs[0].datum_type)?;
+        s.given(&inputs[0].shape, move |s, shape| {
+            let rank = i64::try_from(shape.len())?;
+            if self.axis < -rank || self.axis > rank {
+                bail!(
+                    "Flatten axis {} is outside [-{rank}, {rank}] for an input of rank {rank}",
+                    self.axis
+                );
+            }
+            let [rows, columns] = Flatten::new(self.axis).compute_shape(&shape)?;
+            s.equals(&outputs[0].shape, ShapeFactoid::from(vec![rows, columns]))
+        })
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let rank = model.outlet_fact(inputs[0])?.rank();
+        let rank = i64::try_from(rank)?;
+        if self.axis < -rank || self.axis > rank {
+            bail!("Flatten axis {} is outside [-{rank}, {rank}]", self.axis);
+        }
+        Expansion::wire(&Flatten::new(self.axis), prefix, model, inputs)
+    }
+}
+
+/// The ONNX parser of [`CheckedFlatten`].
+fn checked_flatten(
+    _ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let axis: i64 = node.get_attr_opt("axis")?.unwrap_or(1);
+    Ok((expand(CheckedFlatten { axis }), vec![]))
+}
+
+/// tract's ONNX parser, with the operators it would panic on replaced by checked ones.
+fn onnx_parser() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    onnx.op_register.insert("Flatten", checked_flatten);
+    onnx
+}
+
+/// `(node, input, axis)` of every top-level `Flatten` node (axis 1 when not given).
+fn flatten_axes(graph: &GraphProto) -> Vec<(String, String, i64)> {
+    graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.op_type == "Flatten" && (n.domain.is_empty() || n.domain == "ai.onnx"))
+        .filter_map(|(i, n)| {
+            let input = n.input.first()?.clone();
+            let axis = n
+                .attribute
+                .iter()
+                .find(|a| a.name == "axis")
+                .map_or(1, |a| a.i);
+            Some((crate::runtime::check::node_label(n, i), input, axis))
+        })
+        .collect()
+}
+
 impl Template {
     /// Builds the template of `key` (parse, type, declutter, optimize: once per graph).
     /// `task` is any task using the template (it provides the shapes of private tensors).
+    #[cfg(test)]
     pub(crate) fn build(
         bundle: &Bundle,
         key: &TemplateKey,
@@ -364,23 +795,27 @@ impl Template {
         used: &[usize],
         symbol_values: &[(String, usize)],
     ) -> Result<Template, Error> {
-        let started = Instant::now();
-        let graph_index = key.graph;
+        Self::from_typed(Self::type_graph(bundle, key, task, used, symbol_values)?)
+    }
+
+    /// Parses and types the graph of `key` with task `task`'s weights (any task using the
+    /// template: it provides the shapes of private tensors) declared: the first half of a
+    /// template build, and the check of rules G5–G7 (docs/FORMAT.md).
+    pub(crate) fn type_graph(
+        bundle: &Bundle,
+        key: &TemplateKey,
+        task: usize,
+        used: &[usize],
+        symbol_values: &[(String, usize)],
+    ) -> Result<TypedGraph, Error> {
         let manifest = bundle.manifest();
-        let unsupported = |reason: String| Error::Unsupported {
-            graph: graph_index,
-            reason,
-        };
         let task_entry = manifest.tasks.get(task).ok_or(Error::OutOfRange {
             what: "task",
             index: task,
             count: manifest.tasks.len(),
         })?;
-        let mut proto = decode_graph(bundle, graph_index)?;
-
-        // Type, shape and kind of every weight the graph uses.
-        let mut by_name: HashMap<&str, usize> = HashMap::new();
-        let mut weights: BTreeMap<usize, (DatumType, Vec<usize>, bool)> = BTreeMap::new();
+        let proto = decode_graph(bundle, key.graph)?;
+        let mut decls = Vec::with_capacity(used.len());
         for &i in used {
             let (Some(entry), Some(module)) = (manifest.tensors.get(i), task_entry.tensors.get(i))
             else {
@@ -390,177 +825,54 @@ impl Template {
                     count: manifest.tensors.len(),
                 });
             };
-            let dt = datum_type(entry.dtype).ok_or_else(|| {
-                unsupported(format!(
-                    "weight {:?} is {}, which tract has no type for",
-                    entry.name,
-                    entry.dtype.name()
-                ))
-            })?;
             let shape = match module {
                 TaskTensor::Private { shape, .. } => shape,
                 TaskTensor::Merged { .. } => &entry.shape,
             };
-            let shape = to_usize_shape(shape)
-                .filter(|s| byte_len(dt, s).is_some())
-                .ok_or_else(|| unsupported(format!("weight {:?} is too large", entry.name)))?;
-            let dynamic = !matches!(entry.storage, TensorStorage::Merged { delta: None, .. });
-            by_name.insert(entry.name.as_str(), i);
-            weights.insert(i, (dt, shape, dynamic));
-        }
-        let Some(graph) = proto.graph.as_mut() else {
-            return Err(unsupported("the stored model has no graph".into()));
-        };
-
-        let bns = rewrite_batchnorms(
-            graph,
-            |name| by_name.get(name).copied(),
-            |i| weights.get(&i).is_some_and(|w| w.2),
-        );
-        // Weights still read after the rewrite (a BatchNorm's parameters may be read only by it).
-        let mut names = HashSet::new();
-        used_names(graph, &mut names);
-        let mut sources: Vec<(usize, String)> = Vec::new();
-        let mut scratch = Scratch::default();
-        let mut values = Vec::new();
-        for (&i, (_, shape, dynamic)) in &weights {
-            let Some(entry) = manifest.tensors.get(i) else {
-                continue;
-            };
-            if !names.contains(&entry.name) {
-                continue;
-            }
-            if *dynamic {
-                sources.push((i, entry.name.clone()));
-                continue;
-            }
-            // A constant: the same for every task, so part of the template.
-            reconstruct::task_tensor(bundle, task, i, &mut values, &mut scratch)?;
-            let mut raw = Vec::new();
-            entry.dtype.encode(&values, &mut raw);
-            let dims = shape
-                .iter()
-                .map(|&d| i64::try_from(d))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| unsupported(format!("weight {:?} is too large", entry.name)))?;
-            graph.initializer.push(TensorProto {
-                dims,
-                data_type: crate::onnx::onnx_data_type(entry.dtype),
+            decls.push(WeightDecl {
+                index: i,
                 name: entry.name.clone(),
-                raw_data: raw,
-                ..Default::default()
+                dtype: entry.dtype,
+                shape: shape.clone(),
+                dynamic: !matches!(entry.storage, TensorStorage::Merged { delta: None, .. }),
             });
         }
+        let mut scratch = Scratch::default();
+        let mut constant = |i: usize| -> Result<Vec<f32>, Error> {
+            let mut values = Vec::new();
+            reconstruct::task_tensor(bundle, task, i, &mut values, &mut scratch)?;
+            Ok(values)
+        };
+        type_graph(proto, key.graph, &decls, &mut constant, symbol_values)
+    }
 
-        let onnx = tract_onnx::onnx();
-        let parsed = onnx
-            .parse(&proto, None)
-            .map_err(tract_err(format!("parse graph {graph_index}")))?;
-        let mut model = parsed.model;
-        if !symbol_values.is_empty() {
-            let mut subs = HashMap::new();
-            for (name, value) in symbol_values {
-                let value = i64::try_from(*value)
-                    .map_err(|_| unsupported(format!("symbol {name} = {value} is too large")))?;
-                if let Some(symbol) = model.symbols.get(name) {
-                    subs.insert(symbol, TDim::Val(value));
-                }
-            }
-            model
-                .set_symbols(&subs)
-                .map_err(tract_err(format!("fix the symbols of graph {graph_index}")))?;
-        }
-        let outlet =
-            |name: &str| {
-                parsed.outlets_by_name.get(name).copied().ok_or_else(|| {
-                    unsupported(format!("tract did not create an input for {name:?}"))
-                })
-            };
-        let bn_names: HashSet<&str> = bns
-            .iter()
-            .flat_map(|b| [b.slope.as_str(), b.intercept.as_str()])
-            .collect();
-        if let Some(name) = parsed
-            .unresolved_inputs
-            .iter()
-            .find(|n| !bn_names.contains(n.as_str()) && !sources.iter().any(|(_, s)| s == *n))
-        {
-            return Err(unsupported(format!(
-                "the graph reads {name:?}, which is neither a graph input nor a weight of the bundle"
-            )));
-        }
-        for (i, name) in &sources {
-            let Some((dt, shape, _)) = weights.get(i) else {
-                continue;
-            };
-            model
-                .set_outlet_fact(outlet(name)?, InferenceFact::dt_shape(*dt, shape.clone()))
-                .map_err(tract_err(format!("declare weight {name:?}")))?;
-        }
-
-        let mut slots = Vec::new();
-        let mut bn_facts = Vec::new();
-        if !bns.is_empty() {
-            // Shape analysis gives the rank and type of each BatchNorm input.
-            model
-                .analyse(false)
-                .map_err(tract_err(format!("analyse graph {graph_index}")))?;
-            for bn in &bns {
-                let fact = model
-                    .outlet_fact(outlet(&bn.x)?)
-                    .map_err(tract_err("read a BatchNormalization input"))?;
-                let rank = fact
-                    .shape
-                    .rank()
-                    .concretize()
-                    .and_then(|r| usize::try_from(r).ok())
-                    .filter(|&r| r >= 2);
-                let dt = fact.datum_type.concretize();
-                let (Some(rank), Some(dt @ (DatumType::F32 | DatumType::F16))) = (rank, dt) else {
-                    return Err(unsupported(format!(
-                        "cannot infer a float input of rank ≥ 2 for BatchNormalization {:?}",
-                        bn.node
-                    )));
-                };
-                let channels = bn
-                    .params
-                    .iter()
-                    .map(|p| weights.get(p).map(|w| w.1.as_slice()));
-                let channels: Option<Vec<&[usize]>> = channels.collect();
-                let channels = match channels.as_deref() {
-                    Some([[c], rest @ ..]) if rest.iter().all(|s| *s == [*c]) => *c,
-                    _ => {
-                        return Err(unsupported(format!(
-                        "BatchNormalization {:?}: parameters are not four vectors of one length",
-                        bn.node
-                    )))
-                    }
-                };
-                let mut shape = vec![1usize; rank];
-                if let Some(c) = shape.get_mut(1) {
-                    *c = channels;
-                }
-                for name in [&bn.slope, &bn.intercept] {
-                    model
-                        .set_outlet_fact(outlet(name)?, InferenceFact::dt_shape(dt, shape.clone()))
-                        .map_err(tract_err(format!("declare {name:?}")))?;
-                }
-                bn_facts.push((dt, shape, channels));
-            }
-        }
-
-        let parsed_at = started.elapsed();
-        let mut typed = model
-            .into_typed()
-            .map_err(tract_err(format!("type graph {graph_index}")))?;
-        let typed_at = started.elapsed();
-        typed
-            .declutter()
-            .map_err(tract_err(format!("declutter graph {graph_index}")))?;
-        let decluttered_at = started.elapsed();
-        typed
-            .optimize()
-            .map_err(tract_err(format!("optimize graph {graph_index}")))?;
+    /// Completes a template from its typed graph: declutter, optimize, and find the weight
+    /// inputs' nodes and fold chains.
+    pub(crate) fn from_typed(typed: TypedGraph) -> Result<Template, Error> {
+        let started = Instant::now();
+        let TypedGraph {
+            graph: graph_index,
+            model: mut typed,
+            sources,
+            weights,
+            bns,
+            bn_facts,
+            parse,
+            typing,
+        } = typed;
+        let unsupported = |reason: String| Error::Unsupported {
+            graph: graph_index,
+            reason,
+        };
+        let typed = catch_panic(graph_index, "optimizing the graph", || {
+            typed
+                .declutter()
+                .map_err(tract_err(format!("declutter graph {graph_index}")))?;
+            typed
+                .optimize()
+                .map_err(tract_err(format!("optimize graph {graph_index}")))?;
+            Ok(typed)
+        })?;
         let optimized_at = started.elapsed();
 
         let source_node = |typed: &TypedModel, name: &str| -> Result<usize, Error> {
@@ -576,6 +888,7 @@ impl Template {
                 )))
             }
         };
+        let mut slots = Vec::new();
         for (i, name) in &sources {
             let Some((dt, shape, _)) = weights.get(i) else {
                 continue;
@@ -650,15 +963,14 @@ impl Template {
         log::debug!(
             "template for graph {graph_index}: {} nodes, {} weight inputs ({weight_bytes} bytes), \
              {} BatchNorm rewritten, constant propagation at binding: {}; parse {:?}, type {:?}, \
-             declutter {:?}, optimize {:?}",
+             declutter and optimize {:?}",
             typed.nodes.len(),
             slots.len(),
             bns.len(),
             prop_consts,
-            parsed_at,
-            typed_at.saturating_sub(parsed_at),
-            decluttered_at.saturating_sub(typed_at),
-            optimized_at.saturating_sub(decluttered_at),
+            parse,
+            typing,
+            optimized_at,
         );
         Ok(Template {
             graph: graph_index,
