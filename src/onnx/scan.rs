@@ -511,6 +511,50 @@ mod tests {
     }
 
     #[test]
+    fn a_typed_half_weight_is_rejected_unless_every_varint_reads() {
+        // A BF16 weight of one element whose packed `int32_data` is one 11-byte varint: one
+        // byte with a clear top bit, so counting such bytes said "1 element, matches the
+        // shape", the scan succeeded and `read_typed_f32` failed later.
+        let meta = TensorProto {
+            name: "h".into(),
+            data_type: DataType::Bfloat16 as i32,
+            dims: vec![1],
+            ..Default::default()
+        };
+        let run = [
+            0x80u8, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00,
+        ];
+        let mut tensor = meta.encode_to_vec();
+        put_bytes_field(&mut tensor, TENSOR_INT32_DATA, &run);
+        let node = NodeProto {
+            op_type: "Identity".into(),
+            input: vec!["h".into()],
+            output: vec!["y".into()],
+            ..Default::default()
+        };
+        let mut graph = GraphProto {
+            node: vec![node],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        put_bytes_field(&mut graph, GRAPH_INITIALIZER, &tensor);
+        let mut model = ModelProto {
+            ir_version: 8,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        put_bytes_field(&mut model, MODEL_GRAPH, &graph);
+        assert!(
+            ModelProto::decode(model.as_slice()).is_err(),
+            "prost rejects it too"
+        );
+        assert!(matches!(
+            scan_model(&model),
+            Err(OnnxError::NotOnnx { reason }) if reason.contains("varint")
+        ));
+    }
+
+    #[test]
     fn external_entries_are_parsed() {
         let kv = |k: &str, v: &str| StringStringEntryProto {
             key: k.into(),

@@ -146,12 +146,17 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Number of varints in a packed run (every varint ends with a byte whose top bit is clear).
+/// Number of varints in a packed run, each checked as [`for_each_packed_varint`] will read it
+/// (counting the bytes whose top bit is clear would accept a varint longer than 10 bytes or
+/// overflowing 64 bits, which the later read then rejects).
 pub(crate) fn count_packed_varints(bytes: &[u8]) -> Result<u64, String> {
-    if bytes.last().is_some_and(|b| b & 0x80 != 0) {
-        return Err("packed varint run ends inside a varint".into());
+    let mut r = Reader::new(bytes, 0..bytes.len())?;
+    let mut count = 0u64;
+    while r.pos < r.end {
+        r.varint().map_err(|e| format!("packed varint run: {e}"))?;
+        count += 1;
     }
-    Ok(bytes.iter().filter(|b| **b & 0x80 == 0).count() as u64)
+    Ok(count)
 }
 
 /// Decodes a packed run of varints, calling `f` on each.
@@ -233,5 +238,14 @@ mod tests {
         for_each_packed_varint(&bytes, 0..4, |v| seen.push(v)).unwrap();
         assert_eq!(seen, vec![1, 300, 127]);
         assert!(count_packed_varints(&[0x80]).is_err());
+        // An 11-byte varint, and a 10-byte one overflowing 64 bits, end with a byte whose top
+        // bit is clear but are not varints.
+        let long = [
+            0x80u8, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00,
+        ];
+        assert!(count_packed_varints(&long).is_err());
+        let overflow = [0xffu8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
+        assert!(count_packed_varints(&overflow).is_err());
+        assert!(for_each_packed_varint(&overflow, 0..overflow.len(), |_| ()).is_err());
     }
 }
