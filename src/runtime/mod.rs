@@ -7,6 +7,7 @@ mod bundle;
 mod cache;
 mod engine;
 mod error;
+mod guard;
 pub mod reconstruct;
 mod template;
 #[cfg(feature = "text")]
