@@ -4,6 +4,7 @@ mod calibrate;
 mod common;
 mod compile;
 mod format;
+mod hostile_inputs;
 mod readers;
 mod runtime;
 mod text;
