@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 
 use ndarray_npy::npy::header::Header;
 use ndarray_npy::ReadableElement;
-use tract_onnx::prelude::{Datum, DatumType, Tensor};
 use tract_onnx::prelude::tract_ndarray::{ArrayD, IxDyn, ShapeBuilder};
+use tract_onnx::prelude::{Datum, DatumType, Tensor};
 use zip::{CompressionMethod, ZipArchive};
 
 /// Longest `.npy` header accepted (numpy writes a few hundred bytes; format 1.0 allows 64 KiB).
@@ -308,10 +308,15 @@ impl Npz {
                 known: self.names.join(", "),
             })?;
         let entry = self.archive.by_index(index).map_err(zip)?;
-        let (size, compressed, method) = (entry.size(), entry.compressed_size(), entry.compression());
+        let (size, compressed, method) =
+            (entry.size(), entry.compressed_size(), entry.compression());
         let plausible = match method {
             CompressionMethod::Stored => size == compressed,
-            _ => size <= compressed.saturating_mul(MAX_DEFLATE_RATIO).saturating_add(64),
+            _ => {
+                size <= compressed
+                    .saturating_mul(MAX_DEFLATE_RATIO)
+                    .saturating_add(64)
+            }
         };
         if !plausible {
             return Err(NpzError::ImplausibleEntry {
@@ -476,8 +481,8 @@ impl Ctx<'_> {
                 .read_exact(rest)
                 .map_err(|e| self.header_error(e.to_string()))?;
         }
-        let header =
-            Header::from_reader(&mut bytes.as_slice()).map_err(|e| self.header_error(e.to_string()))?;
+        let header = Header::from_reader(&mut bytes.as_slice())
+            .map_err(|e| self.header_error(e.to_string()))?;
         Ok((header, total as u64))
     }
 

@@ -286,7 +286,10 @@ fn an_npy_declaring_a_huge_shape_is_refused_before_allocating() {
             ..
         } => {
             assert_eq!(shape, &[1 << 40, 1, 28, 28]);
-            assert_eq!((*dtype, d.0, *a), (DatumType::F32, Some(declared), available));
+            assert_eq!(
+                (*dtype, d.0, *a),
+                (DatumType::F32, Some(declared), available)
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -410,7 +413,10 @@ fn an_npz_inflating_beyond_the_cap_is_refused() {
     );
     let (ok, stdout, stderr) = run(args(""));
     assert!(ok, "{stderr}");
-    assert!(stdout.contains("input  image            F32 [300, 1, 28, 28]"), "{stdout}");
+    assert!(
+        stdout.contains("input  image            F32 [300, 1, 28, 28]"),
+        "{stdout}"
+    );
 
     // The engine's own cap, on tensors a library caller built.
     let engine = Engine::new(
@@ -422,7 +428,11 @@ fn an_npz_inflating_beyond_the_cap_is_refused() {
     let x = Tensor::zero::<f32>(&[32, 1, 28, 28]).unwrap();
     assert!(matches!(
         engine.run(task, tvec!(x.into_tvalue())),
-        Err(Error::InputTooLarge { bytes: 100_352, limit: 100_000, .. })
+        Err(Error::InputTooLarge {
+            bytes: 100_352,
+            limit: 100_000,
+            ..
+        })
     ));
 }
 
@@ -473,7 +483,13 @@ fn a_named_pipe_as_input_is_refused_without_blocking() {
     // The CLI, under a timeout so that a regression fails instead of hanging the suite.
     let bundle = demo_bundle(dir.path());
     let mut child = Command::new(env!("CARGO_BIN_EXE_taskpack"))
-        .args(["run", bundle.to_str().unwrap(), "--task", "mnist", "--input"])
+        .args([
+            "run",
+            bundle.to_str().unwrap(),
+            "--task",
+            "mnist",
+            "--input",
+        ])
         .arg(&fifo)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -527,16 +543,26 @@ fn the_reader_reads_numpy_files() {
         let path = dir.path().join("a.npy");
         std::fs::write(&path, npy_bytes(descr, "(2, 3)", &data)).unwrap();
         let t = npz::read_npy(&path, &Limits::default()).unwrap();
-        assert_eq!((t.datum_type(), t.shape()), (dt, &[2usize, 3][..]), "{descr}");
+        assert_eq!(
+            (t.datum_type(), t.shape()),
+            (dt, &[2usize, 3][..]),
+            "{descr}"
+        );
     }
     // Fortran order: stored column by column, read back row-major.
     let mut bytes = npy_bytes("|u1", "(2, 3)", &values);
-    let text = String::from_utf8_lossy(&bytes).replace("'fortran_order': False", "'fortran_order': True ");
+    let text =
+        String::from_utf8_lossy(&bytes).replace("'fortran_order': False", "'fortran_order': True ");
     bytes = text.into_bytes();
     let path = dir.path().join("f.npy");
     std::fs::write(&path, &bytes).unwrap();
     let t = npz::read_npy(&path, &Limits::default()).unwrap();
-    let got: Vec<u8> = t.to_plain_array_view::<u8>().unwrap().iter().copied().collect();
+    let got: Vec<u8> = t
+        .to_plain_array_view::<u8>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect();
     assert_eq!(got, [0, 2, 4, 1, 3, 5]);
     // Complex numbers are not taken; a truncated array is an error.
     std::fs::write(&path, npy_bytes("<c8", "(1,)", &[0; 8])).unwrap();

@@ -30,8 +30,9 @@ pub fn read_inputs(path: &Path, facts: &[IoInfo], limits: &Limits) -> Result<Vec
             )
         };
         let tensor = npz::read_npy(path, limits)?;
-        return Ok(vec![as_input(fact, tensor)
-            .with_context(|| format!("reading {}", path.display()))?]);
+        return Ok(vec![
+            as_input(fact, tensor).with_context(|| format!("reading {}", path.display()))?
+        ]);
     }
     let mut file = Npz::open(path, limits)?;
     let available = file.names().to_vec();
@@ -70,6 +71,9 @@ fn as_input(fact: &IoInfo, tensor: Tensor) -> Result<Tensor> {
     match (tensor.datum_type(), fact.dtype) {
         (got, want) if got == want => Ok(tensor),
         (DatumType::F64, DatumType::F32) => Ok(tensor.cast_to::<f32>()?.into_owned()),
-        (got, want) => bail!("input {:?} must be {want:?}, the array is {got:?}", fact.name),
+        (got, want) => bail!(
+            "input {:?} must be {want:?}, the array is {got:?}",
+            fact.name
+        ),
     }
 }

@@ -138,7 +138,9 @@ pub enum Error {
     },
     /// The inputs of one run hold more bytes than [`crate::runtime::EngineOptions::max_input_bytes`]
     /// allows (raise it for larger batches).
-    #[error("the inputs of task {task:?} hold {bytes} bytes, more than the limit of {limit} bytes")]
+    #[error(
+        "the inputs of task {task:?} hold {bytes} bytes, more than the limit of {limit} bytes"
+    )]
     InputTooLarge {
         /// The task name.
         task: String,

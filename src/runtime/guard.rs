@@ -311,7 +311,11 @@ mod tests {
             check_index_limits("t", &limits, &["ids"], &[tensor1(values).into_tvalue()])
         };
         assert!(check(&[0, 3, -4, -1]).is_ok());
-        for (values, bad) in [(&[0, 4][..], 4), (&[-5, 0][..], -5), (&[i64::MIN][..], i64::MIN)] {
+        for (values, bad) in [
+            (&[0, 4][..], 4),
+            (&[-5, 0][..], -5),
+            (&[i64::MIN][..], i64::MIN),
+        ] {
             let err = check(values).unwrap_err();
             assert!(
                 matches!(&err, Error::IndexOutOfRange { input, value, size: 4, .. } if input == "ids" && *value == bad),
@@ -321,7 +325,10 @@ mod tests {
         let u = tensor1(&[1u64, u64::MAX]).into_tvalue();
         assert!(matches!(
             check_index_limits("t", &limits, &["ids"], &[u]),
-            Err(Error::IndexOutOfRange { value: i64::MAX, .. })
+            Err(Error::IndexOutOfRange {
+                value: i64::MAX,
+                ..
+            })
         ));
     }
 }

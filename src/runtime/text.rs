@@ -111,7 +111,10 @@ impl TextClassifier {
     /// [`Error::EnginePanic`].
     pub fn new(engine: Arc<Engine>) -> Result<TextClassifier, Error> {
         // The tokenizer is built here and dropped if this panics: nothing shared to break.
-        catch_panic(|| "load the bundle's tokenizer".into(), || Self::load(engine))
+        catch_panic(
+            || "load the bundle's tokenizer".into(),
+            || Self::load(engine),
+        )
     }
 
     fn load(engine: Arc<Engine>) -> Result<TextClassifier, Error> {
