@@ -225,7 +225,7 @@ fn a_token_the_graph_has_no_embedding_for_is_refused() {
         .classify(task, &["i love [BIG] pizza"])
         .unwrap_err();
     assert!(
-        matches!(&err, Error::IndexOutOfRange { input, value: 5000, size: 61, .. } if input == "input_ids"),
+        matches!(&err, Error::IndexOutOfRange { input, value: 61, size: 61, .. } if input == "input_ids"),
         "{err}"
     );
 }
@@ -551,9 +551,8 @@ fn the_reader_reads_numpy_files() {
     }
     // Fortran order: stored column by column, read back row-major.
     let mut bytes = npy_bytes("|u1", "(2, 3)", &values);
-    let text =
-        String::from_utf8_lossy(&bytes).replace("'fortran_order': False", "'fortran_order': True ");
-    bytes = text.into_bytes();
+    let at = bytes.windows(5).position(|w| w == b"False").unwrap();
+    bytes[at..at + 5].copy_from_slice(b"True ");
     let path = dir.path().join("f.npy");
     std::fs::write(&path, &bytes).unwrap();
     let t = npz::read_npy(&path, &Limits::default()).unwrap();
