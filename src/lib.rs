@@ -15,6 +15,8 @@ pub mod format;
 pub mod mask;
 pub mod merge;
 mod mmap;
+#[cfg(feature = "npz")]
+pub mod npz;
 pub mod onnx;
 pub mod runtime;
 

@@ -5,6 +5,7 @@ mod common;
 mod compile;
 mod format;
 mod hostile_graphs;
+mod hostile_inputs;
 mod readers;
 mod runtime;
 mod text;

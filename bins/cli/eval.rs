@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use ndarray_npy::NpzReader;
+use taskpack::npz::{Limits, Npz};
 use tract_onnx::prelude::*;
 
 /// A labeled test set: inputs under `image`, integer labels under `label`.
@@ -17,16 +17,18 @@ pub struct TestSet {
 impl TestSet {
     /// Reads `image` (f32) and `label` (i64) from an `.npz` file.
     pub fn read(path: &Path) -> Result<TestSet> {
-        let file =
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let mut npz = NpzReader::new(file)
-            .with_context(|| format!("{} is not an npz file", path.display()))?;
-        let image: tract_ndarray::ArrayD<f32> = npz
-            .by_name("image")
-            .with_context(|| format!("{}: no f32 array `image`", path.display()))?;
-        let label: tract_ndarray::Array1<i64> = npz
-            .by_name("label")
-            .with_context(|| format!("{}: no i64 array `label`", path.display()))?;
+        let mut npz = Npz::open(path, &Limits::default())?;
+        let image = npz
+            .read("image")?
+            .into_plain_array::<f32>()
+            .with_context(|| format!("{}: array `image` is not f32", path.display()))?;
+        let label = npz
+            .read("label")?
+            .into_plain_array::<i64>()
+            .with_context(|| format!("{}: array `label` is not i64", path.display()))?;
+        if label.ndim() != 1 {
+            bail!("{}: array `label` is not a vector", path.display());
+        }
         if image.shape().first() != Some(&label.len()) {
             bail!(
                 "{}: {} images but {} labels",
@@ -37,7 +39,7 @@ impl TestSet {
         }
         Ok(TestSet {
             image,
-            label: label.to_vec(),
+            label: label.iter().copied().collect(),
         })
     }
 }

@@ -1,63 +1,79 @@
-//! Reading every array of an `.npz` file into tract tensors of their stored element type.
-//!
-//! `taskpack run` reads arrays as the graph's input types; calibration reads them before any
-//! graph is loaded, so it takes whatever numpy stored and lets the library convert.
+//! The CLI's use of the library's one `.npy` / `.npz` reader ([`taskpack::npz`]): every array of
+//! a file (calibration), and a task's inputs matched by name (`taskpack run --input`).
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use ndarray_npy::{NpzReader, ReadNpzError};
+use taskpack::npz::{self, Limits, Npz};
+use taskpack::runtime::IoInfo;
 use tract_onnx::prelude::*;
 
-/// Every array of `path`, by name (without the `.npy` suffix), in the file's order.
+/// Every array of `path`, by name (without the `.npy` suffix), in the file's order, each as its
+/// stored element type.
 pub fn read_all(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut npz =
-        NpzReader::new(file).with_context(|| format!("{} is not an .npz file", path.display()))?;
-    let names = npz
-        .names()
-        .with_context(|| format!("cannot list the arrays of {}", path.display()))?;
-    let mut arrays = Vec::with_capacity(names.len());
-    for entry in names {
-        let tensor = read_any(&mut npz, &entry)
-            .with_context(|| format!("{}: array {entry:?}", path.display()))?;
-        let name = entry.strip_suffix(".npy").unwrap_or(&entry).to_string();
-        arrays.push((name, tensor));
-    }
-    Ok(arrays)
+    Ok(npz::read_npz(path, &Limits::default())?)
 }
 
-/// Reads an array as one element type: `None` if the file holds another.
-type Reader = fn(&mut NpzReader<std::fs::File>, &str) -> Result<Option<Tensor>, ReadNpzError>;
+/// The arrays of `path` (an `.npz`, or an `.npy` for a single-input task), one per input of
+/// `facts`, matched by name (a single array is taken for a single input); each must have the
+/// input's element type (an `f64` array is accepted for an `f32` input).
+pub fn read_inputs(path: &Path, facts: &[IoInfo], limits: &Limits) -> Result<Vec<Tensor>> {
+    let is_npy = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    if is_npy {
+        let [fact] = facts else {
+            bail!(
+                "the task has {} inputs ({}); give them by name in an .npz",
+                facts.len(),
+                names(facts)
+            )
+        };
+        let tensor = npz::read_npy(path, limits)?;
+        return Ok(vec![
+            as_input(fact, tensor).with_context(|| format!("reading {}", path.display()))?
+        ]);
+    }
+    let mut file = Npz::open(path, limits)?;
+    let available = file.names().to_vec();
+    let mut tensors = Vec::with_capacity(facts.len());
+    for fact in facts {
+        let key = if available.contains(&fact.name) {
+            fact.name.clone()
+        } else if let ([_], [only]) = (facts, available.as_slice()) {
+            only.clone()
+        } else {
+            bail!(
+                "{} has no array {:?} (it has: {}; the task's inputs are: {})",
+                path.display(),
+                fact.name,
+                available.join(", "),
+                names(facts)
+            )
+        };
+        let tensor = as_input(fact, file.read(&key)?)
+            .with_context(|| format!("{}: array {key:?}", path.display()))?;
+        tensors.push(tensor);
+    }
+    Ok(tensors)
+}
 
-/// Reads array `name` as the first element type that matches its header.
-fn read_any(npz: &mut NpzReader<std::fs::File>, name: &str) -> Result<Tensor> {
-    fn read<T: Datum + ndarray_npy::ReadableElement>(
-        npz: &mut NpzReader<std::fs::File>,
-        name: &str,
-    ) -> Result<Option<Tensor>, ReadNpzError> {
-        match npz.by_name::<_, tract_ndarray::IxDyn>(name) {
-            Ok(a) => Ok(Some(tract_ndarray::ArrayD::<T>::into_tensor(a))),
-            // Another element type: let the caller try the next one.
-            Err(ReadNpzError::Npy(ndarray_npy::ReadNpyError::WrongDescriptor(_))) => Ok(None),
-            Err(e) => Err(e),
-        }
+fn names(facts: &[IoInfo]) -> String {
+    facts
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `tensor` as input `fact`'s element type: as it is, or `f64` narrowed to `f32`.
+fn as_input(fact: &IoInfo, tensor: Tensor) -> Result<Tensor> {
+    match (tensor.datum_type(), fact.dtype) {
+        (got, want) if got == want => Ok(tensor),
+        (DatumType::F64, DatumType::F32) => Ok(tensor.cast_to::<f32>()?.into_owned()),
+        (got, want) => bail!(
+            "input {:?} must be {want:?}, the array is {got:?}",
+            fact.name
+        ),
     }
-    let readers: [Reader; 8] = [
-        read::<f32>,
-        read::<f64>,
-        read::<i64>,
-        read::<i32>,
-        read::<i16>,
-        read::<i8>,
-        read::<u8>,
-        read::<bool>,
-    ];
-    for r in readers {
-        if let Some(t) = r(npz, name)? {
-            return Ok(t);
-        }
-    }
-    bail!("unsupported element type (f32, f64, i64, i32, i16, i8, u8 and bool are)")
 }

@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{ArgGroup, Args};
-use ndarray_npy::{NpzReader, NpzWriter, ReadNpyExt};
-use taskpack::runtime::{Engine, EngineOptions, IoInfo, TextClassifier};
+use ndarray_npy::NpzWriter;
+use taskpack::npz::Limits;
+use taskpack::runtime::{Engine, EngineOptions, TextClassifier};
 use tract_onnx::prelude::*;
 
 /// Arguments of `taskpack run`.
@@ -36,12 +37,17 @@ pub struct RunArgs {
     /// Rows to show the argmax of, for `[N, C]` outputs (with --input).
     #[arg(long, default_value_t = 10)]
     pub rows: usize,
+    /// Most bytes of input data: of the arrays read from --input, and of the tensors one run
+    /// takes (the token inputs of --text). Larger inputs are refused before they are allocated.
+    #[arg(long, value_name = "BYTES", default_value_t = EngineOptions::DEFAULT_MAX_INPUT_BYTES)]
+    pub max_input_bytes: usize,
 }
 
 /// Runs `taskpack run`.
 pub fn run(a: &RunArgs) -> Result<()> {
     let bundle = Arc::new(crate::open_bundle(&a.bundle)?);
-    let engine = Engine::new(bundle, EngineOptions::default())?;
+    let options = EngineOptions::default().with_max_input_bytes(a.max_input_bytes);
+    let engine = Engine::new(bundle, options)?;
     let task = engine.task_index(&a.task)?;
     match &a.input {
         Some(input) => run_tensors(a, &engine, task, input),
@@ -81,7 +87,8 @@ fn run_tensors(a: &RunArgs, engine: &Engine, task: usize, input: &Path) -> Resul
     let started = Instant::now();
     let facts = engine.input_facts(task)?;
     let template = started.elapsed();
-    let inputs = read_inputs(input, &facts)?;
+    let limits = Limits::with_max_bytes(u64::try_from(a.max_input_bytes).unwrap_or(u64::MAX));
+    let inputs = crate::npz::read_inputs(input, &facts, &limits)?;
     for (fact, value) in facts.iter().zip(&inputs) {
         println!(
             "input  {:<16} {:?} {:?}",
@@ -145,75 +152,6 @@ fn run_tensors(a: &RunArgs, engine: &Engine, task: usize, input: &Path) -> Resul
     Ok(())
 }
 
-/// The arrays of `path`, one per input of `facts`, each read as the input's element type.
-fn read_inputs(path: &Path, facts: &[IoInfo]) -> Result<Vec<Tensor>> {
-    let open =
-        || std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()));
-    let is_npy = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
-    if is_npy {
-        let [fact] = facts else {
-            bail!(
-                "the task has {} inputs ({}); give them by name in an .npz",
-                facts.len(),
-                names(facts)
-            )
-        };
-        let tensor = read_array(fact, |dt| read_npy(open()?, dt))
-            .with_context(|| format!("reading {}", path.display()))?;
-        return Ok(vec![tensor]);
-    }
-    let mut npz = NpzReader::new(open()?)
-        .with_context(|| format!("{} is neither an .npz nor an .npy file", path.display()))?;
-    let available: Vec<String> = npz
-        .names()?
-        .into_iter()
-        .map(|n| n.strip_suffix(".npy").map(str::to_string).unwrap_or(n))
-        .collect();
-    let mut tensors = Vec::with_capacity(facts.len());
-    for fact in facts {
-        let key = if available.contains(&fact.name) {
-            fact.name.clone()
-        } else if let ([_], [only]) = (facts, available.as_slice()) {
-            only.clone()
-        } else {
-            bail!(
-                "{} has no array {:?} (it has: {}; the task's inputs are: {})",
-                path.display(),
-                fact.name,
-                available.join(", "),
-                names(facts)
-            )
-        };
-        let tensor = read_array(fact, |dt| read_npz(&mut npz, &key, dt))
-            .with_context(|| format!("{}: array {key:?}", path.display()))?;
-        tensors.push(tensor);
-    }
-    Ok(tensors)
-}
-
-fn names(facts: &[IoInfo]) -> String {
-    facts
-        .iter()
-        .map(|f| f.name.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Reads the array as the input's type; an `f64` array is accepted for an `f32` input.
-fn read_array(fact: &IoInfo, mut read: impl FnMut(DatumType) -> Result<Tensor>) -> Result<Tensor> {
-    match read(fact.dtype) {
-        Ok(t) => Ok(t),
-        Err(e) if fact.dtype == DatumType::F32 => match read(DatumType::F64) {
-            Ok(t) => Ok(t.cast_to::<f32>()?.into_owned()),
-            Err(_) => Err(e),
-        },
-        Err(e) => Err(e),
-    }
-    .with_context(|| format!("input {:?} must be {:?}", fact.name, fact.dtype))
-}
-
 macro_rules! by_type {
     ($dt:expr, $read:ident, $($args:expr),*) => {
         match $dt {
@@ -224,28 +162,9 @@ macro_rules! by_type {
             DatumType::I8 => $read::<i8>($($args),*),
             DatumType::U8 => $read::<u8>($($args),*),
             DatumType::Bool => $read::<bool>($($args),*),
-            other => bail!("reading {other:?} arrays is not supported"),
+            other => bail!("writing {other:?} arrays is not supported"),
         }
     };
-}
-
-fn read_npy(file: std::fs::File, dt: DatumType) -> Result<Tensor> {
-    fn read<T: Datum + ndarray_npy::ReadableElement>(file: std::fs::File) -> Result<Tensor> {
-        Ok(tract_ndarray::ArrayD::<T>::read_npy(file)?.into_tensor())
-    }
-    by_type!(dt, read, file)
-}
-
-fn read_npz(npz: &mut NpzReader<std::fs::File>, name: &str, dt: DatumType) -> Result<Tensor> {
-    fn read<T: Datum + ndarray_npy::ReadableElement>(
-        npz: &mut NpzReader<std::fs::File>,
-        name: &str,
-    ) -> Result<Tensor> {
-        Ok(npz
-            .by_name::<_, tract_ndarray::IxDyn>(name)
-            .map(|a: tract_ndarray::ArrayD<T>| a.into_tensor())?)
-    }
-    by_type!(dt, read, npz, name)
 }
 
 fn write_outputs(path: &Path, outputs: &[(String, Tensor)]) -> Result<()> {

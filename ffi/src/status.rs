@@ -80,7 +80,12 @@ impl From<Error> for Failure {
             Error::UnknownTask { .. } => TpStatus::TP_UNKNOWN_TASK,
             Error::OutOfRange { what: "task", .. } => TpStatus::TP_UNKNOWN_TASK,
             Error::OutOfRange { .. } => TpStatus::TP_INVALID_ARGUMENT,
-            Error::InputCount { .. } | Error::InputMismatch { .. } => TpStatus::TP_BAD_INPUT,
+            Error::InputCount { .. }
+            | Error::InputMismatch { .. }
+            | Error::IndexOutOfRange { .. }
+            | Error::InputTooLarge { .. } => TpStatus::TP_BAD_INPUT,
+            // The engine caught a panic inside tract or the tokenizer.
+            Error::EnginePanic { .. } => TpStatus::TP_PANIC,
             Error::Unsupported { .. }
             | Error::NoTokenizer
             | Error::UnfillableInput { .. }

@@ -22,6 +22,12 @@
 //! serves every size; [`EngineOptions::symbol_values`] fixes them instead, letting tract optimize
 //! for that exact shape.
 //!
+//! Inputs are checked before tract sees them: types and shapes against the graph, the values of
+//! inputs that index a lookup table (token ids) against its size, and their total bytes against
+//! [`EngineOptions::max_input_bytes`]. A panic inside tract is caught and returned as
+//! [`Error::EnginePanic`] (see `src/runtime/guard.rs`): a hostile graph or input never unwinds
+//! into the caller.
+//!
 //! An [`Engine`] is `Send + Sync`: bound plans are immutable and shared; every
 //! [`Engine::run`] evaluates them with its own state, so concurrent runs of the same or of
 //! different tasks give the same results as sequential ones. Threads missing the same task at
@@ -36,6 +42,7 @@ use tract_onnx::tract_hir::internal::DimLike;
 
 use crate::runtime::cache::Lru;
 use crate::runtime::check;
+use crate::runtime::guard::{catch_panic, check_input_bytes};
 use crate::runtime::template::{Plan, Template, TemplateKey, TypedGraph};
 use crate::runtime::{Bundle, Error};
 
@@ -55,6 +62,12 @@ pub struct EngineOptions {
     /// docs/PERFORMANCE.md); inputs must then have that size. Names a graph does not use are
     /// ignored.
     pub symbol_values: Vec<(String, usize)>,
+    /// Most bytes the inputs of one [`Engine::run`] may hold (the elements of all of them);
+    /// more is [`Error::InputTooLarge`], before anything runs. A run's working memory grows
+    /// with its inputs (the batch), so this bounds what a caller passing through untrusted
+    /// batches lets the engine allocate; raise it for larger batches. Default:
+    /// [`EngineOptions::DEFAULT_MAX_INPUT_BYTES`].
+    pub max_input_bytes: usize,
 }
 
 impl Default for EngineOptions {
@@ -62,11 +75,21 @@ impl Default for EngineOptions {
         EngineOptions {
             cache_bytes: 256 << 20,
             symbol_values: Vec::new(),
+            max_input_bytes: Self::DEFAULT_MAX_INPUT_BYTES,
         }
     }
 }
 
 impl EngineOptions {
+    /// Default of [`EngineOptions::max_input_bytes`]: 256 MiB.
+    pub const DEFAULT_MAX_INPUT_BYTES: usize = 256 << 20;
+
+    /// These options with [`EngineOptions::max_input_bytes`] set to `bytes`.
+    pub fn with_max_input_bytes(mut self, bytes: usize) -> Self {
+        self.max_input_bytes = bytes;
+        self
+    }
+
     /// Default options with the given cache budget in bytes.
     pub fn with_cache_bytes(cache_bytes: usize) -> Self {
         EngineOptions {
@@ -124,6 +147,7 @@ pub struct BoundTask {
     name: String,
     template: Arc<Template>,
     plan: Plan,
+    max_input_bytes: usize,
     materialize: Duration,
     bind: Duration,
 }
@@ -163,6 +187,7 @@ impl BoundTask {
     /// Runs the task, exactly as [`Engine::run`] does.
     pub fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>, Error> {
         self.template.check_inputs(&self.name, &inputs)?;
+        check_input_bytes(&self.name, &inputs, self.max_input_bytes)?;
         run_plan(&self.plan, &self.name, inputs)
     }
 }
@@ -212,11 +237,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Runs a bound plan. A panic inside tract comes back as [`Error::EnginePanic`]: the plan is
+/// shared and immutable, the run's state is the call's own and dropped with it.
 fn run_plan(plan: &Plan, task: &str, inputs: TVec<TValue>) -> Result<TVec<TValue>, Error> {
-    plan.run(inputs).map_err(|e| Error::Tract {
-        action: format!("run task {task}"),
-        message: format!("{e:#}"),
+    let action = || format!("run task {task}");
+    catch_panic(action, || {
+        plan.run(inputs).map_err(|e| Error::Tract {
+            action: action(),
+            message: format!("{e:#}"),
+        })
     })
+}
+
+/// Binds `task` into `template`. A panic inside tract comes back as [`Error::EnginePanic`]:
+/// nothing is cached before binding returns, and the binding buffers it was using are dropped
+/// with the unwinding, not returned to the template's pool.
+fn bind_template(
+    template: &Template,
+    bundle: &Bundle,
+    task: usize,
+    name: &str,
+) -> Result<(Plan, crate::runtime::template::BindTimings), Error> {
+    catch_panic(
+        || format!("bind task {name}"),
+        || template.bind(bundle, task, name),
+    )
 }
 
 impl Engine {
@@ -317,10 +362,17 @@ impl Engine {
 
     /// Runs task `task` on `inputs` (one per data input, in [`Engine::input_facts`] order).
     /// Symbolic dimensions (e.g. the batch size) take the size of the given inputs.
+    ///
+    /// Refused before running: inputs of the wrong number, type or shape
+    /// ([`Error::InputCount`], [`Error::InputMismatch`]), an index outside the table a lookup
+    /// of the graph reads, e.g. a token id outside the vocabulary ([`Error::IndexOutOfRange`]),
+    /// more than [`EngineOptions::max_input_bytes`] ([`Error::InputTooLarge`]). A panic inside
+    /// tract is [`Error::EnginePanic`].
     pub fn run(&self, task: usize, inputs: TVec<TValue>) -> Result<TVec<TValue>, Error> {
         let template = self.template(task)?;
         let name = self.name(task)?;
         template.check_inputs(name, &inputs)?;
+        check_input_bytes(name, &inputs, self.options.max_input_bytes)?;
         let plan = self.plan(task)?;
         run_plan(&plan, name, inputs)
     }
@@ -330,13 +382,14 @@ impl Engine {
     pub fn bind(&self, task: usize) -> Result<BoundTask, Error> {
         let template = self.template(task)?;
         let name = self.name(task)?;
-        let (plan, timings) = template.bind(&self.bundle, task, name)?;
+        let (plan, timings) = bind_template(&template, &self.bundle, task, name)?;
         self.binds.fetch_add(1, Ordering::Relaxed);
         Ok(BoundTask {
             task,
             name: name.to_string(),
             template,
             plan,
+            max_input_bytes: self.options.max_input_bytes,
             materialize: timings.materialize,
             bind: timings.bind,
         })
@@ -401,17 +454,25 @@ impl Engine {
         if let Some(t) = slot.built.get() {
             return Ok(Arc::clone(t));
         }
-        let typed = match lock(&slot.typed).take() {
-            Some(typed) => typed,
-            None => Template::type_graph(
-                &self.bundle,
-                &slot.key,
-                slot.task,
-                &slot.used,
-                &self.options.symbol_values,
-            )?,
-        };
-        let template = Arc::new(Template::from_typed(typed)?);
+        // A panic while building leaves the slot empty (and its lock unpoisoned: the panic
+        // stops inside): the next call types the graph again and fails the same way.
+        let template = catch_panic(
+            || format!("build the template of graph {}", slot.key.graph),
+            || {
+                let typed = match lock(&slot.typed).take() {
+                    Some(typed) => typed,
+                    None => Template::type_graph(
+                        &self.bundle,
+                        &slot.key,
+                        slot.task,
+                        &slot.used,
+                        &self.options.symbol_values,
+                    )?,
+                };
+                Template::from_typed(typed)
+            },
+        )?;
+        let template = Arc::new(template);
         self.templates_built.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::clone(slot.built.get_or_init(|| template)))
     }
@@ -443,7 +504,7 @@ impl Engine {
             // they and the new task's weights are all resident at the peak.
             lock(&self.cache).make_room(bytes);
         }
-        let (plan, timings) = template.bind(&self.bundle, task, name)?;
+        let (plan, timings) = bind_template(&template, &self.bundle, task, name)?;
         self.binds.fetch_add(1, Ordering::Relaxed);
         log::debug!(
             "bound task {name} ({bytes} weight bytes): materialize {:?}, bind {:?}",

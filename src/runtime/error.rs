@@ -128,6 +128,46 @@ pub enum Error {
         /// What is wrong with it.
         problem: crate::runtime::GraphProblem,
     },
+    /// An input holds an index outside the table a lookup of the graph reads (a `Gather` of an
+    /// embedding, e.g. a token id outside the vocabulary): refused before running, since tract
+    /// would index out of bounds.
+    #[error(
+        "input {input:?} of task {task:?}: index {value} is out of range for a lookup table of \
+         {size} rows (a token id outside the vocabulary?)"
+    )]
+    IndexOutOfRange {
+        /// The task name.
+        task: String,
+        /// The graph input's name.
+        input: String,
+        /// The first offending value.
+        value: i64,
+        /// Rows of the table: valid indices are `0..size` (and `-size..0`, counted from the end,
+        /// as ONNX `Gather` allows).
+        size: usize,
+    },
+    /// The inputs of one run hold more bytes than [`crate::runtime::EngineOptions::max_input_bytes`]
+    /// allows (raise it for larger batches).
+    #[error(
+        "the inputs of task {task:?} hold {bytes} bytes, more than the limit of {limit} bytes"
+    )]
+    InputTooLarge {
+        /// The task name.
+        task: String,
+        /// Bytes of the inputs given (saturating at `usize::MAX`).
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// tract or the tokenizer panicked; the engine caught it (the panic hook has still printed it
+    /// on stderr). The engine stays usable: nothing half-built is kept.
+    #[error("{action} panicked: {message}")]
+    EnginePanic {
+        /// What the engine was doing: `run task mnist`, `bind task mnist`, `tokenize text 0`...
+        action: String,
+        /// The panic message.
+        message: String,
+    },
     /// tract failed to load, optimize, bind or run a graph; the message is tract's error chain.
     #[error("tract failed to {action}: {message}")]
     Tract {

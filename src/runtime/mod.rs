@@ -8,6 +8,7 @@ mod cache;
 pub mod check;
 mod engine;
 mod error;
+mod guard;
 pub mod reconstruct;
 mod template;
 #[cfg(feature = "text")]

@@ -50,6 +50,7 @@ use crate::dtype::DType;
 use crate::format::manifest::{TaskEntry, TaskTensor, TensorStorage};
 use crate::runtime::check::GraphProblem;
 use crate::runtime::engine::IoInfo;
+use crate::runtime::guard::{self, IndexLimit};
 use crate::runtime::reconstruct::{self, Scratch};
 use crate::runtime::{Bundle, Error};
 
@@ -135,6 +136,8 @@ pub(crate) struct Template {
     slots: Vec<Slot>,
     inputs: Vec<IoInfo>,
     input_facts: Vec<TypedFact>,
+    /// Data inputs that index a lookup table, and its size (checked before each run).
+    index_limits: Vec<IndexLimit>,
     outputs: Vec<IoInfo>,
     weight_bytes: usize,
     /// Whether some node outside the fold chains computes from the weights only, so that
@@ -940,6 +943,7 @@ impl Template {
             inputs.push(IoInfo::from_fact(name, &fact));
             input_facts.push(fact);
         }
+        let index_limits = guard::index_limits(&typed, &data_inputs);
         let mut outputs = Vec::new();
         for o in &typed.outputs {
             let fact = typed
@@ -979,6 +983,7 @@ impl Template {
             slots,
             inputs,
             input_facts,
+            index_limits,
             outputs,
             weight_bytes,
             prop_consts,
@@ -1009,8 +1014,9 @@ impl Template {
             .clear();
     }
 
-    /// Checks `inputs` against the data inputs' types and shapes (symbolic dimensions match any
-    /// size).
+    /// Checks `inputs` against the data inputs' types and shapes (a symbolic dimension matches
+    /// any size, the same in every input), and the values of inputs that index a lookup table
+    /// against its size.
     pub(crate) fn check_inputs(&self, task: &str, inputs: &[TValue]) -> Result<(), Error> {
         if inputs.len() != self.input_facts.len() {
             return Err(Error::InputCount {
@@ -1037,7 +1043,9 @@ impl Template {
                 });
             }
         }
-        Ok(())
+        let names: Vec<&str> = self.inputs.iter().map(|i| i.name.as_str()).collect();
+        guard::check_symbols(task, &self.input_facts, &names, inputs)?;
+        guard::check_index_limits(task, &self.index_limits, &names, inputs)
     }
 
     /// Materializes task `task`'s weights and binds them into a copy of the template.

@@ -25,6 +25,12 @@
 //!   with the softmax probability of that class.
 //!
 //! Tokenization runs on the calling thread (no thread pool is started).
+//!
+//! Hostile tokenizers and texts: a pad id that names no token of the vocabulary is refused by
+//! [`TextClassifier::new`]; token ids outside the graph's vocabulary (its embedding table) are
+//! refused by [`Engine::run`] ([`Error::IndexOutOfRange`]); the token inputs are sized against
+//! [`EngineOptions::max_input_bytes`](super::EngineOptions::max_input_bytes) before they are
+//! allocated; a panic inside the `tokenizers` crate is [`Error::EnginePanic`].
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -33,6 +39,7 @@ use tokenizers::{
 };
 use tract_onnx::prelude::{DatumType, IntoTValue, TValue, TVec, Tensor};
 
+use crate::runtime::guard::catch_panic;
 use crate::runtime::{Engine, Error, IoInfo};
 
 /// What a task predicts for one text.
@@ -99,8 +106,18 @@ impl std::fmt::Debug for TextClassifier {
 impl TextClassifier {
     /// Loads the tokenizer of `engine`'s bundle. [`Error::NoTokenizer`] if the bundle has none,
     /// [`Error::TokenizerParse`] if it does not load (or truncates to fewer tokens than it adds
-    /// itself); a checksum mismatch of its section is an [`Error::Format`].
+    /// itself, or pads with an id that is no token of its vocabulary); a checksum mismatch of
+    /// its section is an [`Error::Format`]; a panic of the `tokenizers` crate is
+    /// [`Error::EnginePanic`].
     pub fn new(engine: Arc<Engine>) -> Result<TextClassifier, Error> {
+        // The tokenizer is built here and dropped if this panics: nothing shared to break.
+        catch_panic(
+            || "load the bundle's tokenizer".into(),
+            || Self::load(engine),
+        )
+    }
+
+    fn load(engine: Arc<Engine>) -> Result<TextClassifier, Error> {
         let bundle = engine.bundle();
         let section = bundle.manifest().tokenizer.ok_or(Error::NoTokenizer)?;
         let bytes = bundle.section(section)?;
@@ -122,6 +139,15 @@ impl TextClassifier {
                 left: false,
             },
         };
+        if tokenizer.id_to_token(pad.id).is_none() {
+            return Err(Error::TokenizerParse {
+                message: format!(
+                    "its pad id {} is not a token of its vocabulary ({} tokens)",
+                    pad.id,
+                    tokenizer.get_vocab_size(true)
+                ),
+            });
+        }
         tokenizer.with_padding(None);
         let special = tokenizer
             .get_post_processor()
@@ -203,7 +229,7 @@ impl TextClassifier {
             if let Some(last) = encodings.last().cloned() {
                 encodings.resize(chunk.max(rows), last);
             }
-            let inputs = self.tensors(&layout, &encodings)?;
+            let inputs = self.tensors(task, &layout, &encodings)?;
             let outputs = self.engine.run(task, inputs)?;
             let logits = logits(name, outputs.first(), encodings.len())?;
             for row in logits.iter().take(rows) {
@@ -240,7 +266,7 @@ impl TextClassifier {
             });
         }
         let encodings = self.encode(task, &layout, texts, 0)?;
-        self.tensors(&layout, &encodings)
+        self.tensors(task, &layout, &encodings)
     }
 
     fn task_name(&self, task: usize) -> Result<&str, Error> {
@@ -265,12 +291,18 @@ impl TextClassifier {
             .iter()
             .enumerate()
             .map(|(index, text)| {
-                tokenizer
-                    .encode(text.as_ref(), true)
-                    .map_err(|e| Error::Tokenize {
-                        index: first + index,
-                        message: e.to_string(),
-                    })
+                // The tokenizer is only read; the encoding is the call's own.
+                catch_panic(
+                    || format!("tokenize text {}", first + index),
+                    || {
+                        tokenizer
+                            .encode(text.as_ref(), true)
+                            .map_err(|e| Error::Tokenize {
+                                index: first + index,
+                                message: e.to_string(),
+                            })
+                    },
+                )
             })
             .collect()
     }
@@ -303,7 +335,6 @@ impl TextClassifier {
                 ),
             });
         }
-        let mut tokenizer = Tokenizer::clone(&self.tokenizer);
         let params = TruncationParams {
             max_length: length,
             stride: 0,
@@ -312,24 +343,53 @@ impl TextClassifier {
                 ..TruncationParams::default()
             })
         };
-        tokenizer
-            .with_truncation(Some(params))
-            .map_err(|e| Error::TokenizerParse {
-                message: e.to_string(),
-            })?;
+        // The copy is built here, and cached only once made: a panic (caught inside the lock,
+        // which it therefore does not poison) leaves the cache as it was.
+        let tokenizer = catch_panic(
+            || format!("truncate the tokenizer to {length} tokens"),
+            || {
+                let mut tokenizer = Tokenizer::clone(&self.tokenizer);
+                tokenizer
+                    .with_truncation(Some(params))
+                    .map_err(|e| Error::TokenizerParse {
+                        message: e.to_string(),
+                    })?;
+                Ok(tokenizer)
+            },
+        )?;
         let tokenizer = Arc::new(tokenizer);
         cache.push((length, Arc::clone(&tokenizer)));
         Ok(tokenizer)
     }
 
-    /// The graph inputs for `encodings`, padded to the fixed sequence length or the longest.
-    fn tensors(&self, layout: &Layout, encodings: &[Encoding]) -> Result<TVec<TValue>, Error> {
+    /// The graph inputs for `encodings`, padded to the fixed sequence length or the longest;
+    /// sized against the engine's `max_input_bytes` before they are allocated.
+    fn tensors(
+        &self,
+        task: usize,
+        layout: &Layout,
+        encodings: &[Encoding],
+    ) -> Result<TVec<TValue>, Error> {
         let longest = encodings.iter().map(Encoding::len).max().unwrap_or(0);
         let width = layout.sequence.unwrap_or(longest.max(1));
         if let Some((index, e)) = encodings.iter().enumerate().find(|(_, e)| e.len() > width) {
             return Err(Error::Tokenize {
                 index,
                 message: format!("{} tokens, the graph takes {width}", e.len()),
+            });
+        }
+        // What `Engine::run` counts: rows × width values per input, of the input's size.
+        let limit = self.engine.options().max_input_bytes;
+        let value_bytes: usize = layout.inputs.iter().map(|(_, dt)| dt.size_of()).sum();
+        let bytes = encodings
+            .len()
+            .checked_mul(width)
+            .and_then(|n| n.checked_mul(value_bytes));
+        if bytes.is_none_or(|b| b > limit) {
+            return Err(Error::InputTooLarge {
+                task: self.task_name(task)?.to_string(),
+                bytes: bytes.unwrap_or(usize::MAX),
+                limit,
             });
         }
         layout
