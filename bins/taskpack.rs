@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -28,9 +29,16 @@ mod run_cmd;
 #[derive(Parser)]
 #[command(name = "taskpack", version, about, propagate_version = true)]
 struct Cli {
+    /// Read bundles into memory instead of memory-mapping them: for files that may be rewritten
+    /// while the command runs (removable media, network file systems).
+    #[arg(long, global = true)]
+    no_mmap: bool,
     #[command(subcommand)]
     command: Command,
 }
+
+/// `--no-mmap`: how [`open_bundle`] opens bundles.
+static NO_MMAP: AtomicBool = AtomicBool::new(false);
 
 #[derive(Subcommand)]
 enum Command {
@@ -81,6 +89,7 @@ struct ExportArgs {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    NO_MMAP.store(cli.no_mmap, Ordering::Relaxed);
     let result = match cli.command {
         Command::Compile(a) => compile_cmd::run(&a),
         Command::Inspect(a) => inspect::run(&a.bundle, a.json),
@@ -114,9 +123,14 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
-/// Opens (memory-maps) and structurally validates a bundle.
+/// Opens (memory-maps, or reads with `--no-mmap`) and structurally validates a bundle.
 fn open_bundle(path: &Path) -> Result<Bundle> {
-    Bundle::open(path).with_context(|| format!("{} is not a valid bundle", path.display()))
+    let bundle = if NO_MMAP.load(Ordering::Relaxed) {
+        Bundle::read(path)
+    } else {
+        Bundle::open(path)
+    };
+    bundle.with_context(|| format!("{} is not a valid bundle", path.display()))
 }
 
 fn verify(path: &Path) -> Result<()> {

@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 
 use taskpack::dtype::DType;
 use taskpack::format::{
-    self, parse, BundleWriter, CompileReport, FormatError, GraphEntry, Header, InputRecord,
-    Manifest, Provenance, Scale, SectionEntry, SectionId, SectionKind, Stored, TaskEntry,
-    TaskTensor, TensorEntry, TensorStorage, MAGIC, MAX_ELEMENTS, MAX_GRAPHS, MAX_LABELS,
-    MAX_MANIFEST_LEN, MAX_NAME_LEN, MAX_RANK, MAX_SECTIONS, MAX_TASKS, MAX_TENSORS, VERSION,
+    self, parse, BundleWriter, CalibrationReport, CandidateScore, CompileReport, FormatError,
+    GraphEntry, Header, InputRecord, Manifest, Provenance, Scale, SectionEntry, SectionId,
+    SectionKind, Stored, TaskEntry, TaskReport, TaskTensor, TensorEntry, TensorStorage, MAGIC,
+    MANIFEST_DECODE_FACTOR, MAX_ELEMENTS, MAX_GRAPHS, MAX_LABELS, MAX_MANIFEST_LEN, MAX_NAME_LEN,
+    MAX_RANK, MAX_SECTIONS, MAX_TASKS, MAX_TASK_NAME_LEN, MAX_TENSORS, VERSION,
 };
 use taskpack::mask::Mask;
 use taskpack::merge::scaling::ScaleMode;
@@ -51,6 +52,26 @@ fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
 
 fn hex(c: char) -> String {
     std::iter::repeat_n(c, 64).collect()
+}
+
+/// SHA-256 of `bytes` in lowercase hex (computed here with sha2, not with the crate's helper).
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The compile report entry of task `name` (rule 34: one per task, in task order).
+fn report(name: &str) -> TaskReport {
+    TaskReport {
+        name: name.into(),
+        relative_error: 0.25,
+        cosine: 0.9,
+        mask_density: 0.5,
+        calibration: None,
+    }
 }
 
 fn merged(mask: Option<SectionId>, scale: Scale) -> TaskTensor {
@@ -112,8 +133,9 @@ fn manifest_skeleton(n_tasks: usize) -> Manifest {
 }
 
 /// The sample: tensors `w` [3,5] (merged, f32 base, f16 delta), `b` [5] (merged, bf16 base, no
-/// delta), `head` (private); task `a` (mask + row scales on `w`, graph A) and task `b` (tensor
-/// scale on `w`, graph B). Returns the manifest without sections and the sections in order.
+/// delta), `head` (private); task `a` (scale mode row: mask + row scales on `w`, graph A) and
+/// task `b` (scale mode tensor: tensor scale on `w`, graph B, calibrated). Returns the manifest
+/// without sections and the sections in order.
 fn sample() -> (Manifest, Vec<(SectionKind, Vec<u8>)>) {
     let w_base: Vec<f32> = (0..15).map(|i| i as f32 * 0.5 - 3.0).collect();
     let w_delta: Vec<f32> = (0..15).map(|i| (i as f32 - 7.0) * 0.25).collect();
@@ -142,11 +164,11 @@ fn sample() -> (Manifest, Vec<(SectionKind, Vec<u8>)>) {
     m.graphs = vec![
         GraphEntry {
             section: GRAPH_A,
-            sha256: hex('a'),
+            sha256: sha256(&sections[GRAPH_A as usize].1),
         },
         GraphEntry {
             section: GRAPH_B,
-            sha256: hex('b'),
+            sha256: sha256(&sections[GRAPH_B as usize].1),
         },
     ];
     m.tensors = vec![
@@ -201,6 +223,29 @@ fn sample() -> (Manifest, Vec<(SectionKind, Vec<u8>)>) {
         ),
     ];
     m.tasks[TASK_A].labels = vec!["no".into(), "yes".into()];
+    m.tasks[TASK_B].scale_mode = ScaleMode::Tensor;
+    m.report.tasks = vec![
+        report("a"),
+        TaskReport {
+            calibration: Some(CalibrationReport {
+                examples: 16,
+                candidates: vec![
+                    CandidateScore {
+                        setting: "lambda 0.4, scale none".into(),
+                        agreement: 0.75,
+                        logit_distance: 0.5,
+                    },
+                    CandidateScore {
+                        setting: "lambda 0.4, scale tensor".into(),
+                        agreement: 0.875,
+                        logit_distance: 0.25,
+                    },
+                ],
+                chosen: 1,
+            }),
+            ..report("b")
+        },
+    ];
     (m, sections)
 }
 
@@ -759,8 +804,8 @@ fn r14_names_non_empty_and_capped() {
             ..
         }
     );
-    // Exactly at the cap is fine.
-    let ok = remanifest(&bytes, |m| m.tasks[TASK_A].name = "x".repeat(MAX_NAME_LEN));
+    // Exactly at the cap is fine (task names have a tighter cap: rule 31).
+    let ok = remanifest(&bytes, |m| m.tensors[W].name = "x".repeat(MAX_NAME_LEN));
     parse(&ok).unwrap();
 }
 
@@ -840,8 +885,9 @@ fn r19_graph_hashes() {
             FormatError::InvalidGraphHash { graph: 1, .. }
         );
     }
-    let t = remanifest(&bytes, |m| m.graphs[1].sha256 = hex('a'));
-    assert_err!(parse_err(&t), FormatError::DuplicateGraphHash(h) if h == hex('a'));
+    let t = remanifest(&bytes, |m| m.graphs[1].sha256 = m.graphs[0].sha256.clone());
+    let a = sha256(b"fake onnx graph a");
+    assert_err!(parse_err(&t), FormatError::DuplicateGraphHash(h) if h == a);
 }
 
 #[test]
@@ -1040,8 +1086,9 @@ fn r26_row_scales_need_rank_one() {
     let mut m = manifest_skeleton(1);
     m.graphs = vec![GraphEntry {
         section: 0,
-        sha256: hex('c'),
+        sha256: sha256(b"g"),
     }];
+    m.report.tasks = vec![report("t")];
     m.tensors = vec![tensor(
         "s",
         &[],
@@ -1258,6 +1305,327 @@ fn r30_label_names() {
     // The same label in two tasks is fine.
     let t = remanifest(&bytes, |m| m.tasks[TASK_B].labels = vec!["no".into()]);
     assert_eq!(parse(&t).unwrap().manifest().tasks[TASK_B].labels, ["no"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rules 31–35 and V6: names, scale modes, λ, the report, the decode budget, graph hashes.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn r31_task_names_are_one_line_c_strings() {
+    let bytes = valid();
+    let long = "x".repeat(MAX_TASK_NAME_LEN + 1);
+    for bad in [
+        "a\0b",
+        "\0",
+        "two\nlines",
+        "tab\there",
+        "del\u{7f}",
+        "c1\u{85}",
+        &long,
+    ] {
+        let t = remanifest(&bytes, |m| m.tasks[TASK_B].name = bad.to_string());
+        assert_err!(
+            parse_err(&t),
+            FormatError::InvalidTaskName { index: 1, ref name } if name == bad
+        );
+        // The compiler's rule is the same function.
+        assert!(!format::is_valid_task_name(bad), "{bad:?}");
+    }
+    for good in ["x".repeat(MAX_TASK_NAME_LEN), "émotion/文字 v2".into()] {
+        let t = remanifest(&bytes, |m| m.tasks[TASK_B].name = good.clone());
+        let b = parse(&t).unwrap();
+        // What a C caller needs: the name as a C string.
+        assert!(std::ffi::CString::new(b.manifest().tasks[TASK_B].name.clone()).is_ok());
+    }
+    // A tensor name may be anything rule 14 allows (ONNX initializer names are not ours).
+    let t = remanifest(&bytes, |m| m.tensors[B].name = "b\0\n".into());
+    parse(&t).unwrap();
+    // A compile with such a task name fails before reading any checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.tpk");
+    let (ok, _, err) = crate::common::cli(&[
+        "compile",
+        "--base",
+        "missing.onnx",
+        "--task",
+        "a\tb=missing.onnx",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("invalid task name"), "{err}");
+}
+
+#[test]
+fn r32_scale_mode_matches_the_scales() {
+    let bytes = valid();
+    // (task, mode, expected, found): task a stores rows on `w`, task b a tensor scale.
+    let cases = [
+        (TASK_A, ScaleMode::None, "none", "rows"),
+        (TASK_A, ScaleMode::Tensor, "tensor", "rows"),
+        (TASK_B, ScaleMode::None, "none", "tensor"),
+        (TASK_B, ScaleMode::Row, "rows", "tensor"),
+    ];
+    for (t, mode, e, f) in cases {
+        let broken = remanifest(&bytes, |m| m.tasks[t].scale_mode = mode);
+        assert_err!(
+            parse_err(&broken),
+            FormatError::ScaleModeMismatch { ref tensor, mode: m, expected, found, .. }
+                if tensor == "w" && m == mode && expected == e && found == f
+        );
+    }
+    // A scale where the mode says none.
+    let broken = remanifest(&bytes, |m| {
+        m.tasks[TASK_B].scale_mode = ScaleMode::None;
+        m.tasks[TASK_B].tensors[W] = merged(None, Scale::None);
+    });
+    parse(&broken).unwrap();
+    let broken = remanifest(&bytes, |m| {
+        m.tasks[TASK_B].tensors[W] = merged(None, Scale::None)
+    });
+    assert_err!(
+        parse_err(&broken),
+        FormatError::ScaleModeMismatch {
+            expected: "tensor",
+            found: "none",
+            ..
+        }
+    );
+    // `b` has no delta: no scale whatever the mode (rule 29), so every mode is fine there; a
+    // scalar under mode row takes a tensor scale (r26_row_scales_need_rank_one).
+}
+
+#[test]
+fn r33_lambda_is_the_merge_parameters_lambda() {
+    let bytes = valid();
+    let t = remanifest(&bytes, |m| m.tasks[TASK_B].lambda = None);
+    assert_err!(
+        parse_err(&t),
+        FormatError::LambdaMismatch { ref task, expected: Some(e), found: None }
+            if task == "b" && e == 0.4
+    );
+    let t = remanifest(&bytes, |m| m.tasks[TASK_B].lambda = Some(0.5));
+    assert_err!(
+        parse_err(&t),
+        FormatError::LambdaMismatch { found: Some(f), .. } if f == 0.5
+    );
+    // Per-task values.
+    let t = remanifest(&bytes, |m| m.merge.lambda = vec![0.4, 0.6]);
+    assert_err!(
+        parse_err(&t),
+        FormatError::LambdaMismatch { ref task, expected: Some(e), found: Some(f) }
+            if task == "b" && e == 0.6 && f == 0.4
+    );
+    let ok = remanifest(&bytes, |m| {
+        m.merge.lambda = vec![0.4, 0.6];
+        m.tasks[TASK_B].lambda = Some(0.6);
+    });
+    parse(&ok).unwrap();
+    // One value for every task.
+    parse(&remanifest(&bytes, |m| m.merge.lambda = vec![0.4])).unwrap();
+    // Neither one per task nor one for all.
+    let t = remanifest(&bytes, |m| m.merge.lambda = vec![0.4; 3]);
+    assert_err!(
+        parse_err(&t),
+        FormatError::LambdaMismatch { expected: None, .. }
+    );
+    // A method without λ records none.
+    let t = remanifest(&bytes, |m| m.merge.method = Method::TaskArithmetic);
+    assert_err!(
+        parse_err(&t),
+        FormatError::LambdaMismatch { ref task, expected: None, found: Some(_) } if task == "a"
+    );
+    let ok = remanifest(&bytes, |m| {
+        m.merge.method = Method::Emr;
+        m.tasks.iter_mut().for_each(|t| t.lambda = None);
+    });
+    parse(&ok).unwrap();
+}
+
+#[test]
+fn r34_report_has_one_entry_per_task() {
+    let bytes = valid();
+    let t = remanifest(&bytes, |m| {
+        m.report.tasks.pop();
+    });
+    assert_err!(
+        parse_err(&t),
+        FormatError::TaskReportCount {
+            found: 1,
+            expected: 2
+        }
+    );
+    let t = remanifest(&bytes, |m| m.report.tasks.push(report("c")));
+    assert_err!(
+        parse_err(&t),
+        FormatError::TaskReportCount {
+            found: 3,
+            expected: 2
+        }
+    );
+    let t = remanifest(&bytes, |m| m.report.tasks.swap(0, 1));
+    assert_err!(
+        parse_err(&t),
+        FormatError::TaskReportName { index: 0, ref found, ref expected }
+            if found == "b" && expected == "a"
+    );
+    for chosen in [2, u64::MAX] {
+        let t = remanifest(&bytes, |m| {
+            if let Some(c) = &mut m.report.tasks[TASK_B].calibration {
+                c.chosen = chosen;
+            }
+        });
+        assert_err!(
+            parse_err(&t),
+            FormatError::CalibrationChoice { ref task, chosen: c, candidates: 2 }
+                if task == "b" && c == chosen
+        );
+    }
+}
+
+/// A manifest whose task `a` claims `claimed` labels and has `present` empty ones, spliced by
+/// hand (postcard concatenates fields: a varint count, then one zero byte per empty string).
+fn manifest_with_empty_labels(claimed: u64, present: usize) -> Vec<u8> {
+    let mut m = manifest_skeleton(1);
+    m.report.tasks = vec![report("a")];
+    let t = task("a", 0, 1.0, vec![]);
+    let mut out = postcard::to_stdvec(&(&m.graphs, &m.tensors, &m.sections)).unwrap();
+    out.extend(postcard::to_stdvec(&1u64).unwrap());
+    let head = (&t.name, t.graph, t.scale, t.lambda, t.scale_mode);
+    out.extend(postcard::to_stdvec(&head).unwrap());
+    out.extend(postcard::to_stdvec(&claimed).unwrap());
+    out.resize(out.len() + present, 0);
+    out.extend(postcard::to_stdvec(&t.tensors).unwrap());
+    let rest = (&m.tokenizer, &m.merge, &m.provenance, &m.report);
+    out.extend(postcard::to_stdvec(&rest).unwrap());
+    out
+}
+
+#[test]
+fn r35_manifest_decode_budget() {
+    // Each empty label is 1 byte of manifest and a 24-byte `String` in memory: more than the
+    // budget of MANIFEST_DECODE_FACTOR bytes per manifest byte. Refused before allocating.
+    let n = 20_000;
+    let manifest = manifest_with_empty_labels(n, n as usize);
+    let length = manifest.len() as u64;
+    assert!(std::mem::size_of::<String>() as u64 * n > MANIFEST_DECODE_FACTOR * length);
+    assert_err!(
+        parse_err(&with_parts(&[], &manifest)),
+        FormatError::ManifestDecodeBudget { length: l, budget }
+            if l == length && budget == MANIFEST_DECODE_FACTOR * length
+    );
+    // The splice is right: a few empty labels decode (and then break rule 30).
+    assert_err!(
+        parse_err(&with_parts(&[], &manifest_with_empty_labels(2, 2))),
+        FormatError::EmptyName {
+            what: "label",
+            index: 0
+        }
+    );
+    // A length prefix claiming 2^40 labels with a few bytes behind it: a decode error, not an
+    // allocation (past the bytes left, elements are charged as they arrive).
+    let lying = manifest_with_empty_labels(1 << 40, 0);
+    assert_err!(
+        parse_err(&with_parts(&[], &lying)),
+        FormatError::ManifestDecode(_)
+    );
+    // The sample is well inside the budget (so are the compiler's bundles: every compile
+    // reads its bundle back through `parse`).
+    parse(&valid()).unwrap();
+}
+
+#[test]
+fn v6_graph_hashes_match_the_graphs() {
+    // The graph bytes changed and their checksum fixed: only the hash can tell.
+    let t = patch_section(&valid(), GRAPH_B, true, |d| d[0] = b'F');
+    assert_err!(
+        verify_err(&t),
+        FormatError::GraphHashMismatch { section: GRAPH_B, ref recorded, ref actual }
+            if *recorded == sha256(b"fake onnx graph b, longer")
+                && *actual == sha256(b"Fake onnx graph b, longer")
+    );
+    let b = parse(&t).unwrap();
+    b.verify_section(&t, GRAPH_A).unwrap();
+    assert_err!(
+        b.verify_section(&t, GRAPH_B),
+        FormatError::GraphHashMismatch { .. }
+    );
+    // The runtime checks it on first use of the section.
+    let bundle = taskpack::runtime::Bundle::from_bytes(t).unwrap();
+    assert!(bundle.section(GRAPH_A).is_ok());
+    let e = bundle.section(GRAPH_B).unwrap_err().to_string();
+    assert!(e.contains("SHA-256"), "{e}");
+}
+
+#[test]
+fn writer_checks_the_bulk_rules_too() {
+    // The writer runs the reader's verify on what it wrote: V3–V6 failures never reach the
+    // destination.
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(fn(&mut Manifest, &mut Vec<(SectionKind, Vec<u8>)>), &str); 4] = [
+        (|_, s| s[MASK_A as usize].1[1] |= 0x80, "V3"),
+        (
+            |_, s| s[ROWS_A as usize].1[..4].copy_from_slice(&f32::INFINITY.to_le_bytes()),
+            "V4",
+        ),
+        (|_, s| s[TOKENIZER as usize].1[0] = 0xc0, "V5"),
+        (|m, _| m.graphs[0].sha256 = hex('0'), "V6"),
+    ];
+    for (f, rule) in cases {
+        let (mut m, mut sections) = sample();
+        f(&mut m, &mut sections);
+        let e = write_bundle(dir.path(), "v.tpk", m, &sections).unwrap_err();
+        let ok = match rule {
+            "V3" => matches!(e, FormatError::MaskPadBits { section: MASK_A }),
+            "V4" => matches!(
+                e,
+                FormatError::NonFiniteRowScale {
+                    section: ROWS_A,
+                    row: 0
+                }
+            ),
+            "V5" => matches!(e, FormatError::TokenizerNotUtf8 { section: TOKENIZER }),
+            _ => matches!(
+                e,
+                FormatError::GraphHashMismatch {
+                    section: GRAPH_A,
+                    ..
+                }
+            ),
+        };
+        assert!(ok, "{rule}: got {e:?}");
+        assert!(dir_entries(dir.path()).is_empty(), "{rule}");
+    }
+    // And the rules 31–34 before writing the manifest.
+    let (mut m, sections) = sample();
+    m.tasks[TASK_A].scale_mode = ScaleMode::None;
+    let e = write_bundle(dir.path(), "v.tpk", m, &sections).unwrap_err();
+    assert_err!(e, FormatError::ScaleModeMismatch { .. });
+    assert!(dir_entries(dir.path()).is_empty());
+}
+
+#[test]
+fn a_bundle_read_into_memory_ignores_later_changes_to_the_file() {
+    // The documented alternative to mapping (src/mmap.rs): `Bundle::read` owns its bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let (m, sections) = sample();
+    let (path, _) = write_bundle(dir.path(), "r.tpk", m, &sections).unwrap();
+    let bundle = taskpack::runtime::Bundle::read(&path).unwrap();
+    // Rewritten in place (not replaced by rename), same length.
+    let len = std::fs::metadata(&path).unwrap().len() as usize;
+    std::fs::write(&path, vec![0xa5u8; len]).unwrap();
+    bundle.verify().unwrap();
+    assert_eq!(bundle.section(GRAPH_A).unwrap(), b"fake onnx graph a");
+    // The CLI's --no-mmap reads too (a global flag, before or after the command).
+    let (m, sections) = sample();
+    let (path, _) = write_bundle(dir.path(), "r.tpk", m, &sections).unwrap();
+    let p = path.to_str().unwrap();
+    for args in [["--no-mmap", "verify", p], ["verify", p, "--no-mmap"]] {
+        let (ok, out, err) = crate::common::cli(&args);
+        assert!(ok, "{err}");
+        assert!(out.contains("OK"), "{out}");
+    }
 }
 
 #[test]

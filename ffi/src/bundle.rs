@@ -25,9 +25,11 @@ fn hand_out(out: &mut *mut TpBundle, bundle: Bundle) {
 
 /// Opens the bundle at `path` by memory-mapping it, and validates its header, manifest and
 /// section table (time independent of the weights' size; section checksums are checked on first
-/// use, or all at once by `tp_bundle_verify`). The file must not be truncated or rewritten in
-/// place while the bundle (or an engine made from it) lives: use `tp_bundle_read` for storage
-/// that may change under the process. On failure `*out` is set to NULL.
+/// use, or all at once by `tp_bundle_verify`). The map is shared with the file, not a copy: if
+/// the file is rewritten in place while the bundle (or an engine made from it) lives, the bundle
+/// sees bytes that were never checked, and if it is truncated, the process gets SIGBUS. So the
+/// file must only ever be replaced by rename; use `tp_bundle_read` for storage that may change
+/// under the process. On failure `*out` is set to NULL.
 ///
 /// `TP_IO` if the file cannot be opened or mapped, `TP_INVALID_BUNDLE` if it is not a valid
 /// bundle.
@@ -48,8 +50,9 @@ pub unsafe extern "C" fn tp_bundle_open(path: *const c_char, out: *mut *mut TpBu
     })
 }
 
-/// Like `tp_bundle_open`, but reads the whole file into memory owned by the bundle (for
-/// removable media, network file systems, or files an updater rewrites in place).
+/// Like `tp_bundle_open`, but reads the whole file into memory owned by the bundle, so that later
+/// changes to the file do not affect it (for removable media, network file systems, or files an
+/// updater rewrites in place). Costs a read of the whole file up front.
 ///
 /// # Safety
 /// As for `tp_bundle_open`.

@@ -193,7 +193,7 @@ pub enum CompileError {
     #[error("task name {0:?} is given twice")]
     DuplicateTask(String),
     /// A task name is empty, too long or has control characters.
-    #[error("invalid task name {0:?} (1 to 256 characters, no control characters)")]
+    #[error("invalid task name {0:?} (1 to 256 bytes, no control characters)")]
     InvalidTaskName(String),
     /// A task checkpoint's graph is not the base's.
     #[error("task {task:?} does not have the base's architecture: {why}")]

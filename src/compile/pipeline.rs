@@ -361,7 +361,6 @@ pub(crate) fn compile_with_reports(
             }
         })
         .collect();
-    let method_has_lambda = matches!(opts.params.method, Method::Tall | Method::Consensus);
     let tokenizer = match &opts.tokenizer {
         Some(bytes) => Some(writer.add_section(SectionKind::Tokenizer, bytes)?),
         None => None,
@@ -376,11 +375,8 @@ pub(crate) fn compile_with_reports(
             name: name.clone(),
             graph: *graph,
             scale: task_scales.get(i).copied().unwrap_or(1.0),
-            lambda: if method_has_lambda {
-                opts.params.lambda.get(i).copied()
-            } else {
-                None
-            },
+            // The λ the reader's rule 33 expects (the one the merge used for this task).
+            lambda: crate::format::task_lambda(&opts.params, n_tasks, i),
             scale_mode: opts.scale_of(i),
             labels: opts.labels.get(i).cloned().unwrap_or_default(),
             tensors,
@@ -629,7 +625,8 @@ fn check_task_names(tasks: &[(String, PathBuf)]) -> Result<(), CompileError> {
     }
     let mut seen = BTreeSet::new();
     for (name, _) in tasks {
-        if name.is_empty() || name.len() > 256 || name.chars().any(|c| c.is_control()) {
+        // The reader's rule 31, so that a name the compiler takes is one every reader takes.
+        if !crate::format::is_valid_task_name(name) {
             return Err(CompileError::InvalidTaskName(name.clone()));
         }
         if !seen.insert(name.as_str()) {

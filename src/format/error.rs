@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use super::manifest::{SectionId, SectionKind};
+use crate::merge::scaling::ScaleMode;
 
 /// Why a bundle could not be read, validated or written.
 #[derive(Debug, thiserror::Error)]
@@ -353,6 +354,98 @@ pub enum FormatError {
         task: String,
         /// The label.
         label: String,
+    },
+    /// Rule 31: a task name is not a C string on one line (control characters, e.g. NUL or a
+    /// newline) or is longer than [`MAX_TASK_NAME_LEN`](super::MAX_TASK_NAME_LEN) bytes.
+    #[error(
+        "task {index} has the name {name:?}, which is not a task name (1 to {max} bytes, no \
+         control characters)",
+        max = super::MAX_TASK_NAME_LEN
+    )]
+    InvalidTaskName {
+        /// The task's index.
+        index: u64,
+        /// Its name.
+        name: String,
+    },
+    /// Rule 32: a task's scale on a merged tensor with delta is not the one its scale mode gives.
+    #[error(
+        "task {task:?} has scale mode {mode} but a {found} scale on tensor {tensor:?} (expected \
+         {expected})"
+    )]
+    ScaleModeMismatch {
+        /// Task name.
+        task: String,
+        /// Tensor name.
+        tensor: String,
+        /// The task's scale mode.
+        mode: ScaleMode,
+        /// `"none"`, `"tensor"` or `"rows"`: what the mode gives for this tensor.
+        expected: &'static str,
+        /// `"none"`, `"tensor"` or `"rows"`: what the task stores.
+        found: &'static str,
+    },
+    /// Rule 33: a task's λ is not the one the merge parameters give it.
+    #[error("task {task:?} records lambda {found:?}, but the merge parameters give {expected:?}")]
+    LambdaMismatch {
+        /// Task name.
+        task: String,
+        /// λ of the merge parameters for this task (`None` for a method without λ).
+        expected: Option<f32>,
+        /// `TaskEntry::lambda`.
+        found: Option<f32>,
+    },
+    /// Rule 34: the compile report does not have one entry per task.
+    #[error("the compile report has {found} task entries, expected {expected}")]
+    TaskReportCount {
+        /// Entries in `CompileReport::tasks`.
+        found: u64,
+        /// Number of tasks.
+        expected: u64,
+    },
+    /// Rule 34: a compile report entry names another task than the task at its index.
+    #[error("compile report entry {index} is for task {found:?}, expected {expected:?}")]
+    TaskReportName {
+        /// Index of the entry.
+        index: u64,
+        /// The name it records.
+        found: String,
+        /// The task at that index.
+        expected: String,
+    },
+    /// Rule 34: a calibration report chooses a candidate it does not list.
+    #[error("task {task:?}'s calibration chose candidate {chosen} of {candidates}")]
+    CalibrationChoice {
+        /// Task name.
+        task: String,
+        /// `CalibrationReport::chosen`.
+        chosen: u64,
+        /// Number of candidates.
+        candidates: u64,
+    },
+    /// Rule 35: decoding the manifest would allocate more than its memory budget.
+    #[error(
+        "the {length}-byte manifest decodes to more than {budget} bytes of sequences (at most \
+         {factor} per manifest byte)",
+        factor = super::layout::MANIFEST_DECODE_FACTOR
+    )]
+    ManifestDecodeBudget {
+        /// Manifest length.
+        length: u64,
+        /// The budget: `MANIFEST_DECODE_FACTOR × length`.
+        budget: u64,
+    },
+    /// V6: a graph section's SHA-256 is not the one its `GraphEntry` records.
+    #[error(
+        "graph section {section} hashes to SHA-256 {actual}, but the manifest records {recorded}"
+    )]
+    GraphHashMismatch {
+        /// Section id.
+        section: SectionId,
+        /// `GraphEntry::sha256`.
+        recorded: String,
+        /// SHA-256 of the section's bytes.
+        actual: String,
     },
     /// `decode_f32`: the section holds a graph or a mask, not numbers.
     #[error("section {section} holds {kind:?}, which does not decode to f32")]

@@ -27,12 +27,16 @@ pub const MAX_SECTIONS: usize = 1 << 22;
 pub const MAX_GRAPHS: usize = 4096;
 /// Cap on the rank of a shape.
 pub const MAX_RANK: usize = 8;
-/// Cap on the length of a task or tensor name, in bytes.
+/// Cap on the length of a task, tensor or label name, in bytes.
 pub const MAX_NAME_LEN: usize = 4096;
+/// Cap on the length of a task name, in bytes (rule 31; tighter than [`MAX_NAME_LEN`]).
+pub const MAX_TASK_NAME_LEN: usize = 256;
 /// Most label names per task.
 pub const MAX_LABELS: usize = 1 << 16;
 /// Cap on the number of elements of one tensor (2^40).
 pub const MAX_ELEMENTS: u64 = 1 << 40;
+/// Bytes of sequence buffers that decoding may allocate per manifest byte (rule 35).
+pub const MANIFEST_DECODE_FACTOR: u64 = 16;
 
 /// Number of elements of `shape` (1 for a scalar), or [`FormatError::Overflow`].
 ///

@@ -4,7 +4,8 @@
 //! graphs, base weights, merged deltas, masks, row scales and private tensors. It also records
 //! how the bundle was made (method, hyper-parameters, input checksums) and the compile report.
 //! postcard is not self-describing, so any change to these types is a new format version
-//! (docs/FORMAT.md, "Versioning").
+//! (docs/FORMAT.md, "Versioning"). Every `Vec` is decoded through [`super::budget`], which caps
+//! the memory a hostile manifest can make the decoder allocate (rule 35).
 
 use serde::{Deserialize, Serialize};
 
@@ -19,12 +20,16 @@ pub type SectionId = u32;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     /// Distinct ONNX graphs (initializers stripped), deduplicated by hash.
+    #[serde(deserialize_with = "super::budget::seq")]
     pub graphs: Vec<GraphEntry>,
     /// Every weight tensor, by initializer name, in a fixed order; task modules index into it.
+    #[serde(deserialize_with = "super::budget::seq")]
     pub tensors: Vec<TensorEntry>,
     /// The data region's sections, in file order.
+    #[serde(deserialize_with = "super::budget::seq")]
     pub sections: Vec<SectionEntry>,
     /// The tasks, in the order they were given to the compiler.
+    #[serde(deserialize_with = "super::budget::seq")]
     pub tasks: Vec<TaskEntry>,
     /// A Hugging Face `tokenizer.json` ([`SectionKind::Tokenizer`]) turning text into the graphs'
     /// token inputs, if the bundle carries one.
@@ -84,6 +89,7 @@ pub struct TensorEntry {
     /// ONNX initializer name.
     pub name: String,
     /// Shape of the base checkpoint's tensor.
+    #[serde(deserialize_with = "super::budget::seq")]
     pub shape: Vec<u64>,
     /// Element type of the input checkpoints' tensor (what an exported model uses).
     pub dtype: DType,
@@ -128,8 +134,10 @@ pub struct TaskEntry {
     /// The scaling vectors applied on top of the method for this task.
     pub scale_mode: ScaleMode,
     /// Names of the task's output classes, in logit order; empty if not given.
+    #[serde(deserialize_with = "super::budget::seq")]
     pub labels: Vec<String>,
     /// One entry per tensor of [`Manifest::tensors`], in the same order.
+    #[serde(deserialize_with = "super::budget::seq")]
     pub tensors: Vec<TaskTensor>,
 }
 
@@ -148,6 +156,7 @@ pub enum TaskTensor {
         /// Section holding the tensor.
         stored: Stored,
         /// Shape (may differ from the base's, e.g. a head with another number of classes).
+        #[serde(deserialize_with = "super::budget::seq")]
         shape: Vec<u64>,
     },
 }
@@ -169,6 +178,7 @@ pub struct Provenance {
     /// `taskpack <version>` of the compiler that wrote the bundle.
     pub compiler: String,
     /// The input checkpoints, base first.
+    #[serde(deserialize_with = "super::budget::seq")]
     pub inputs: Vec<InputRecord>,
 }
 
@@ -193,8 +203,10 @@ pub struct CompileReport {
     /// Sum of the input checkpoints' sizes (base and every task).
     pub inputs_bytes: u64,
     /// Per-task fidelity of the reconstruction, in task order.
+    #[serde(deserialize_with = "super::budget::seq")]
     pub tasks: Vec<TaskReport>,
     /// Tensors kept private and why (`name: reason`).
+    #[serde(deserialize_with = "super::budget::seq")]
     pub private: Vec<String>,
     /// Peak resident memory of the compiler, bytes (0 if unknown).
     pub peak_memory_bytes: u64,
@@ -248,6 +260,7 @@ pub struct CalibrationReport {
     pub examples: u64,
     /// Every candidate tried, in the order tried; the chosen one is the first with the highest
     /// agreement and, among those, the lowest logit distance.
+    #[serde(deserialize_with = "super::budget::seq")]
     pub candidates: Vec<CandidateScore>,
     /// Index of the chosen candidate in `candidates`.
     pub chosen: u64,

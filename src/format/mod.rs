@@ -18,6 +18,9 @@
 //! - **Atomic writes.** [`BundleWriter`] (feature `compiler`) writes a temporary file and renames
 //!   it into place; an interrupted compile leaves nothing behind.
 
+pub(crate) mod budget;
+#[cfg(test)]
+mod decode_memory;
 mod error;
 mod header;
 pub mod layout;
@@ -29,14 +32,14 @@ mod writer;
 pub use error::FormatError;
 pub use header::{Header, MAGIC, VERSION};
 pub use layout::{
-    ALIGNMENT, MAX_ELEMENTS, MAX_GRAPHS, MAX_LABELS, MAX_MANIFEST_LEN, MAX_NAME_LEN, MAX_RANK,
-    MAX_SECTIONS, MAX_TASKS, MAX_TENSORS,
+    ALIGNMENT, MANIFEST_DECODE_FACTOR, MAX_ELEMENTS, MAX_GRAPHS, MAX_LABELS, MAX_MANIFEST_LEN,
+    MAX_NAME_LEN, MAX_RANK, MAX_SECTIONS, MAX_TASKS, MAX_TASK_NAME_LEN, MAX_TENSORS,
 };
 pub use manifest::{
     CalibrationReport, CandidateScore, CompileReport, GraphEntry, InputRecord, Manifest,
     Provenance, Scale, SectionEntry, SectionId, SectionKind, SizeReport, Stored, TaskEntry,
     TaskReport, TaskTensor, TensorEntry, TensorStorage,
 };
-pub use reader::{parse, ParsedBundle};
+pub use reader::{is_valid_task_name, parse, sha256_hex, task_lambda, ParsedBundle};
 #[cfg(feature = "compiler")]
 pub use writer::{BundleWriter, SectionSink};

@@ -6,21 +6,28 @@
 //! [`ParsedBundle`] that owns the manifest and the validated byte ranges of every section. Later
 //! accesses slice the caller's bytes through those ranges and never re-read offsets from the
 //! file. The checks that need the bulk bytes (checksums, zero padding, mask pad bits, finite row
-//! scales) are [`ParsedBundle::verify_section`] and [`ParsedBundle::verify`].
+//! scales, UTF-8 tokenizer, graph hashes: V1–V6) are [`ParsedBundle::verify_section`] and
+//! [`ParsedBundle::verify`].
 //!
-//! The same structural checks run in the writer before it writes a manifest, so a bundle the
-//! writer produces always parses.
+//! The writer runs the same code: the structural checks before it writes a manifest, then
+//! [`parse`] and [`ParsedBundle::verify`] on the file it wrote, before renaming it into place. So
+//! a bundle the writer produces always passes, and the two cannot drift apart.
 
 use std::collections::{HashMap, HashSet};
 
+use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::dtype::DType;
+use crate::merge::scaling::ScaleMode;
+use crate::merge::{MergeParams, Method};
 
+use super::budget;
 use super::error::FormatError;
 use super::header::Header;
 use super::layout::{
-    self, MAX_GRAPHS, MAX_LABELS, MAX_NAME_LEN, MAX_SECTIONS, MAX_TASKS, MAX_TENSORS,
+    self, MANIFEST_DECODE_FACTOR, MAX_GRAPHS, MAX_LABELS, MAX_NAME_LEN, MAX_SECTIONS, MAX_TASKS,
+    MAX_TASK_NAME_LEN, MAX_TENSORS,
 };
 use super::manifest::{
     Manifest, Scale, SectionEntry, SectionId, SectionKind, SizeReport, Stored, TaskTensor,
@@ -30,7 +37,8 @@ use super::manifest::{
 /// What a section's bytes are, as established by the reference to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Content {
-    Graph,
+    /// The graph of this index in `Manifest::graphs` (V6 compares its hash).
+    Graph(usize),
     Tokenizer,
     Dense(DType),
     Mask,
@@ -70,7 +78,7 @@ pub struct ParsedBundle {
     tensors: HashMap<String, usize>,
 }
 
-/// Parses and validates a whole bundle (rules 1–30 of docs/FORMAT.md), in time independent of
+/// Parses and validates a whole bundle (rules 1–35 of docs/FORMAT.md), in time independent of
 /// the size of the data region.
 pub fn parse(bytes: &[u8]) -> Result<ParsedBundle, FormatError> {
     let header = Header::decode(bytes)?;
@@ -84,13 +92,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedBundle, FormatError> {
             actual,
         });
     }
-    let (manifest, rest) = postcard::take_from_bytes::<Manifest>(manifest_bytes)
-        .map_err(FormatError::ManifestDecode)?;
-    if !rest.is_empty() {
-        return Err(FormatError::ManifestTrailingBytes {
-            count: rest.len() as u64,
-        });
-    }
+    let manifest = decode_manifest(manifest_bytes)?;
     let Checked {
         mut sections,
         tasks,
@@ -110,6 +112,67 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedBundle, FormatError> {
     })
 }
 
+/// Rules 11, 12 and 35: decodes the manifest bytes, allocating at most
+/// [`MANIFEST_DECODE_FACTOR`] bytes of sequence buffers per manifest byte (plus the strings,
+/// at most one byte per manifest byte).
+pub(crate) fn decode_manifest(bytes: &[u8]) -> Result<Manifest, FormatError> {
+    let length = bytes.len() as u64;
+    let budget = length.saturating_mul(MANIFEST_DECODE_FACTOR);
+    let (decoded, exceeded) =
+        budget::with_budget(budget, || postcard::take_from_bytes::<Manifest>(bytes));
+    if exceeded {
+        return Err(FormatError::ManifestDecodeBudget { length, budget });
+    }
+    let (manifest, rest) = decoded.map_err(FormatError::ManifestDecode)?;
+    if !rest.is_empty() {
+        return Err(FormatError::ManifestTrailingBytes {
+            count: rest.len() as u64,
+        });
+    }
+    Ok(manifest)
+}
+
+/// Whether `name` may name a task (rule 31): 1 to [`MAX_TASK_NAME_LEN`] bytes, no control
+/// character (Unicode category Cc: U+0000–U+001F, U+007F–U+009F). Such a name is a C string
+/// and prints on one line. The compiler applies this same function to the names it is given.
+pub fn is_valid_task_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_TASK_NAME_LEN && !name.chars().any(char::is_control)
+}
+
+/// The λ that rule 33 requires task `task` of `n_tasks` to record under `merge`: for a method
+/// with a λ (TALL, Consensus) the task's entry of `merge.lambda` (one value per task, or one
+/// value for all tasks), else none. The compiler records exactly this.
+pub fn task_lambda(merge: &MergeParams, n_tasks: usize, task: usize) -> Option<f32> {
+    if !matches!(merge.method, Method::Tall | Method::Consensus) {
+        return None;
+    }
+    match merge.lambda.as_slice() {
+        [one] => Some(*one),
+        all if all.len() == n_tasks => all.get(task).copied(),
+        _ => None,
+    }
+}
+
+/// The scale variant rule 32 requires on a merged tensor with a delta, for a task's
+/// `scale_mode` and the tensor's rank: `"none"`, `"tensor"` or `"rows"`.
+fn expected_scale(mode: ScaleMode, rank: usize) -> &'static str {
+    match mode {
+        ScaleMode::None => "none",
+        ScaleMode::Tensor => "tensor",
+        ScaleMode::Row if rank == 0 => "tensor",
+        ScaleMode::Row => "rows",
+    }
+}
+
+/// The name rule 32 uses for a scale variant.
+fn scale_name(scale: &Scale) -> &'static str {
+    match scale {
+        Scale::None => "none",
+        Scale::Tensor(_) => "tensor",
+        Scale::Rows(_) => "rows",
+    }
+}
+
 /// `bytes[start..end]` for ranges validated against the buffer's length; an error, never a
 /// panic, if they are not.
 fn slice(bytes: &[u8], start: u64, end: u64) -> Result<&[u8], FormatError> {
@@ -120,7 +183,7 @@ fn slice(bytes: &[u8], start: u64, end: u64) -> Result<&[u8], FormatError> {
     })
 }
 
-/// Rules 13–29 on a decoded manifest describing a data region of `data_length` bytes.
+/// Rules 13–34 on a decoded manifest describing a data region of `data_length` bytes.
 pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, FormatError> {
     // Rule 13: counts.
     let count = |n: usize| n as u64;
@@ -161,6 +224,19 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
         FormatError::DuplicateTaskName,
     )?;
 
+    // Rule 31: task names are C strings on one line.
+    if let Some((i, t)) = m
+        .tasks
+        .iter()
+        .enumerate()
+        .find(|(_, t)| !is_valid_task_name(&t.name))
+    {
+        return Err(FormatError::InvalidTaskName {
+            index: count(i),
+            name: t.name.clone(),
+        });
+    }
+
     // Rule 30: label names.
     for t in &m.tasks {
         if t.labels.len() > MAX_LABELS {
@@ -200,6 +276,44 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
         }
     }
 
+    // Rule 33: each task records the λ of the merge parameters.
+    for (i, t) in m.tasks.iter().enumerate() {
+        let expected = task_lambda(&m.merge, m.tasks.len(), i);
+        if t.lambda != expected {
+            return Err(FormatError::LambdaMismatch {
+                task: t.name.clone(),
+                expected,
+                found: t.lambda,
+            });
+        }
+    }
+
+    // Rule 34: the compile report has one entry per task, in task order.
+    if m.report.tasks.len() != m.tasks.len() {
+        return Err(FormatError::TaskReportCount {
+            found: count(m.report.tasks.len()),
+            expected: count(m.tasks.len()),
+        });
+    }
+    for (i, (t, r)) in m.tasks.iter().zip(&m.report.tasks).enumerate() {
+        if r.name != t.name {
+            return Err(FormatError::TaskReportName {
+                index: count(i),
+                found: r.name.clone(),
+                expected: t.name.clone(),
+            });
+        }
+        if let Some(c) = &r.calibration {
+            if usize::try_from(c.chosen).map_or(true, |k| k >= c.candidates.len()) {
+                return Err(FormatError::CalibrationChoice {
+                    task: t.name.clone(),
+                    chosen: c.chosen,
+                    candidates: count(c.candidates.len()),
+                });
+            }
+        }
+    }
+
     // Rule 19: graph hashes.
     let mut hashes = HashSet::with_capacity(m.graphs.len());
     for (i, g) in m.graphs.iter().enumerate() {
@@ -230,8 +344,8 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
     let mut claims = Claims::tile(&m.sections, data_length)?;
 
     // Rules 23–26 for graphs and tensors.
-    for g in &m.graphs {
-        claims.claim(g.section, SectionKind::Graph, None, Content::Graph, None)?;
+    for (i, g) in m.graphs.iter().enumerate() {
+        claims.claim(g.section, SectionKind::Graph, None, Content::Graph(i), None)?;
     }
     if let Some(id) = m.tokenizer {
         claims.claim(id, SectionKind::Tokenizer, None, Content::Tokenizer, None)?;
@@ -272,6 +386,17 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
                         return Err(FormatError::ModuleWithoutDelta {
                             task: task.name.clone(),
                             tensor: tensor.name.clone(),
+                        });
+                    }
+                    // Rule 32: the scale is the one the task's scale mode gives.
+                    let expected = expected_scale(task.scale_mode, tensor.shape.len());
+                    if delta.is_some() && scale_name(scale) != expected {
+                        return Err(FormatError::ScaleModeMismatch {
+                            task: task.name.clone(),
+                            tensor: tensor.name.clone(),
+                            mode: task.scale_mode,
+                            expected,
+                            found: scale_name(scale),
                         });
                     }
                     if let Some(id) = mask {
@@ -319,6 +444,17 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
         tasks,
         tensors,
     })
+}
+
+/// SHA-256 of `bytes` as 64 lowercase hex digits (the form of `GraphEntry::sha256`).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    Sha256::digest(bytes)
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Rules 14–15 for one list of names; returns the name → index map.
@@ -559,7 +695,7 @@ impl ParsedBundle {
         let dtype = match self.meta(id)?.content {
             Content::Dense(dtype) => dtype,
             Content::RowScale => DType::F32,
-            Content::Graph | Content::Tokenizer | Content::Mask => {
+            Content::Graph(_) | Content::Tokenizer | Content::Mask => {
                 return Err(FormatError::NotNumeric {
                     section: id,
                     kind: self.section_kind(id)?,
@@ -581,8 +717,9 @@ impl ParsedBundle {
             })
     }
 
-    /// Checks rules V1–V5 for section `id`: its checksum, the zero padding after it, and for a
-    /// mask its zero pad bits, for row scales that they are finite, for a tokenizer that it is UTF-8.
+    /// Checks rules V1–V6 for section `id`: its checksum, the zero padding after it, and for a
+    /// mask its zero pad bits, for row scales that they are finite, for a tokenizer that it is
+    /// UTF-8, for a graph that its SHA-256 is the one the manifest records.
     pub fn verify_section(&self, bytes: &[u8], id: SectionId) -> Result<(), FormatError> {
         let data = self.section(bytes, id)?;
         let m = self.meta(id)?;
@@ -626,13 +763,24 @@ impl ParsedBundle {
                     return Err(FormatError::TokenizerNotUtf8 { section: id });
                 }
             }
-            Content::Graph | Content::Dense(_) => {}
+            Content::Graph(graph) => {
+                let recorded = self.manifest.graphs.get(graph).map(|g| g.sha256.as_str());
+                let actual = sha256_hex(data);
+                if recorded != Some(actual.as_str()) {
+                    return Err(FormatError::GraphHashMismatch {
+                        section: id,
+                        recorded: recorded.unwrap_or_default().to_owned(),
+                        actual,
+                    });
+                }
+            }
+            Content::Dense(_) => {}
         }
         Ok(())
     }
 
     /// Checks everything: that the header and manifest are still those parsed, then rules
-    /// V1–V5 for every section. Reads every byte of the file.
+    /// V1–V6 for every section. Reads every byte of the file.
     pub fn verify(&self, bytes: &[u8]) -> Result<(), FormatError> {
         self.check_buffer(bytes)?;
         if bytes.get(..Header::LEN) != Some(&self.header.to_bytes()[..]) {

@@ -2,9 +2,11 @@
 //!
 //! The compiler produces sections one tensor at a time; [`BundleWriter`] streams each to a
 //! temporary file next to the destination as soon as it is added (with its zero padding and
-//! checksum), so the weights are never all in memory. [`BundleWriter::finish`] validates the
+//! checksum), so the weights are never all in memory. [`BundleWriter::finish`] checks the
 //! manifest with the reader's own structural checks, appends it, writes the header over the
-//! zeroed placeholder, syncs, and renames the temporary file over the destination. Until that
+//! zeroed placeholder, runs the reader's whole validation ([`parse`] and
+//! [`ParsedBundle::verify`](super::ParsedBundle::verify)) on the file it wrote, syncs, and renames
+//! the temporary file over the destination. Until that
 //! rename nothing exists at the destination, and dropping an unfinished writer (an error, a
 //! panic) removes the temporary file: an interrupted compile leaves nothing behind.
 
@@ -19,7 +21,7 @@ use super::error::FormatError;
 use super::header::Header;
 use super::layout::{self, MAX_MANIFEST_LEN, MAX_SECTIONS};
 use super::manifest::{Manifest, SectionEntry, SectionId, SectionKind};
-use super::reader::check_manifest;
+use super::reader::{check_manifest, parse};
 
 /// Distinguishes temporary files of several writers in one process.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -203,8 +205,10 @@ impl BundleWriter {
     }
 
     /// Completes the bundle: fills in `manifest.sections` (which must be empty) with the sections
-    /// added, checks the manifest against rules 13–29, appends it, writes the header, syncs the
-    /// file, renames it over the destination and syncs the directory. Returns the file length.
+    /// added, checks the manifest against rules 13–34, appends it, writes the header, validates
+    /// the written file exactly as a reader does (rules 1–35 and V1–V6, reading it back through
+    /// a memory map), syncs the file, renames it over the destination and syncs the directory.
+    /// Returns the file length.
     ///
     /// On error the temporary file is removed and nothing is left at the destination (except if
     /// only the final directory sync fails: the bundle is then in place but its durability
@@ -245,6 +249,7 @@ impl BundleWriter {
         file.seek(SeekFrom::Start(0))
             .and_then(|_| file.write_all(&header.to_bytes()))
             .map_err(io_error("write header of temporary file", &tmp))?;
+        validate_written(&tmp)?;
         file.sync_all()
             .map_err(io_error("sync temporary file", &tmp))?;
         drop(file);
@@ -260,6 +265,17 @@ impl BundleWriter {
         );
         Ok(header.file_length)
     }
+}
+
+/// Runs the reader's validation — `parse` (rules 1–35) and `verify` (V1–V6) — on the bundle
+/// just written to `path`, so that the writer never produces a bundle a reader rejects
+/// (docs/FORMAT.md §9). The file is the writer's own temporary file: nobody else rewrites it
+/// while it is mapped (the contract of `crate::mmap`).
+fn validate_written(path: &Path) -> Result<(), FormatError> {
+    let file = File::open(path).map_err(io_error("reopen temporary file", path))?;
+    let map = crate::mmap::map_readonly(&file).map_err(io_error("map temporary file", path))?;
+    let bytes: &[u8] = &map;
+    parse(bytes)?.verify(bytes)
 }
 
 /// Makes the rename durable (a no-op where directories cannot be opened).

@@ -211,6 +211,7 @@ pub struct MergeParams {
     /// Scale of the merged vector.
     pub alpha: f32,
     /// TALL / Consensus mask threshold, per task (one value per task, in task order).
+    #[serde(deserialize_with = "crate::format::budget::seq")]
     pub lambda: Vec<f32>,
     /// Kept fraction for TIES, DARE and Breadcrumbs.
     pub density: f32,

@@ -4,11 +4,19 @@
 //! does not grow with the weights. Section checksums are verified on first use of each section
 //! (or all at once by [`Bundle::verify`]); a section that fails is never handed out.
 //!
-//! Mapping vs. reading: a memory map shares pages with the OS cache and costs nothing up front,
-//! but the file must not be truncated or rewritten while mapped (that is undefined behaviour —
-//! typically SIGBUS). Use [`Bundle::read`] (owned memory) for files on storage that may change
-//! under the process: removable media, network file systems, or bundles an updater replaces in
-//! place rather than by rename.
+//! Mapping vs. reading is the caller's choice, and a real one (as in ripgrep, which maps files
+//! only where that is safe):
+//! - [`Bundle::open`] maps the file. The map shares pages with the OS cache and costs nothing up
+//!   front, but it is shared with the file, not a snapshot: if another process rewrites the file
+//!   in place while it is open, the bytes change under the bundle (after their checksums were
+//!   checked), and if it truncates the file, the process dies of SIGBUS. The contract of `open`
+//!   is that nobody does that; replacing the file by rename is fine (the map keeps the old one).
+//! - [`Bundle::read`] copies the file into owned memory: use it for storage that may change under
+//!   the process (removable media, network file systems, bundles an updater rewrites in place).
+//!   [`Bundle::from_bytes`] takes bytes the caller already has.
+//!
+//! The C ABI offers the same choice (`tp_bundle_open` / `tp_bundle_read`), and the CLI
+//! (`taskpack --no-mmap …`).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,8 +57,8 @@ impl std::fmt::Debug for Bundle {
 }
 
 impl Bundle {
-    /// Memory-maps and validates the bundle at `path`. See the module docs for when to prefer
-    /// [`Bundle::read`].
+    /// Memory-maps and validates the bundle at `path`. The file must not be rewritten in place
+    /// or truncated while the bundle lives (module docs); otherwise use [`Bundle::read`].
     pub fn open(path: impl AsRef<Path>) -> Result<Bundle, Error> {
         let path = path.as_ref();
         let file = std::fs::File::open(path).map_err(|source| Error::Io {
@@ -67,7 +75,8 @@ impl Bundle {
         Self::new(Storage::Mapped(map))
     }
 
-    /// Reads the whole bundle at `path` into owned memory and validates it.
+    /// Reads the whole bundle at `path` into owned memory and validates it: later changes to the
+    /// file do not affect the bundle.
     pub fn read(path: impl AsRef<Path>) -> Result<Bundle, Error> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|source| Error::Io {
