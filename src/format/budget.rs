@@ -19,7 +19,7 @@ use std::cell::Cell;
 use std::fmt;
 use std::marker::PhantomData;
 
-use serde::de::{Deserialize, Deserializer, Error as _, SeqAccess, Visitor};
+use serde::de::{Deserialize, Deserializer, SeqAccess, Visitor};
 
 thread_local! {
     /// Bytes the current decode may still allocate for sequences; `None` outside a budget.
@@ -99,7 +99,8 @@ where
             }
             while let Some(x) = access.next_element()? {
                 if v.len() == v.capacity() {
-                    grow::<T, A::Error>(&mut v, v.capacity().max(4))?;
+                    let additional = v.capacity().max(4);
+                    grow::<T, A::Error>(&mut v, additional)?;
                 }
                 v.push(x);
             }
