@@ -6,4 +6,5 @@ mod compile;
 mod format;
 mod readers;
 mod runtime;
+mod safety_io;
 mod text;
