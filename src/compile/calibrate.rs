@@ -22,7 +22,7 @@
 //! Cost: one compile per round plus, per task and round, one run over its inputs; the reference
 //! model of each task is loaded once. Tasks are evaluated in parallel threads.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tract_onnx::prelude::*;
 
