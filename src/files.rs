@@ -317,6 +317,7 @@ impl TempPath {
     }
 
     /// Registers a path that something else will create (e.g. a scratch bundle).
+    #[cfg_attr(not(feature = "compiler"), allow(dead_code))]
     pub(crate) fn register(path: PathBuf) -> Result<TempPath, FileError> {
         Self::create_with(path, |_| Ok(())).map(|(t, ())| t)
     }
