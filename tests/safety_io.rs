@@ -424,13 +424,13 @@ fn the_output_may_not_be_an_external_data_file() {
         &dir.path().join("base"),
         2,
         3,
-        Some(&[1., 2., 3., 4., 5., 6.]),
+        Some(&[1.0f32, 2., 3., 4., 5., 6.][..]),
     );
     let task = external_model(
         &dir.path().join("task"),
         2,
         3,
-        Some(&[1., 2., 3., 4., 5., 7.]),
+        Some(&[1.0f32, 2., 3., 4., 5., 7.][..]),
     );
     let data = dir.path().join("task").join("w.bin");
     let before = fs::read(&data).unwrap();
@@ -524,10 +524,10 @@ fn a_fifo_as_input_is_refused_without_hanging() {
     let task = format!("mnist={}", s(&demo().join("mnist.onnx")));
     let fifo_task = format!("mnist={p}");
     // External data that is a FIFO in the model's folder.
-    let ext = external_model(&d.join("ext"), 2, 3, Some(&[1.; 6]));
+    let ext = external_model(&d.join("ext"), 2, 3, Some(&[1.0f32; 6][..]));
     fs::remove_file(d.join("ext/w.bin")).unwrap();
     mkfifo(&d.join("ext/w.bin"));
-    let ext_base = external_model(&d.join("ext_base"), 2, 3, Some(&[0.; 6]));
+    let ext_base = external_model(&d.join("ext_base"), 2, 3, Some(&[0.0f32; 6][..]));
     let ext_task = format!("t={}", s(&ext));
     let eb = s(&ext_base);
     let labels = format!("mnist={p}");
