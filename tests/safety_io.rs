@@ -19,6 +19,7 @@ use tract_onnx::pb::{
 };
 
 use crate::common::demo;
+use tract_onnx::prelude::tract_ndarray;
 
 /// Longest a CLI run may take here (a debug build on a loaded 2-core machine); every run that
 /// is expected to succeed or fail takes well under a second of work.
