@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use taskpack::runtime::Bundle;
 
@@ -88,7 +88,14 @@ struct ExportArgs {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
+    #[cfg(unix)]
+    if let Err(e) = clean_up_on_signals() {
+        log::warn!("temporary files will not be removed on SIGINT/SIGTERM/SIGHUP: {e}");
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     NO_MMAP.store(cli.no_mmap, Ordering::Relaxed);
     let result = match cli.command {
         Command::Compile(a) => compile_cmd::run(&a),
@@ -106,6 +113,70 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: removes the temporary files of outputs being written
+/// ([`taskpack::files::remove_temporary_files`]) and exits with status 128 + the signal number
+/// (130, 143, 129), as a shell reports a process killed by it. The handler runs on its own
+/// thread (signal-hook's iterator), not in signal context, so it may take locks and allocate.
+#[cfg(unix)]
+fn clean_up_on_signals() -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                taskpack::files::remove_temporary_files();
+                std::process::exit(128 + signal);
+            }
+        })?;
+    Ok(())
+}
+
+/// Reports a command-line parsing error on one line (`error: ...; see 'taskpack CMD --help'`)
+/// with clap's exit status (2). `--help` and `--version` print as usual.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit()
+    }
+    eprintln!("error: {}", usage_line(&e.render().to_string()));
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+}
+
+/// The first paragraph of clap's rendered error joined on one line, plus where to get help
+/// (the command named in clap's `Usage:` line).
+fn usage_line(rendered: &str) -> String {
+    let mut message = rendered
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if let Some(rest) = message.strip_prefix("error:") {
+        message = rest.trim_start().to_string();
+    }
+    let command: Vec<&str> = rendered
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Usage:"))
+        .map(|u| {
+            u.split_whitespace()
+                .take_while(|w| !w.starts_with(['[', '<', '-']))
+                .collect()
+        })
+        .unwrap_or_default();
+    let command = if command.is_empty() {
+        "taskpack".to_string()
+    } else {
+        command.join(" ")
+    };
+    format!("{message} (see '{command} --help')")
 }
 
 /// The error and its causes on one line (a cause its parent already quotes is not repeated).
@@ -155,32 +226,14 @@ fn verify(path: &Path) -> Result<()> {
 }
 
 fn export(a: &ExportArgs) -> Result<()> {
+    // Refuse a special-file destination or the bundle itself before any work.
+    taskpack::files::check_output(&a.output)?;
+    taskpack::files::check_not_input(&a.output, [a.bundle.as_path()])?;
     let bundle = open_bundle(&a.bundle)?;
     let onnx = taskpack::compile::export::export_task(&bundle, &a.task)?;
-    write_atomically(&a.output, &onnx)?;
+    taskpack::files::write_atomic(&a.output, &onnx)?;
     println!("wrote {} ({} bytes)", a.output.display(), onnx.len());
     Ok(())
-}
-
-/// Writes `bytes` to a temp file beside `path`, then renames it over `path`.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let Some(name) = path.file_name() else {
-        bail!("{} is not a file path", path.display())
-    };
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]
@@ -192,5 +245,19 @@ mod tests {
             .context("cannot open x: gone")
             .context("cannot compile y");
         assert_eq!(super::one_line(&e), "cannot compile y: cannot open x: gone");
+    }
+
+    #[test]
+    fn usage_errors_fit_on_one_line() {
+        use clap::Parser;
+        let e = match super::Cli::try_parse_from(["taskpack", "compile", "--base", "b.onnx"]) {
+            Err(e) => e,
+            Ok(_) => panic!("missing --task and -o must be an error"),
+        };
+        let line = super::usage_line(&e.render().to_string());
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.starts_with("the following required arguments were not provided:"));
+        assert!(line.contains("--task <NAME=PATH>") && line.contains("--output <OUT.tpk>"));
+        assert!(line.ends_with("(see 'taskpack compile --help')"), "{line}");
     }
 }

@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod dtype;
+pub mod files;
 pub mod format;
 pub mod mask;
 pub mod merge;

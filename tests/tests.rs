@@ -8,4 +8,5 @@ mod hostile_graphs;
 mod hostile_inputs;
 mod readers;
 mod runtime;
+mod safety_io;
 mod text;

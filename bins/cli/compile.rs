@@ -120,16 +120,14 @@ impl CompileArgs {
             ),
             None => None,
         };
-        if self.output.is_dir() {
-            bail!("output {} is a directory", self.output.display());
-        }
+        self.check_output()?;
         let scale = self
             .scale
             .parse::<ScaleMode>()
             .map_err(anyhow::Error::msg)?;
         let tokenizer = match &self.tokenizer {
             Some(path) => Some(
-                std::fs::read(path)
+                taskpack::files::read_regular(path)
                     .with_context(|| format!("cannot read tokenizer {}", path.display()))?,
             ),
             None => None,
@@ -152,6 +150,22 @@ impl CompileArgs {
         })
     }
 
+    /// Refuses, before anything is read or written, an output that exists and is not a regular
+    /// file, or that is one of the files this compile reads (base, tasks, --graph, --tokenizer,
+    /// --labels, --calib; the library also checks external data files).
+    fn check_output(&self) -> Result<()> {
+        taskpack::files::check_output(&self.output)?;
+        let inputs = std::iter::once(&self.base)
+            .chain(self.tasks.iter().map(|(_, p)| p))
+            .chain(&self.graph)
+            .chain(&self.tokenizer)
+            .chain(self.labels.iter().map(|(_, p)| p))
+            .chain(self.calib.iter().map(|(_, p)| p))
+            .map(PathBuf::as_path);
+        taskpack::files::check_not_input(&self.output, inputs)?;
+        Ok(())
+    }
+
     /// Label names per task, read from the `--labels` files.
     fn labels(&self) -> Result<Vec<Vec<String>>> {
         let mut labels = vec![Vec::new(); self.tasks.len()];
@@ -159,8 +173,10 @@ impl CompileArgs {
             let Some(t) = self.tasks.iter().position(|(n, _)| n == name) else {
                 bail!("--labels names task {name:?}, which is not a --task");
             };
-            let text = std::fs::read_to_string(path)
+            let bytes = taskpack::files::read_regular(path)
                 .with_context(|| format!("cannot read labels {}", path.display()))?;
+            let text = String::from_utf8(bytes)
+                .with_context(|| format!("labels {} are not UTF-8 text", path.display()))?;
             let names = text
                 .lines()
                 .map(str::trim)

@@ -74,6 +74,13 @@ fn discover(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
 /// Runs the demo.
 pub fn run(a: &DemoArgs) -> Result<()> {
     let tasks = discover(&a.models)?;
+    // The compile checks the checkpoints; the test sets are read after it.
+    let test_sets: Vec<PathBuf> = tasks
+        .iter()
+        .map(|(name, _)| a.models.join(format!("{name}.test.npz")))
+        .collect();
+    taskpack::files::check_output(&a.output)?;
+    taskpack::files::check_not_input(&a.output, test_sets.iter().map(PathBuf::as_path))?;
     if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;

@@ -45,6 +45,12 @@ pub struct RunArgs {
 
 /// Runs `taskpack run`.
 pub fn run(a: &RunArgs) -> Result<()> {
+    if let Some(output) = &a.output {
+        // Refuse a special-file destination, the bundle or the input before any work.
+        taskpack::files::check_output(output)?;
+        let inputs = std::iter::once(a.bundle.as_path()).chain(a.input.as_deref());
+        taskpack::files::check_not_input(output, inputs)?;
+    }
     let bundle = Arc::new(crate::open_bundle(&a.bundle)?);
     let options = EngineOptions::default().with_max_input_bytes(a.max_input_bytes);
     let engine = Engine::new(bundle, options)?;
@@ -75,7 +81,7 @@ fn run_texts(a: &RunArgs, engine: Engine, task: usize) -> Result<()> {
     if let Some(path) = &a.output {
         let mut bytes = serde_json::to_vec_pretty(&json)?;
         bytes.push(b'\n');
-        crate::write_atomically(path, &bytes)?;
+        taskpack::files::write_atomic(path, &bytes)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
@@ -183,5 +189,5 @@ fn write_outputs(path: &Path, outputs: &[(String, Tensor)]) -> Result<()> {
         }
         npz.finish()?;
     }
-    crate::write_atomically(path, bytes.get_ref())
+    Ok(taskpack::files::write_atomic(path, bytes.get_ref())?)
 }

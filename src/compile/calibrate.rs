@@ -22,7 +22,7 @@
 //! Cost: one compile per round plus, per task and round, one run over its inputs; the reference
 //! model of each task is loaded once. Tasks are evaluated in parallel threads.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tract_onnx::prelude::*;
 
@@ -384,9 +384,9 @@ fn evaluate(
     if !todo.contains(&true) {
         return Ok(());
     }
-    let scratch = Scratch::new(&opts.output);
+    let scratch = Scratch::new(&opts.output)?;
     let mut round = opts.clone();
-    round.output = scratch.0.clone();
+    round.output = scratch.0.path().to_path_buf();
     round.tokenizer = None;
     for (t, s) in settings.iter().enumerate() {
         if let (Some(l), Some(slot)) = (s.lambda, round.params.lambda.get_mut(t)) {
@@ -593,22 +593,18 @@ fn run_chunks(
     Ok(out)
 }
 
-/// A scratch bundle path next to the output, removed when dropped.
-struct Scratch(PathBuf);
+/// A scratch bundle path next to the output, removed when dropped (or by
+/// [`crate::files::remove_temporary_files`] when the process is terminated).
+struct Scratch(crate::files::TempPath);
 
 impl Scratch {
-    fn new(output: &Path) -> Scratch {
+    fn new(output: &Path) -> Result<Scratch, CompileError> {
         let name = output
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "bundle".into());
-        Scratch(output.with_file_name(format!(".{name}.calibrating.{}", std::process::id())))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let path = output.with_file_name(format!(".{name}.calibrating.{}", std::process::id()));
+        Ok(Scratch(crate::files::TempPath::register(path)?))
     }
 }
 

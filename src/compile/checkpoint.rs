@@ -1,7 +1,8 @@
 //! One input checkpoint: an ONNX model, or a safetensors file plus the ONNX graph it fills.
 //!
-//! [`Checkpoint::open`] sniffs the content (a safetensors file begins with an 8-byte little-endian
-//! header length followed by `{`; anything else is tried as ONNX), validates the whole file
+//! [`Checkpoint::open`] picks the reader (a file named `*.safetensors`, or one that begins with an
+//! 8-byte little-endian header length followed by `{`, is read as safetensors; anything else is
+//! tried as ONNX), validates the whole file
 //! structure up front (so a bad checkpoint fails before any merging starts), hashes the input for
 //! provenance, and then serves weights one at a time with [`Checkpoint::read_f32`].
 //!
@@ -21,7 +22,6 @@
 //! file-backed pages the kernel can drop under pressure, not heap.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
@@ -56,14 +56,9 @@ pub(crate) fn map_file(path: &Path) -> Result<Mapped, CompileError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(io)?;
+    // Refuses FIFOs, devices and directories without blocking in `open`.
+    let file = crate::files::open_regular(path)?;
     let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(io(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        )));
-    }
     if meta.len() == 0 {
         return Ok(Mapped::Empty);
     }
@@ -154,16 +149,26 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
-/// Whether `bytes` start like a safetensors file: u64 LE header length `n`, then `{`, and the
-/// header fits in the file.
-fn looks_like_safetensors(bytes: &[u8]) -> bool {
+/// The largest header a safetensors file may declare (the `safetensors` crate's own limit).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// Whether the file at `path` with content `bytes` is meant as a safetensors file: its name ends
+/// in `.safetensors`, or it starts like one (a u64 LE header length no larger than the format
+/// allows, then `{`). An ONNX file never does: its first eight bytes are protobuf tags and text,
+/// far above the limit as a number. A damaged safetensors file is then reported as one, not as
+/// "not an ONNX model".
+fn looks_like_safetensors(path: &Path, bytes: &[u8]) -> bool {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
+        return true;
+    }
     let Some(len) = bytes.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
         return false;
     };
     let n = u64::from_le_bytes(len);
-    bytes.get(8) == Some(&b'{')
-        && n.checked_add(8)
-            .is_some_and(|end| end <= bytes.len() as u64)
+    bytes.get(8) == Some(&b'{') && (2..=MAX_SAFETENSORS_HEADER).contains(&n)
 }
 
 impl Checkpoint {
@@ -178,7 +183,9 @@ impl Checkpoint {
     /// The whole input is validated and hashed here (one sequential pass over the maps).
     pub fn open(path: &Path, graph: Option<&Path>) -> Result<Checkpoint, CompileError> {
         let map = map_file(path)?;
-        if looks_like_safetensors(&map) {
+        if looks_like_safetensors(path, &map) {
+            // A damaged header is reported as such before asking for the graph.
+            super::safetensors_reader::read_header(path, &map)?;
             let graph_path = graph.ok_or_else(|| CompileError::GraphRequired {
                 path: path.to_path_buf(),
             })?;

@@ -241,6 +241,19 @@ pub enum CompileError {
     /// Reading back a bundle failed.
     #[error(transparent)]
     Runtime(#[from] crate::runtime::Error),
+    /// An input is not a regular file, or the output would replace an input or a special file.
+    #[error(transparent)]
+    File(crate::files::FileError),
+}
+
+impl From<crate::files::FileError> for CompileError {
+    /// Plain I/O failures keep the [`CompileError::Io`] shape (the path and the OS error).
+    fn from(e: crate::files::FileError) -> Self {
+        match e {
+            crate::files::FileError::Io { path, source, .. } => CompileError::Io { path, source },
+            other => CompileError::File(other),
+        }
+    }
 }
 
 /// `: a, b, c` (+ `, ...` when truncated), empty for no names.

@@ -154,6 +154,12 @@ pub(crate) fn compile_with_reports(
     if let Some(t) = &opts.tokenizer {
         check_tokenizer(t)?;
     }
+    // The output must not be an input (the rename would destroy it): the paths given now, the
+    // external data files once the checkpoints are open.
+    let given = std::iter::once(opts.base.as_path())
+        .chain(opts.tasks.iter().map(|(_, p)| p.as_path()))
+        .chain(opts.graph.as_deref());
+    crate::files::check_not_input(&opts.output, given)?;
     // Fail on an unwritable output before any heavy work.
     let mut writer = BundleWriter::create(&opts.output)?;
 
@@ -164,6 +170,10 @@ pub(crate) fn compile_with_reports(
         .iter()
         .map(|(_, p)| Checkpoint::open(p, graph))
         .collect::<Result<Vec<_>, _>>()?;
+    for c in std::iter::once(&base).chain(&tasks) {
+        let files = c.input_files().iter().map(PathBuf::as_path);
+        crate::files::check_not_input(&opts.output, files)?;
+    }
     let names: Vec<&str> = opts.tasks.iter().map(|(n, _)| n.as_str()).collect();
     let tensors = read_tensors(align(&base, &tasks, &names)?, &base, &tasks);
     // Refuse, before anything is written, a task whose bundle could not run.

@@ -48,6 +48,18 @@ fn is_integer(d: Dtype) -> bool {
     )
 }
 
+/// Parses and checks the header of the safetensors file `path` (content `bytes`): its length
+/// and JSON, dtypes, shapes and offsets ([`CompileError::Safetensors`] says what is wrong).
+pub(crate) fn read_header(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(usize, safetensors::tensor::Metadata), CompileError> {
+    SafeTensors::read_metadata(bytes).map_err(|e| CompileError::Safetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
 impl SafetensorsReader {
     /// Parses the header of the mapped file at `path` and matches it against `graph`.
     pub fn open(
@@ -56,11 +68,7 @@ impl SafetensorsReader {
         graph: &GraphInfo,
     ) -> Result<SafetensorsReader, CompileError> {
         let checkpoint: PathBuf = path.to_path_buf();
-        let (header_len, metadata) =
-            SafeTensors::read_metadata(&map).map_err(|e| CompileError::Safetensors {
-                path: checkpoint.clone(),
-                reason: e.to_string(),
-            })?;
+        let (header_len, metadata) = read_header(path, &map)?;
         let data_start = header_len
             .checked_add(8)
             .ok_or_else(|| CompileError::Safetensors {

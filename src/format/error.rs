@@ -481,4 +481,8 @@ pub enum FormatError {
         #[source]
         source: std::io::Error,
     },
+    /// Writer: the destination cannot be written safely (not a regular file, a dangling
+    /// symbolic link, the process is terminating).
+    #[error(transparent)]
+    File(#[from] crate::files::FileError),
 }

@@ -5,15 +5,15 @@
 //! checksum), so the weights are never all in memory. [`BundleWriter::finish`] checks the
 //! manifest with the reader's own structural checks, appends it, writes the header over the
 //! zeroed placeholder, runs the reader's whole validation ([`parse`] and
-//! [`ParsedBundle::verify`](super::ParsedBundle::verify)) on the file it wrote, syncs, and renames
-//! the temporary file over the destination. Until that
-//! rename nothing exists at the destination, and dropping an unfinished writer (an error, a
-//! panic) removes the temporary file: an interrupted compile leaves nothing behind.
+//! [`ParsedBundle::verify`](super::ParsedBundle::verify)) on the file it wrote, and commits the
+//! file. The file mechanics (destination checks, temporary file, sync, rename, folder sync,
+//! removal on drop) are [`crate::files::AtomicFile`]'s, the one atomic writer of the crate: until
+//! the rename nothing exists at the destination, and dropping an unfinished writer (an error, a
+//! panic) removes the temporary file, so an interrupted compile leaves nothing behind.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
@@ -22,9 +22,7 @@ use super::header::Header;
 use super::layout::{self, MAX_MANIFEST_LEN, MAX_SECTIONS};
 use super::manifest::{Manifest, SectionEntry, SectionId, SectionKind};
 use super::reader::{check_manifest, parse};
-
-/// Distinguishes temporary files of several writers in one process.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+use crate::files::{AtomicFile, FileError};
 
 /// Zeros written as padding (at most `ALIGNMENT - 1` bytes are needed at a time).
 const ZEROS: [u8; layout::ALIGNMENT as usize] = [0; layout::ALIGNMENT as usize];
@@ -35,20 +33,18 @@ pub struct BundleWriter {
     out_path: PathBuf,
     tmp_path: PathBuf,
     /// `None` once finished (or taken apart by `Drop`).
-    file: Option<BufWriter<File>>,
+    file: Option<BufWriter<AtomicFile>>,
     sections: Vec<SectionEntry>,
     /// End of the last section, relative to the data region.
     data_end: u64,
     /// Set by any error after bytes may have been written: the file is then unusable.
     failed: bool,
-    /// Set once the temporary file has been renamed into place.
-    done: bool,
 }
 
 /// Receives the bytes of one section in [`BundleWriter::add_section_with`]; hashes them as they
 /// pass.
 pub struct SectionSink<'a> {
-    out: &'a mut BufWriter<File>,
+    out: &'a mut BufWriter<AtomicFile>,
     hasher: Xxh3Default,
     length: u64,
 }
@@ -78,6 +74,22 @@ impl Write for SectionSink<'_> {
     }
 }
 
+/// A file error as a [`FormatError`]: plain I/O failures keep their [`FormatError::Io`] shape.
+fn file_error(e: FileError) -> FormatError {
+    match e {
+        FileError::Io {
+            action,
+            path,
+            source,
+        } => FormatError::Io {
+            action,
+            path,
+            source,
+        },
+        other => FormatError::File(other),
+    }
+}
+
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FormatError {
     let path = path.to_owned();
     move |source| FormatError::Io {
@@ -88,28 +100,14 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Form
 }
 
 impl BundleWriter {
-    /// Starts a bundle that [`finish`](Self::finish) will put at `out_path`: creates the
-    /// temporary file `.{name}.tmp.{pid}.{n}` in the same directory and writes the header
-    /// placeholder. Fails if the directory does not exist or is not writable.
+    /// Starts a bundle that [`finish`](Self::finish) will put at `out_path`: checks the
+    /// destination ([`crate::files::check_output`]: absent or a regular file, symbolic links
+    /// followed), creates the temporary file `.{name}.tmp.{pid}.{n}` in the same directory and
+    /// writes the header placeholder. Fails if the directory does not exist or is not writable.
     pub fn create(out_path: impl AsRef<Path>) -> Result<BundleWriter, FormatError> {
         let out_path = out_path.as_ref().to_owned();
-        let Some(name) = out_path.file_name() else {
-            return Err(FormatError::Io {
-                action: "create a bundle at",
-                path: out_path,
-                source: io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
-            });
-        };
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".tmp.{}.{n}", std::process::id()));
-        let tmp_path = out_path.with_file_name(tmp_name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp_path)
-            .map_err(io_error("create temporary file", &tmp_path))?;
+        let file = AtomicFile::create(&out_path).map_err(file_error)?;
+        let tmp_path = file.temp_path().to_owned();
         let mut w = BundleWriter {
             out_path,
             tmp_path,
@@ -117,7 +115,6 @@ impl BundleWriter {
             sections: Vec::new(),
             data_end: 0,
             failed: false,
-            done: false,
         };
         // From here on, an error drops `w`, which removes the temporary file.
         let placeholder = [0u8; Header::LEN];
@@ -144,7 +141,7 @@ impl BundleWriter {
     /// writer.
     fn with_file<T>(
         &mut self,
-        f: impl FnOnce(&mut BufWriter<File>) -> io::Result<T>,
+        f: impl FnOnce(&mut BufWriter<AtomicFile>) -> io::Result<T>,
     ) -> Result<T, FormatError> {
         let (Some(file), false) = (self.file.as_mut(), self.failed) else {
             return Err(FormatError::WriterFailed {
@@ -250,13 +247,7 @@ impl BundleWriter {
             .and_then(|_| file.write_all(&header.to_bytes()))
             .map_err(io_error("write header of temporary file", &tmp))?;
         validate_written(&tmp)?;
-        file.sync_all()
-            .map_err(io_error("sync temporary file", &tmp))?;
-        drop(file);
-        fs::rename(&tmp, &self.out_path)
-            .map_err(io_error("rename the temporary file to", &self.out_path))?;
-        self.done = true;
-        sync_parent_dir(&self.out_path)?;
+        file.commit().map_err(file_error)?;
         log::debug!(
             "wrote bundle {} ({} bytes, {} sections)",
             self.out_path.display(),
@@ -278,38 +269,13 @@ fn validate_written(path: &Path) -> Result<(), FormatError> {
     parse(bytes)?.verify(bytes)
 }
 
-/// Makes the rename durable (a no-op where directories cannot be opened).
-fn sync_parent_dir(path: &Path) -> Result<(), FormatError> {
-    #[cfg(unix)]
-    {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error("sync directory", dir))?;
-    }
-    #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
-}
-
 impl Drop for BundleWriter {
     fn drop(&mut self) {
-        if self.done {
-            return;
-        }
         if let Some(w) = self.file.take() {
-            // Close without flushing the buffer into a file about to be deleted.
+            // Close without flushing the buffer into a file about to be deleted; dropping the
+            // uncommitted `AtomicFile` removes it.
             let (file, _) = w.into_parts();
             drop(file);
-        }
-        if let Err(e) = fs::remove_file(&self.tmp_path) {
-            log::warn!(
-                "cannot remove temporary file {}: {e}",
-                self.tmp_path.display()
-            );
         }
     }
 }
