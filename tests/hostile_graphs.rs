@@ -138,7 +138,7 @@ fn refused(bundle: Bundle) -> Error {
 /// The [`GraphProblem`] `check_graphs` and `Engine::new` give `bundle`.
 fn problem(bundle: Bundle) -> GraphProblem {
     match refused(bundle) {
-        Error::Graph { problem, .. } => problem,
+        Error::Graph { problem, .. } => *problem,
         other => panic!("expected a graph problem, got {other}"),
     }
 }
@@ -385,8 +385,9 @@ fn g8_label_names_that_do_not_fit_the_output() {
     });
     let err = check_graphs(&bundle).unwrap_err();
     assert!(
-        matches!(&err, Error::Graph { problem: GraphProblem::Labels { task, reason }, .. }
-            if task == "mnist" && reason.contains("2 label names") && reason.contains("10 classes")),
+        matches!(&err, Error::Graph { problem, .. }
+            if matches!(&**problem, GraphProblem::Labels { task, reason }
+                if task == "mnist" && reason.contains("2 label names") && reason.contains("10 classes"))),
         "{err}"
     );
     // The task still runs on tensors: the engine takes the bundle.

@@ -233,11 +233,12 @@ fn hostile_manifests_decode_within_the_budget() {
         // Every case is invalid one way or another; none gets through.
         assert!(result.is_err(), "{name}: a hostile manifest parsed");
     }
-    println!("worst multiple: {worst:.2}x (bound: {MANIFEST_DECODE_FACTOR}x + 1x for strings)");
-    assert!(
-        worst <= (MANIFEST_DECODE_FACTOR + 1) as f64,
-        "decoding allocated {worst:.2}x the manifest"
-    );
+    // Decoding takes at most FACTOR + 1 bytes per manifest byte (rule 35 + strings); validating
+    // the section table adds working tables (tiled ranges, claims, section metadata) of under
+    // 60 bytes per section, and a section entry takes at least 4 manifest bytes: 15 more.
+    let bound = (MANIFEST_DECODE_FACTOR + 1 + 15) as f64;
+    println!("worst multiple: {worst:.2}x (bound: {bound}x)");
+    assert!(worst <= bound, "parsing allocated {worst:.2}x the manifest");
 }
 
 /// The same empty labels decoded as the manifest types were before rule 35: serde's own

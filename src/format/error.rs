@@ -395,6 +395,14 @@ pub enum FormatError {
         /// `TaskEntry::lambda`.
         found: Option<f32>,
     },
+    /// Rule 33: `merge.lambda` has neither zero, one, nor one value per task.
+    #[error("the merge parameters hold {found} lambda values for {tasks} tasks (expected 0, 1 or {tasks})")]
+    LambdaCount {
+        /// Values in `merge.lambda`.
+        found: u64,
+        /// Tasks of the bundle.
+        tasks: u64,
+    },
     /// Rule 34: the compile report does not have one entry per task.
     #[error("the compile report has {found} task entries, expected {expected}")]
     TaskReportCount {

@@ -276,7 +276,14 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
         }
     }
 
-    // Rule 33: each task records the λ of the merge parameters.
+    // Rule 33: the merge parameters hold no λ, one for all tasks, or one per task; each task
+    // records its own.
+    if !matches!(p.lambda.len(), 0 | 1) && p.lambda.len() != m.tasks.len() {
+        return Err(FormatError::LambdaCount {
+            found: count(p.lambda.len()),
+            tasks: count(m.tasks.len()),
+        });
+    }
     for (i, t) in m.tasks.iter().enumerate() {
         let expected = task_lambda(&m.merge, m.tasks.len(), i);
         if t.lambda != expected {
@@ -384,6 +391,13 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
                     }
                     if delta.is_none() && (mask.is_some() || !matches!(scale, Scale::None)) {
                         return Err(FormatError::ModuleWithoutDelta {
+                            task: task.name.clone(),
+                            tensor: tensor.name.clone(),
+                        });
+                    }
+                    // Rule 26 before rule 32: a rows scale on a scalar is reported as such.
+                    if matches!(scale, Scale::Rows(_)) && layout::rows(&tensor.shape).is_none() {
+                        return Err(FormatError::RowScaleOnScalar {
                             task: task.name.clone(),
                             tensor: tensor.name.clone(),
                         });

@@ -355,8 +355,12 @@ pub(crate) fn layout(bundle: &Bundle) -> Result<Layout, Error> {
     let mut used = Vec::with_capacity(manifest.graphs.len());
     for graph in 0..manifest.graphs.len() {
         let proto = template::decode_graph(bundle, graph)?;
-        check_model(&proto, &|name| by_name.contains_key(name))
-            .map_err(|problem| Error::Graph { graph, problem })?;
+        check_model(&proto, &|name| by_name.contains_key(name)).map_err(|problem| {
+            Error::Graph {
+                graph,
+                problem: Box::new(problem),
+            }
+        })?;
         used.push(template::weights_read(&proto, &by_name));
     }
     let mut slots: Vec<(TemplateKey, usize, Vec<usize>)> = Vec::new();
@@ -379,10 +383,10 @@ pub(crate) fn layout(bundle: &Bundle) -> Result<Layout, Error> {
             if let Some((_, tensor)) = unread {
                 return Err(Error::Graph {
                     graph,
-                    problem: GraphProblem::UnreadTensor {
+                    problem: Box::new(GraphProblem::UnreadTensor {
                         task: task.name.clone(),
                         tensor: tensor.name.clone(),
-                    },
+                    }),
                 });
             }
         }
@@ -422,7 +426,7 @@ pub fn check_graphs(bundle: &Bundle) -> Result<(), Error> {
             check_labels(&entry.name, entry.labels.len(), &outputs).map_err(|problem| {
                 Error::Graph {
                     graph: key.graph,
-                    problem,
+                    problem: Box::new(problem),
                 }
             })?;
         }
@@ -483,7 +487,10 @@ pub fn check_checkpoint_graph(
     weights: &[WeightInfo],
 ) -> Result<Vec<IoInfo>, Error> {
     let names: HashSet<&str> = weights.iter().map(|w| w.name.as_str()).collect();
-    let graph_error = |problem| Error::Graph { graph: 0, problem };
+    let graph_error = |problem| Error::Graph {
+        graph: 0,
+        problem: Box::new(problem),
+    };
     check_model(model, &|name| names.contains(name)).map_err(graph_error)?;
     let read = model
         .graph

@@ -126,7 +126,7 @@ pub enum Error {
         /// Index of the graph in the bundle.
         graph: usize,
         /// What is wrong with it.
-        problem: crate::runtime::GraphProblem,
+        problem: Box<crate::runtime::GraphProblem>,
     },
     /// An input holds an index outside the table a lookup of the graph reads (a `Gather` of an
     /// embedding, e.g. a token id outside the vocabulary): refused before running, since tract

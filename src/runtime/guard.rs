@@ -58,7 +58,7 @@ pub(crate) fn index_limits(model: &TypedModel, data_inputs: &[OutletId]) -> Vec<
             .outlet_fact(*table)
             .ok()
             .filter(|f| f.is_plain())
-            .and_then(|f| f.shape.iter().nth(gather.axis))
+            .and_then(|f| f.shape.get(gather.axis))
             .and_then(|d| d.to_usize().ok())
         else {
             continue;

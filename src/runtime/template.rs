@@ -219,12 +219,12 @@ pub(crate) fn decode_graph(bundle: &Bundle, graph: usize) -> Result<ModelProto, 
     let bytes = bundle.section(entry.section)?;
     crate::onnx::decode_model(bytes).map_err(|e| Error::Graph {
         graph,
-        problem: GraphProblem::NotOnnx {
+        problem: Box::new(GraphProblem::NotOnnx {
             reason: match e {
                 crate::onnx::OnnxError::NotOnnx { reason } => reason,
                 other => other.to_string(),
             },
-        },
+        }),
     })
 }
 
@@ -445,10 +445,10 @@ pub(crate) fn catch_panic<T>(
             .unwrap_or_else(|| "(no message)".to_string());
         Err(Error::Graph {
             graph,
-            problem: GraphProblem::Panic {
+            problem: Box::new(GraphProblem::Panic {
                 stage: stage.to_string(),
                 message,
-            },
+            }),
         })
     })
 }
@@ -472,7 +472,7 @@ pub(crate) fn type_graph(
     };
     let problem = |problem: GraphProblem| Error::Graph {
         graph: graph_index,
-        problem,
+        problem: Box::new(problem),
     };
 
     // Type, shape and kind of every weight the graph uses.
