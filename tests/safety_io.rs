@@ -638,3 +638,36 @@ fn a_damaged_safetensors_file_is_reported_as_safetensors() {
     assert_one_line_error(&run, &["cut.bin is not a valid safetensors file"]);
     assert!(!run.stderr.contains("ONNX"), "{}", run.stderr);
 }
+
+#[test]
+fn a_fifo_as_bundle_is_refused_without_hanging() {
+    // Every command that reads a bundle, mapped or read into memory.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.tpk");
+    mkfifo(&fifo);
+    let p = s(&fifo);
+    let out = s(&dir.path().join("out.onnx"));
+    let cases: [Vec<&str>; 5] = [
+        vec!["verify", &p],
+        vec!["verify", &p, "--no-mmap"],
+        vec!["inspect", &p],
+        vec!["export", &p, "--task", "mnist", "-o", &out],
+        vec!["run", &p, "--task", "mnist", "--text", "hi"],
+    ];
+    for args in cases {
+        let run = taskpack(&args);
+        assert_one_line_error(&run, &["is a FIFO (named pipe), not a regular file"]);
+        assert!(is_fifo(&fifo), "{args:?}");
+    }
+    // The library gives an I/O error (C: TP_IO), not a bundle-format error.
+    for result in [
+        taskpack::runtime::Bundle::open(&fifo),
+        taskpack::runtime::Bundle::read(&fifo),
+    ] {
+        let err = result.unwrap_err();
+        assert!(
+            matches!(&err, taskpack::runtime::Error::Io { action: "open", .. }),
+            "{err}"
+        );
+    }
+}

@@ -1,6 +1,6 @@
 //! The compiler: checkpoints in, one bundle out (feature `compiler`).
 //!
-//! Readers ([`Checkpoint`]: ONNX and safetensors) feed the [`pipeline`], which merges task
+//! Readers ([`Checkpoint`]: ONNX and safetensors) feed the `pipeline`, which merges task
 //! vectors with a [`crate::merge`] method and streams sections to the bundle writer;
 //! [`fidelity`] measures each task's reconstruction for the report, [`calibrate`] picks each
 //! task's setting by agreement with its original model on unlabeled inputs, and [`export`] turns

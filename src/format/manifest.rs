@@ -4,7 +4,7 @@
 //! graphs, base weights, merged deltas, masks, row scales and private tensors. It also records
 //! how the bundle was made (method, hyper-parameters, input checksums) and the compile report.
 //! postcard is not self-describing, so any change to these types is a new format version
-//! (docs/FORMAT.md, "Versioning"). Every `Vec` is decoded through [`super::budget`], which caps
+//! (docs/FORMAT.md, "Versioning"). Every `Vec` is decoded through the private `budget` module, which caps
 //! the memory a hostile manifest can make the decoder allocate (rule 35).
 
 use serde::{Deserialize, Serialize};

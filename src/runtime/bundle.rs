@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::Mmap;
 
+use crate::files::FileError;
 use crate::format::{parse, Manifest, ParsedBundle, SectionId, SizeReport};
 use crate::runtime::error::Error;
 
@@ -56,16 +57,42 @@ impl std::fmt::Debug for Bundle {
     }
 }
 
+/// A failure to open or read a bundle file as [`Error::Io`]: an I/O error as it is, a path that is
+/// not a regular file (a FIFO, a device, a directory) as an `InvalidInput` error saying what it is.
+fn file_error(e: FileError) -> Error {
+    match e {
+        FileError::Io {
+            action,
+            path,
+            source,
+        } => Error::Io {
+            action,
+            path,
+            source,
+        },
+        FileError::NotRegular { path, kind } => Error::Io {
+            action: "open",
+            path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("it is {kind}, not a regular file"),
+            ),
+        },
+        other => Error::Io {
+            action: "open",
+            path: std::path::PathBuf::new(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    }
+}
+
 impl Bundle {
     /// Memory-maps and validates the bundle at `path`. The file must not be rewritten in place
     /// or truncated while the bundle lives (module docs); otherwise use [`Bundle::read`].
     pub fn open(path: impl AsRef<Path>) -> Result<Bundle, Error> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|source| Error::Io {
-            action: "open",
-            path: path.to_path_buf(),
-            source,
-        })?;
+        // A FIFO or a device is refused at once instead of blocking the open.
+        let file = crate::files::open_regular(path).map_err(file_error)?;
         // The contract of `open` (module docs): the file is not rewritten while mapped.
         let map = crate::mmap::map_readonly(&file).map_err(|source| Error::Io {
             action: "map",
@@ -79,11 +106,7 @@ impl Bundle {
     /// file do not affect the bundle.
     pub fn read(path: impl AsRef<Path>) -> Result<Bundle, Error> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            action: "read",
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = crate::files::read_regular(path).map_err(file_error)?;
         Self::new(Storage::Owned(bytes))
     }
 

@@ -10,7 +10,7 @@
 //! [`Engine::new`](super::Engine::new) apply the graph rules G1–G7 of docs/FORMAT.md up front
 //! and report a [`GraphProblem`] naming the node, attribute or tensor:
 //!
-//! - G1–G4 need only the decoded ONNX protobuf ([`check_model`], also run by the compiler on
+//! - G1–G4 need only the decoded ONNX protobuf (`check_model`, also run by the compiler on
 //!   each checkpoint's graph);
 //! - G5–G7 parse and type the graph with tract, once per template (graph and private shapes),
 //!   every task's weights declared at their type and shape. `Engine::new` keeps the typed model
