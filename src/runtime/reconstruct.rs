@@ -157,7 +157,7 @@ pub fn task_tensor_into(
                     let rows = scales.len() / 4;
                     let row_len = match rows {
                         0 => (len == 0).then_some(1),
-                        _ => (len % rows == 0).then(|| (len / rows).max(1)),
+                        _ => len.is_multiple_of(rows).then(|| (len / rows).max(1)),
                     };
                     let Some(row_len) = row_len else {
                         let expected = entry.shape.first().map_or(0, |r| r.saturating_mul(4));
@@ -445,7 +445,7 @@ mod tests {
         base_dt.encode(&base, &mut base_bytes);
         delta_dt.encode(&delta, &mut delta_bytes);
         let mask = masked.then(|| {
-            let mask = Mask::from_fn(len, |_| r.next() % 3 == 0);
+            let mask = Mask::from_fn(len, |_| r.next().is_multiple_of(3));
             mask.as_bytes().to_vec()
         });
         let scales: Vec<f32> = (0..rows.unwrap_or(0))
