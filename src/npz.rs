@@ -198,32 +198,31 @@ impl std::fmt::Display for DeclaredBytes {
     }
 }
 
-/// Opens `path` for reading only if it is a regular file, without ever blocking: on Unix the
-/// open is non-blocking (opening a named pipe with no writer would otherwise wait forever) and
-/// the type is checked on the open descriptor (no race with a rename). Returns the file and its
-/// size.
+/// Opens `path` for reading only if it is a regular file, without ever blocking
+/// ([`crate::files::open_regular`]). Returns the file and its size.
 pub fn open_regular(path: &Path) -> Result<(File, u64), NpzError> {
-    let io = |source| NpzError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        // O_NONBLOCK changes nothing for reads of a regular file; for a FIFO it makes the open
-        // return at once instead of waiting for a writer.
-        options.custom_flags(libc::O_NONBLOCK);
-    }
-    let file = options.open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(NpzError::NotAFile {
+    let file = crate::files::open_regular(path).map_err(|e| match e {
+        crate::files::FileError::NotRegular { .. } => NpzError::NotAFile {
             path: path.to_path_buf(),
-        });
-    }
-    Ok((file, meta.len()))
+        },
+        crate::files::FileError::Io { source, .. } => NpzError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        // open_regular gives no other kind; keep its message if that ever changes.
+        other => NpzError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(other),
+        },
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|source| NpzError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    Ok((file, len))
 }
 
 /// The one array of the `.npy` file `path`, as its own element type.
