@@ -90,7 +90,8 @@ fn shape_initializer() -> TensorProto {
     }
 }
 
-fn value_info(name: &str, dims: &[i64]) -> ValueInfoProto {
+/// A float graph input or output of the given fixed shape.
+pub(crate) fn value_info(name: &str, dims: &[i64]) -> ValueInfoProto {
     ValueInfoProto {
         name: name.into(),
         r#type: Some(TypeProto {

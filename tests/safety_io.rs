@@ -14,11 +14,11 @@ use prost::Message;
 use taskpack::compile::{Checkpoint, CompileError};
 use tract_onnx::pb::tensor_proto::{DataLocation, DataType};
 use tract_onnx::pb::{
-    tensor_shape_proto, type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
 };
 
 use crate::common::demo;
+use crate::readers::value_info;
 use tract_onnx::prelude::tract_ndarray;
 
 /// Longest a CLI run may take here (a debug build on a loaded 2-core machine); every run that
@@ -303,25 +303,6 @@ fn external_model(dir: &Path, rows: usize, cols: usize, values: Option<&[f32]>) 
         ],
         ..Default::default()
     };
-    let value_info = |name: &str, dims: [i64; 2]| ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: Some(TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| tensor_shape_proto::Dimension {
-                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
     let model = ModelProto {
         ir_version: 8,
         opset_import: vec![OperatorSetIdProto {
@@ -338,8 +319,8 @@ fn external_model(dir: &Path, rows: usize, cols: usize, values: Option<&[f32]>) 
                 ..Default::default()
             }],
             initializer: vec![w],
-            input: vec![value_info("x", [1, rows as i64])],
-            output: vec![value_info("y", [1, cols as i64])],
+            input: vec![value_info("x", &[1, rows as i64])],
+            output: vec![value_info("y", &[1, cols as i64])],
             ..Default::default()
         }),
         ..Default::default()
