@@ -3,30 +3,13 @@
 //! tasks, tiny buffers, wrong shapes, bad bundles) and runs 8 threads on one engine, checking
 //! every status and every output against single-thread ones. valgrind.rs runs it under memcheck.
 
-use std::process::Command;
-
-use crate::common::{build_c, write_demo_data, Demo};
+use crate::common::{run_c_program, write_demo_data, Demo};
 
 #[test]
 fn c_misuse_program_gets_exact_statuses_and_thread_safe_outputs() {
     let demo = Demo::new();
     let data = write_demo_data(&demo, 8);
-    let exe = demo.dir.path().join("misuse");
-    build_c("misuse.c", &exe);
-    let run = Command::new(&exe)
-        .arg(&demo.path)
-        .arg(&data)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    println!("{stdout}");
-    assert!(
-        run.status.success(),
-        "misuse.c failed ({}):\n{stdout}\n{stderr}",
-        run.status
-    );
-    assert!(stdout.contains(", 0 failures"), "{stdout}");
+    let stdout = run_c_program("misuse.c", &demo, &data);
     // Both thread phases ran: 8 threads x 3 rounds x every task x 2 run forms.
     let runs = 8 * 3 * demo.tasks.len() * 2;
     for phase in ["default cache", "cache of 2 tasks"] {

@@ -201,3 +201,26 @@ pub fn write_demo_data(demo: &Demo, n: usize) -> PathBuf {
     std::fs::write(data.join("tasks.txt"), tasks).unwrap();
     data
 }
+
+/// Builds the C program `source` (ffi/tests/c/) against the static library, runs it on the demo
+/// bundle and `data`, and returns its standard output after checking that it exited with success
+/// and reported `, 0 failures`.
+pub fn run_c_program(source: &str, demo: &Demo, data: &Path) -> String {
+    let exe = demo.dir.path().join(source.trim_end_matches(".c"));
+    build_c(source, &exe);
+    let run = std::process::Command::new(&exe)
+        .arg(&demo.path)
+        .arg(data)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    println!("{stdout}");
+    assert!(
+        run.status.success(),
+        "{source} failed ({}):\n{stdout}\n{stderr}",
+        run.status
+    );
+    assert!(stdout.contains(", 0 failures"), "{stdout}");
+    stdout
+}
