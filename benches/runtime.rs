@@ -13,7 +13,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use taskpack::compile::{compile, CompileOptions};
 use taskpack::dtype::DType;
-use taskpack::merge::Method;
+use taskpack::format::Method;
 use taskpack::runtime::{Bundle, Engine, EngineOptions};
 use tract_onnx::prelude::*;
 
@@ -22,7 +22,7 @@ const TASK: &str = "mnist";
 
 /// Compiles the demo models (TALL masks) into a temporary bundle and reads it into memory.
 fn demo_bundle() -> Arc<Bundle> {
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo");
     let tasks: Vec<(String, std::path::PathBuf)> =
         ["digits", "fashion3", "footwear", "mnist", "parity"]
             .iter()
@@ -49,7 +49,7 @@ fn benches(c: &mut Criterion) {
     let bundle = demo_bundle();
     let engine = Engine::new(Arc::clone(&bundle), EngineOptions::default()).expect("an engine");
     let task = engine.task_index(TASK).expect("the task exists");
-    let onnx = taskpack::compile::export::export_task(&bundle, TASK).expect("export");
+    let onnx = taskpack::export::export_task(&bundle, TASK).expect("export");
     let load = || {
         tract_onnx::onnx()
             .model_for_read(&mut &onnx[..])

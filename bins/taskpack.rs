@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use taskpack::runtime::Bundle;
 
-#[path = "cli/bench.rs"]
+#[path = "cli/bench/mod.rs"]
 mod bench;
 #[path = "cli/compile.rs"]
 mod compile_cmd;
@@ -230,7 +230,7 @@ fn export(a: &ExportArgs) -> Result<()> {
     taskpack::files::check_output(&a.output)?;
     taskpack::files::check_not_input(&a.output, [a.bundle.as_path()])?;
     let bundle = open_bundle(&a.bundle)?;
-    let onnx = taskpack::compile::export::export_task(&bundle, &a.task)?;
+    let onnx = taskpack::export::export_task(&bundle, &a.task)?;
     taskpack::files::write_atomic(&a.output, &onnx)?;
     println!("wrote {} ({} bytes)", a.output.display(), onnx.len());
     Ok(())

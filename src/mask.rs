@@ -15,7 +15,7 @@ pub struct Mask {
 impl Mask {
     /// Packed length in bytes of a mask over `len` elements.
     pub const fn packed_len(len: usize) -> usize {
-        len.div_ceil(8)
+        crate::format::layout::mask_len(len)
     }
 
     /// A mask with bit `i` set where `f(i)` is true.

@@ -8,11 +8,10 @@
 use crate::common::{demo, demo_tasks};
 use std::path::Path;
 
-use taskpack::compile::export::export_task;
 use taskpack::compile::{compile, compile_calibrated, Calibration, CompileError, CompileOptions};
 use taskpack::dtype::DType;
-use taskpack::merge::scaling::ScaleMode;
-use taskpack::merge::Method;
+use taskpack::export::export_task;
+use taskpack::format::{Method, ScaleMode};
 use tract_onnx::prelude::*;
 
 const EXAMPLES: usize = 48;

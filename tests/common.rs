@@ -32,7 +32,7 @@ pub fn cli(args: &[&str]) -> (bool, String, String) {
 
 /// The demo model folder.
 pub fn demo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo")
 }
 
 /// The demo tasks: every NAME.onnx but the base that has a NAME.test.npz.

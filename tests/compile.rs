@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use taskpack::compile::{compile, CompileError, CompileOptions};
 use taskpack::dtype::DType;
-use taskpack::merge::Method;
+use taskpack::format::Method;
 use taskpack::runtime::Bundle;
 use tract_onnx::pb::ModelProto;
 
@@ -55,7 +55,7 @@ fn expected_private(name: &str, task_weights: &[Weights], base: &Weights) -> boo
 }
 
 fn export(bundle: &Bundle, task: &str) -> Weights {
-    weights_of(&taskpack::compile::export::export_task(bundle, task).unwrap())
+    weights_of(&taskpack::export::export_task(bundle, task).unwrap())
 }
 
 #[test]
@@ -194,7 +194,7 @@ fn single_task_bundle_reproduces_onnxruntime_golden_logits() {
     // One task, λ = 0: every changed weight is kept, θ̂ = θ_0 + τ.
     opts.params.lambda = vec![0.0];
     let bundle = compile(&opts, &mut |_| {}).unwrap();
-    let onnx = taskpack::compile::export::export_task(&bundle, "digits").unwrap();
+    let onnx = taskpack::export::export_task(&bundle, "digits").unwrap();
     let mut npz =
         NpzReader::new(std::fs::File::open(demo().join("digits.test.npz")).unwrap()).unwrap();
     let image: tract_ndarray::ArrayD<f32> = npz.by_name("image").unwrap();

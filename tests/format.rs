@@ -4,21 +4,19 @@
 //! the bytes (re-encoding the manifest and fixing the header when needed so that only that rule
 //! fails) and checks the specific error. The other tests cover the round trip, the literal
 //! header, truncation, overflow, and the writer's atomicity.
-#![cfg(feature = "compiler")]
 
 use std::path::{Path, PathBuf};
 
 use taskpack::dtype::DType;
 use taskpack::format::{
     self, parse, BundleWriter, CalibrationReport, CandidateScore, CompileReport, FormatError,
-    GraphEntry, Header, InputRecord, Manifest, Provenance, Scale, SectionEntry, SectionId,
-    SectionKind, Stored, TaskEntry, TaskReport, TaskTensor, TensorEntry, TensorStorage, MAGIC,
-    MANIFEST_DECODE_FACTOR, MAX_ELEMENTS, MAX_GRAPHS, MAX_LABELS, MAX_MANIFEST_LEN, MAX_NAME_LEN,
-    MAX_RANK, MAX_SECTIONS, MAX_TASKS, MAX_TASK_NAME_LEN, MAX_TENSORS, VERSION,
+    GraphEntry, Header, InputRecord, Manifest, MergeParams, Method, Provenance, Scale, ScaleMode,
+    SectionEntry, SectionId, SectionKind, Stored, TaskEntry, TaskReport, TaskTensor, TensorEntry,
+    TensorStorage, MAGIC, MANIFEST_DECODE_FACTOR, MAX_ELEMENTS, MAX_GRAPHS, MAX_LABELS,
+    MAX_MANIFEST_LEN, MAX_NAME_LEN, MAX_RANK, MAX_SECTIONS, MAX_TASKS, MAX_TASK_NAME_LEN,
+    MAX_TENSORS, VERSION,
 };
 use taskpack::mask::Mask;
-use taskpack::merge::scaling::ScaleMode;
-use taskpack::merge::{MergeParams, Method};
 use xxhash_rust::xxh3::xxh3_64;
 
 // ---------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use taskpack::compile::{compile, CompileError, CompileOptions};
 use taskpack::dtype::DType;
+use taskpack::format::Method;
 use taskpack::format::{
     BundleWriter, Manifest, SectionKind, Stored, TaskTensor, TensorEntry, TensorStorage,
 };
-use taskpack::merge::Method;
 use taskpack::runtime::{check_graphs, Bundle, Engine, EngineOptions, Error, GraphProblem};
 use tract_onnx::pb::attribute_proto::AttributeType;
 use tract_onnx::pb::tensor_proto::DataType;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use taskpack::compile::{compile, CompileOptions};
-use taskpack::merge::Method;
+use taskpack::format::Method;
 use taskpack::npz::{self, Limits, Npz, NpzError};
 use taskpack::runtime::{Bundle, Engine, EngineOptions, Error, TextClassifier};
 use tract_onnx::prelude::*;
@@ -19,7 +19,7 @@ use tract_onnx::prelude::*;
 use crate::common::{cli, demo};
 
 fn text_models() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/text")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/text")
 }
 
 /// The text family's `mood` task compiled alone into `dir/NAME.tpk`, with `tokenizer` (JSON).

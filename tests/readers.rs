@@ -786,7 +786,7 @@ fn strip_and_restore_round_trip_runs_in_tract() {
 /// files are absent.
 #[test]
 fn demo_model_batchnorm_and_safetensors() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo");
     let onnx = root.join("base.onnx");
     let st = root.join("base.safetensors");
     if !onnx.exists() || !st.exists() {

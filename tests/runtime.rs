@@ -9,8 +9,7 @@ use std::sync::{Arc, OnceLock};
 use ndarray_npy::NpzReader;
 use taskpack::compile::{compile, CompileOptions};
 use taskpack::dtype::DType;
-use taskpack::merge::scaling::ScaleMode;
-use taskpack::merge::Method;
+use taskpack::format::{Method, ScaleMode};
 use taskpack::runtime::{Bundle, Engine, EngineOptions, Error, IoInfo};
 use tract_onnx::prelude::*;
 
@@ -70,7 +69,7 @@ fn images(task: &str, rows: usize) -> Tensor {
 
 /// tract on the task's exported ONNX: the reference for the engine.
 fn reference(bundle: &Bundle, task: &str, input: &Tensor) -> Tensor {
-    let onnx = taskpack::compile::export::export_task(bundle, task).unwrap();
+    let onnx = taskpack::export::export_task(bundle, task).unwrap();
     let model = tract_onnx::onnx()
         .model_for_read(&mut &onnx[..])
         .unwrap()

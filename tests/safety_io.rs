@@ -419,7 +419,7 @@ fn the_output_may_not_be_an_external_data_file() {
     let opts = taskpack::compile::CompileOptions::new(
         &base,
         vec![("t".into(), task.clone())],
-        taskpack::merge::Method::TaskArithmetic,
+        taskpack::format::Method::TaskArithmetic,
         &data,
     );
     let err = taskpack::compile::compile(&opts, &mut |_| {}).unwrap_err();
@@ -651,4 +651,61 @@ fn a_fifo_as_bundle_is_refused_without_hanging() {
             "{err}"
         );
     }
+}
+
+/// The one atomic writer (`files::AtomicFile`) syncs the temporary file before renaming it into
+/// place, and the folder after: watched with strace (`-y` prints each descriptor's path) on a
+/// real `taskpack export`. An export that renamed without syncing could leave an empty or
+/// partial file under the final name after a power loss. CI installs strace (.ci/run).
+#[cfg(target_os = "linux")]
+#[test]
+fn the_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        eprintln!("skipped: strace is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // strace prints descriptors' paths resolved: resolve the folder's too.
+    let root = fs::canonicalize(dir.path()).unwrap();
+    let bundle = demo_bundle(&root);
+    let out = root.join("mnist.onnx");
+    let log = root.join("strace.log");
+    let status = Command::new("strace")
+        .args([
+            "-f",
+            "-y",
+            "-qq",
+            "-e",
+            "trace=fsync,fdatasync,rename,renameat,renameat2",
+        ])
+        .arg("-o")
+        .arg(&log)
+        .arg(env!("CARGO_BIN_EXE_taskpack"))
+        .args(["export", &s(&bundle), "--task", "mnist", "-o", &s(&out)])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let log = fs::read_to_string(&log).unwrap();
+    let calls: Vec<&str> = log.lines().collect();
+    let rename = calls
+        .iter()
+        .position(|l| l.contains("rename") && l.contains(&format!("\"{}\"", s(&out))))
+        .unwrap_or_else(|| panic!("no rename onto {}:\n{log}", s(&out)));
+    let synced = |l: &str, path: &str| {
+        (l.contains("fsync(") || l.contains("fdatasync(")) && l.contains(&format!("<{path}>"))
+    };
+    // The temporary file: the rename's source, `.mnist.onnx.tmp.…` in the same folder.
+    let temp = calls[rename]
+        .split('"')
+        .find(|p| p.contains(".mnist.onnx.tmp"))
+        .unwrap_or_else(|| panic!("no temporary file in {:?}", calls[rename]));
+    assert!(
+        calls[..rename].iter().any(|l| synced(l, temp)),
+        "the temporary file is not synced before the rename:\n{log}"
+    );
+    assert!(
+        calls[rename..].iter().any(|l| synced(l, &s(&root))),
+        "the folder is not synced after the rename:\n{log}"
+    );
 }

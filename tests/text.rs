@@ -7,17 +7,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
-use taskpack::compile::export::export_task;
 use taskpack::compile::{compile, CompileError, CompileOptions};
 use taskpack::dtype::DType;
-use taskpack::merge::Method;
+use taskpack::export::export_task;
+use taskpack::format::Method;
 use taskpack::runtime::{Bundle, Engine, EngineOptions, Error, Prediction, TextClassifier};
 use tract_onnx::prelude::*;
 
 use crate::common::{cli, demo};
 
 fn models() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/text")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/text")
 }
 
 const TASKS: [&str; 2] = ["mood", "topic"];

@@ -7,8 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use taskpack::compile::{compile, compile_calibrated, Calibration, CompileOptions, Progress};
 use taskpack::dtype::DType;
-use taskpack::merge::scaling::ScaleMode;
-use taskpack::merge::{MergeParams, Method};
+use taskpack::format::{MergeParams, Method, ScaleMode};
 use taskpack::runtime::Bundle;
 
 /// Arguments of `taskpack compile`.

@@ -12,7 +12,7 @@ use clap::Args;
 use std::sync::Arc;
 use std::time::Instant;
 
-use taskpack::merge::Method;
+use taskpack::format::Method;
 use taskpack::runtime::{Engine, EngineOptions};
 
 use crate::compile_cmd::{self, CompileArgs};

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use taskpack::npz::{Limits, Npz};
+use taskpack::runtime::argmax;
 use tract_onnx::prelude::*;
 
 /// A labeled test set: inputs under `image`, integer labels under `label`.
@@ -77,11 +78,4 @@ impl TestSet {
             .count();
         Ok(correct as f64 / self.label.len().max(1) as f64)
     }
-}
-
-fn argmax(row: &[f32]) -> Option<usize> {
-    row.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i)
 }

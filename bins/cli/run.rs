@@ -136,12 +136,8 @@ fn run_tensors(a: &RunArgs, engine: &Engine, task: usize, input: &Path) -> Resul
             let rows = n.min(a.rows);
             for r in 0..rows {
                 let row = view.index_axis(tract_ndarray::Axis(0), r);
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .max_by(|x, y| x.1.total_cmp(y.1))
-                    .map(|(i, v)| (i, *v));
-                if let Some((class, score)) = best {
+                let best = row.as_slice().and_then(taskpack::runtime::argmax);
+                if let Some((class, score)) = best.and_then(|i| Some((i, *row.get(i)?))) {
                     println!("  row {r:>4}: argmax {class:>3} of {c} (score {score:.4})");
                 }
             }

@@ -3,12 +3,13 @@
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use ndarray_npy::NpzReader;
 use taskpack::{tp_last_error, TpStatus};
 use taskpack_core::compile::{compile, CompileOptions};
 use taskpack_core::dtype::DType;
-use taskpack_core::merge::Method;
+use taskpack_core::format::Method;
 use taskpack_core::runtime::Bundle;
 use tract_onnx::prelude::*;
 
@@ -81,7 +82,7 @@ impl Demo {
         let images = images
             .slice_axis(tract_ndarray::Axis(0), (0..n).into())
             .to_owned();
-        let onnx = taskpack_core::compile::export::export_task(&self.bundle, task).unwrap();
+        let onnx = taskpack_core::export::export_task(&self.bundle, task).unwrap();
         let model = tract_onnx::onnx()
             .model_for_read(&mut &onnx[..])
             .unwrap()
@@ -140,14 +141,32 @@ pub fn expect(status: TpStatus, want: TpStatus) {
     assert_eq!(message.is_empty(), want == TpStatus::TP_OK, "{message}");
 }
 
-/// libtaskpack.a of this build: cargo builds it next to the test executable (in `deps/`)
-/// because the test links the crate's rlib.
-fn static_library() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    let lib = deps.join("libtaskpack.a");
-    assert!(lib.exists(), "{} is missing", lib.display());
-    lib
+/// libtaskpack.a as an app gets it: `cargo build -p taskpack-ffi --lib` on its own, into
+/// `target/app` (built once per test process; a no-op when it is current, as in CI, which builds
+/// it before the tests). Not the copy `cargo test --workspace` leaves next to this test: one cargo
+/// invocation unifies the features of every member, so that copy carries the compiler that the
+/// CLI and these tests ask for.
+pub fn static_library() -> PathBuf {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let target = workspace.join("target/app");
+        let build = Command::new(env!("CARGO"))
+            .args(["build", "-p", "taskpack-ffi", "--lib", "--target-dir"])
+            .arg(&target)
+            .current_dir(&workspace)
+            .output()
+            .expect("cannot run cargo");
+        assert!(
+            build.status.success(),
+            "cargo build -p taskpack-ffi failed:\n{}",
+            String::from_utf8_lossy(&build.stderr)
+        );
+        let lib = target.join("debug/libtaskpack.a");
+        assert!(lib.exists(), "{} is missing", lib.display());
+        lib
+    })
+    .clone()
 }
 
 /// Compiles `tests/c/{source}` with the system C compiler against libtaskpack.a into `exe`.

@@ -39,9 +39,9 @@ use std::time::{Duration, Instant};
 
 use taskpack::TpStatus::*;
 use taskpack::*;
-use taskpack_core::compile::export::export_task;
 use taskpack_core::compile::{compile, CompileOptions};
-use taskpack_core::merge::Method;
+use taskpack_core::export::export_task;
+use taskpack_core::format::Method;
 use taskpack_core::runtime::{Bundle, Engine, EngineOptions};
 use tract_onnx::prelude::*;
 

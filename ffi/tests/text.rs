@@ -11,7 +11,7 @@ use taskpack::TpStatus::*;
 use taskpack::*;
 use taskpack_core::compile::{compile, CompileOptions};
 use taskpack_core::dtype::DType;
-use taskpack_core::merge::Method;
+use taskpack_core::format::Method;
 
 use crate::common::{build_c, expect, last_error};
 

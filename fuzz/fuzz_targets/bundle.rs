@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use taskpack::format::{parse, MAX_ELEMENTS};
-use taskpack::runtime::reconstruct::{task_tensor, Scratch};
+use taskpack::runtime::reconstruct::{task_tensor, DecodeBuffers};
 use taskpack::runtime::Bundle;
 
 /// Reconstruct tensors only up to this many elements in all (the reader accepts tensors of up
@@ -35,7 +35,7 @@ fn check(bytes: &[u8]) {
     let m = bundle.manifest();
     let mut budget = MAX_RECONSTRUCTED;
     let mut out = Vec::new();
-    let mut scratch = Scratch::default();
+    let mut scratch = DecodeBuffers::default();
     for task in 0..m.tasks.len() {
         for (tensor, entry) in m.tensors.iter().enumerate() {
             let numel = entry

@@ -130,5 +130,36 @@ fn write_seeds() {
             &[&[1 | t << 1], &tokenizer],
         );
     }
+    // npz: mode byte 0 = .npy, 1 = .npz. Small hand-made .npy files of several types, shapes
+    // and orders, and two of the demo's test sets (deflated zip entries).
+    let npy = |descr: &str, fortran: bool, shape: &str, data: &[u8]| -> Vec<u8> {
+        let dict = format!(
+            "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
+            if fortran { "True" } else { "False" }
+        );
+        let mut header = dict.into_bytes();
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(b' ');
+        }
+        header.push(b'\n');
+        let len = u16::try_from(header.len()).expect("short header");
+        [b"\x93NUMPY\x01\x00".as_slice(), &len.to_le_bytes(), &header, data].concat()
+    };
+    let f32s: Vec<u8> = (0..6).flat_map(|i| (i as f32 * 0.5).to_le_bytes()).collect();
+    let i64s: Vec<u8> = (0..4).flat_map(|i| (i as i64 - 1).to_le_bytes()).collect();
+    let seeds = [
+        ("f32-2x3", npy("<f4", false, "(2, 3)", &f32s)),
+        ("f32-3x2-fortran", npy("<f4", true, "(3, 2)", &f32s)),
+        ("i64-4", npy("<i8", false, "(4,)", &i64s)),
+        ("u8-scalar", npy("|u1", false, "()", &[7])),
+        ("f64-empty", npy("<f8", false, "(0, 5)", &[])),
+    ];
+    for (name, bytes) in &seeds {
+        write(&corpus.join("npz"), &format!("npy-{name}"), &[&[0], bytes]);
+    }
+    for name in ["mnist", "parity"] {
+        let bytes = fs::read(models.join(format!("demo/{name}.test.npz"))).expect("demo npz");
+        write(&corpus.join("npz"), &format!("npz-{name}"), &[&[1], &bytes]);
+    }
     println!("seeds written to {}", corpus.display());
 }

@@ -29,11 +29,9 @@ use tract_onnx::prelude::*;
 use crate::compile::checkpoint::Checkpoint;
 use crate::compile::error::CompileError;
 use crate::compile::pipeline::{compile_with_reports, CompileOptions, Progress};
-use crate::format::{CalibrationReport, CandidateScore};
-use crate::merge::scaling::ScaleMode;
-use crate::merge::Method;
+use crate::format::{CalibrationReport, CandidateScore, Method, ScaleMode};
 use crate::onnx::TensorBytes;
-use crate::runtime::{Bundle, Engine, EngineOptions, IoInfo};
+use crate::runtime::{argmax, Bundle, Engine, EngineOptions, IoInfo};
 
 /// What to calibrate on and over which settings.
 #[derive(Debug, Clone)]
@@ -384,9 +382,9 @@ fn evaluate(
     if !todo.contains(&true) {
         return Ok(());
     }
-    let scratch = Scratch::new(&opts.output)?;
+    let round_bundle = RoundBundle::new(&opts.output)?;
     let mut round = opts.clone();
-    round.output = scratch.0.path().to_path_buf();
+    round.output = round_bundle.0.path().to_path_buf();
     round.tokenizer = None;
     for (t, s) in settings.iter().enumerate() {
         if let (Some(l), Some(slot)) = (s.lambda, round.params.lambda.get_mut(t)) {
@@ -512,13 +510,6 @@ fn compare(
     })
 }
 
-fn argmax(row: &[f32]) -> Option<usize> {
-    row.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i)
-}
-
 /// Runs `run` over the task's examples in chunks (the graph's fixed batch size, or [`CHUNK`])
 /// and gathers the first output.
 fn run_chunks(
@@ -593,18 +584,18 @@ fn run_chunks(
     Ok(out)
 }
 
-/// A scratch bundle path next to the output, removed when dropped (or by
+/// The path of a calibration round's bundle, next to the output, removed when dropped (or by
 /// [`crate::files::remove_temporary_files`] when the process is terminated).
-struct Scratch(crate::files::TempPath);
+struct RoundBundle(crate::files::TempPath);
 
-impl Scratch {
-    fn new(output: &Path) -> Result<Scratch, CompileError> {
+impl RoundBundle {
+    fn new(output: &Path) -> Result<RoundBundle, CompileError> {
         let name = output
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "bundle".into());
         let path = output.with_file_name(format!(".{name}.calibrating.{}", std::process::id()));
-        Ok(Scratch(crate::files::TempPath::register(path)?))
+        Ok(RoundBundle(crate::files::TempPath::register(path)?))
     }
 }
 

@@ -3,13 +3,13 @@
 //! Readers ([`Checkpoint`]: ONNX and safetensors) feed the `pipeline`, which merges task
 //! vectors with a [`crate::merge`] method and streams sections to the bundle writer;
 //! [`fidelity`] measures each task's reconstruction for the report, [`calibrate`] picks each
-//! task's setting by agreement with its original model on unlabeled inputs, and [`export`] turns
-//! a task of a bundle back into a standalone ONNX model.
+//! task's setting by agreement with its original model on unlabeled inputs. (Turning a task of a
+//! bundle back into a standalone ONNX model is [`crate::export`]: it reads a bundle, it does not
+//! compile one.)
 
 pub mod calibrate;
 pub mod checkpoint;
 pub mod error;
-pub mod export;
 pub mod fidelity;
 mod memory;
 mod onnx_reader;

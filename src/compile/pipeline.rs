@@ -22,9 +22,8 @@ use crate::format::manifest::{
     CalibrationReport, CompileReport, GraphEntry, InputRecord, Manifest, Provenance, Scale,
     SectionKind, Stored, TaskEntry, TaskReport, TaskTensor, TensorEntry, TensorStorage,
 };
-use crate::format::BundleWriter;
-use crate::merge::scaling::{self, ScaleMode};
-use crate::merge::{MergeParams, Method, TensorView};
+use crate::format::{BundleWriter, MergeParams, Method, ScaleMode};
+use crate::merge::{scaling, Merger, TensorView};
 use crate::onnx::InitializerInfo;
 use crate::runtime::Bundle;
 
@@ -140,13 +139,99 @@ pub fn compile(
 }
 
 /// [`compile`], recording each task's calibration (in task order) in the report, and the time
-/// since `started` as the compile time.
+/// since `started` as the compile time. The steps, in order: check the options, open and align
+/// the checkpoints, pass 1 (scan), the graphs, pass 2 (merge and write), the manifest.
 pub(crate) fn compile_with_reports(
     opts: &CompileOptions,
     calibration: Vec<Option<CalibrationReport>>,
     started: Instant,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Bundle, CompileError> {
+    check_options(opts)?;
+    // Fail on an unwritable output before any heavy work.
+    let mut writer = BundleWriter::create(&opts.output)?;
+    let (base, tasks) = open_checkpoints(opts)?;
+    let names: Vec<&str> = opts.tasks.iter().map(|(n, _)| n.as_str()).collect();
+    let tensors = read_tensors(align(&base, &tasks, &names)?, &base, &tasks);
+    // Refuse, before anything is written, a task whose bundle could not run.
+    check_task_graphs(opts, &tasks, &tensors)?;
+
+    let relative = relative_changes(&base, &tasks, &tensors, progress)?;
+    let private = decide_private(opts, &base, &tasks, &tensors, &relative);
+    for (name, why) in &private {
+        log::info!("{name}: private ({why})");
+    }
+    let (graphs, task_graph) = write_graphs(&mut writer, &tasks)?;
+    let mut merger = opts.params.merger(tasks.len())?;
+    let merged = merge_tensors(
+        opts,
+        &mut writer,
+        merger.as_mut(),
+        (&base, &tasks),
+        &tensors,
+        &private,
+        progress,
+    )?;
+
+    // With a scaling mode, the closed-form scales replace a method's global rescaler.
+    let task_scales: Vec<f32> = merger
+        .task_scales(tasks.len())
+        .into_iter()
+        .enumerate()
+        .map(|(t, g)| {
+            if opts.scale_of(t) == ScaleMode::None {
+                g
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let tokenizer = match &opts.tokenizer {
+        Some(bytes) => Some(writer.add_section(SectionKind::Tokenizer, bytes)?),
+        None => None,
+    };
+    let inputs = input_records(opts, &base, &tasks);
+    let report = CompileReport {
+        inputs_bytes: inputs.iter().map(|i| i.bytes).sum(),
+        tasks: opts
+            .tasks
+            .iter()
+            .zip(&merged.fidelity)
+            .zip(&task_scales)
+            .zip(calibration)
+            .map(|((((name, _), f), g), calibration)| TaskReport {
+                calibration,
+                ..f.report(name, *g)
+            })
+            .collect(),
+        private: private
+            .iter()
+            .map(|(n, why)| format!("{n}: {why}"))
+            .collect(),
+        peak_memory_bytes: super::memory::peak_rss_bytes().unwrap_or(0),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let manifest = Manifest {
+        graphs,
+        tensors: merged.entries,
+        sections: Vec::new(),
+        tasks: task_entries(opts, merged.modules, &task_graph, &task_scales),
+        tokenizer,
+        merge: opts.params.clone(),
+        provenance: Provenance {
+            compiler: format!("taskpack {}", env!("CARGO_PKG_VERSION")),
+            inputs,
+        },
+        report,
+    };
+    writer.finish(manifest)?;
+    Ok(Bundle::open(&opts.output)?)
+}
+
+/// The checks that need no checkpoint: task names, one scale mode and label list per task (or
+/// none), a tokenizer the runtime loads, and an output that is none of the given input paths
+/// (the rename would destroy it).
+fn check_options(opts: &CompileOptions) -> Result<(), CompileError> {
     check_task_names(&opts.tasks)?;
     let n_tasks = opts.tasks.len();
     check_per_task("scale", opts.scale.len(), n_tasks)?;
@@ -154,15 +239,16 @@ pub(crate) fn compile_with_reports(
     if let Some(t) = &opts.tokenizer {
         check_tokenizer(t)?;
     }
-    // The output must not be an input (the rename would destroy it): the paths given now, the
-    // external data files once the checkpoints are open.
     let given = std::iter::once(opts.base.as_path())
         .chain(opts.tasks.iter().map(|(_, p)| p.as_path()))
         .chain(opts.graph.as_deref());
     crate::files::check_not_input(&opts.output, given)?;
-    // Fail on an unwritable output before any heavy work.
-    let mut writer = BundleWriter::create(&opts.output)?;
+    Ok(())
+}
 
+/// Opens the base and task checkpoints, and refuses an output that is one of their external
+/// data files.
+fn open_checkpoints(opts: &CompileOptions) -> Result<(Checkpoint, Vec<Checkpoint>), CompileError> {
     let graph = opts.graph.as_deref();
     let base = Checkpoint::open(&opts.base, graph)?;
     let tasks = opts
@@ -174,23 +260,27 @@ pub(crate) fn compile_with_reports(
         let files = c.input_files().iter().map(PathBuf::as_path);
         crate::files::check_not_input(&opts.output, files)?;
     }
-    let names: Vec<&str> = opts.tasks.iter().map(|(n, _)| n.as_str()).collect();
-    let tensors = read_tensors(align(&base, &tasks, &names)?, &base, &tasks);
-    // Refuse, before anything is written, a task whose bundle could not run.
-    check_task_graphs(opts, &tasks, &tensors)?;
+    Ok((base, tasks))
+}
 
-    // Pass 1: relative change of every tensor (also reads every value once, so NaN/Inf and
-    // decoding errors surface before anything is written).
+/// Pass 1: the largest relative change ‖θ_t − θ_0‖ / ‖θ_0‖ over the tasks, per tensor. It also
+/// reads every value once, so NaN/Inf and decoding errors surface before anything is written.
+fn relative_changes(
+    base: &Checkpoint,
+    tasks: &[Checkpoint],
+    tensors: &[InitializerInfo],
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Vec<f64>, CompileError> {
     progress(Progress::Pass {
         name: "scanning",
         total: tensors.len() as u64,
     });
     let mut relative = Vec::with_capacity(tensors.len());
-    for info in &tensors {
+    for info in tensors {
         let b = base.read_f32(&info.name)?;
         let bn = norm(&b);
         let mut worst: f64 = 0.0;
-        for t in &tasks {
+        for t in tasks {
             let v = t.read_f32(&info.name)?;
             if v.len() == b.len() {
                 let tn = diff_norm(&v, &b);
@@ -206,16 +296,19 @@ pub(crate) fn compile_with_reports(
         relative.push(worst);
         progress(Progress::Tensor(&info.name));
     }
-    let private = decide_private(opts, &base, &tasks, &tensors, &relative);
-    for (name, why) in &private {
-        log::info!("{name}: private ({why})");
-    }
+    Ok(relative)
+}
 
-    // Graphs, deduplicated by hash.
+/// Writes each distinct task graph once (deduplicated by hash). Returns the graph entries and
+/// each task's graph index.
+fn write_graphs(
+    writer: &mut BundleWriter,
+    tasks: &[Checkpoint],
+) -> Result<(Vec<GraphEntry>, Vec<u32>), CompileError> {
     let mut graph_ids: BTreeMap<String, u32> = BTreeMap::new();
     let mut graphs = Vec::new();
-    let mut task_graph = Vec::with_capacity(n_tasks);
-    for t in &tasks {
+    let mut task_graph = Vec::with_capacity(tasks.len());
+    for t in tasks {
         let hash = t.graph_sha256().to_string();
         let id = match graph_ids.get(&hash) {
             Some(id) => *id,
@@ -233,153 +326,199 @@ pub(crate) fn compile_with_reports(
         };
         task_graph.push(id);
     }
+    Ok((graphs, task_graph))
+}
 
-    // Pass 2: merge and write.
-    let mut merger = opts.params.merger(n_tasks)?;
-    let mut fidelity = vec![Fidelity::default(); n_tasks];
-    let mut entries = Vec::with_capacity(tensors.len());
-    let mut modules: Vec<Vec<TaskTensor>> = vec![Vec::with_capacity(tensors.len()); n_tasks];
+/// What pass 2 gives: the manifest's tensor entries, each task's module (one entry per tensor)
+/// and each task's fidelity measurements.
+struct MergedTensors {
+    entries: Vec<TensorEntry>,
+    modules: Vec<Vec<TaskTensor>>,
+    fidelity: Vec<Fidelity>,
+}
+
+/// Pass 2: per tensor, its private copies or its merge (base, delta, masks, scales), streamed
+/// to the writer.
+fn merge_tensors(
+    opts: &CompileOptions,
+    writer: &mut BundleWriter,
+    merger: &mut dyn Merger,
+    (base, tasks): (&Checkpoint, &[Checkpoint]),
+    tensors: &[InitializerInfo],
+    private: &BTreeMap<String, PrivateReason>,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<MergedTensors, CompileError> {
+    let n_tasks = tasks.len();
+    let mut out = MergedTensors {
+        entries: Vec::with_capacity(tensors.len()),
+        modules: vec![Vec::with_capacity(tensors.len()); n_tasks],
+        fidelity: vec![Fidelity::default(); n_tasks],
+    };
     progress(Progress::Pass {
         name: "merging",
         total: tensors.len() as u64,
     });
     let mut encoded = Vec::new();
     for (index, info) in tensors.iter().enumerate() {
-        if private.contains_key(&info.name) {
-            for (t, ckpt) in tasks.iter().enumerate() {
-                let v = ckpt.read_f32(&info.name)?;
-                let shape = ckpt
-                    .tensor(&info.name)
-                    .map(|i| i.shape.clone())
-                    .unwrap_or_default();
-                encoded.clear();
-                info.dtype.encode(&v, &mut encoded);
-                let section = writer.add_section(SectionKind::Private, &encoded)?;
-                if let Some(m) = modules.get_mut(t) {
-                    m.push(TaskTensor::Private {
-                        stored: Stored {
-                            section,
-                            dtype: info.dtype,
-                        },
-                        shape,
-                    });
-                }
-            }
-            entries.push(TensorEntry {
-                name: info.name.clone(),
-                shape: info.shape.clone(),
-                dtype: info.dtype,
-                storage: TensorStorage::Private,
-            });
-            progress(Progress::Tensor(&info.name));
-            continue;
-        }
-
-        let b = base.read_f32(&info.name)?;
-        let task_vectors = tasks
-            .iter()
-            .map(|t| {
-                t.read_f32(&info.name)
-                    .map(|v| v.iter().zip(&b).map(|(x, y)| x - y).collect::<Vec<f32>>())
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let shape: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
-        let merged = merger.merge(&TensorView {
-            index: index as u64,
-            shape: &shape,
-            task_vectors: &task_vectors,
-        })?;
-
-        encoded.clear();
-        info.dtype.encode(&b, &mut encoded);
-        let base_section = writer.add_section(SectionKind::Base, &encoded)?;
-
-        // What a reader will see after storage rounding.
-        let delta: Vec<f32> = merged
-            .delta
-            .iter()
-            .map(|&d| opts.delta_dtype.round(d))
-            .collect();
-        let has_delta = delta.iter().any(|&d| d != 0.0);
-        let delta_stored = if has_delta {
-            encoded.clear();
-            opts.delta_dtype.encode(&delta, &mut encoded);
-            Some(Stored {
-                section: writer.add_section(SectionKind::Delta, &encoded)?,
-                dtype: opts.delta_dtype,
-            })
+        let entry = if private.contains_key(&info.name) {
+            write_private(writer, tasks, info, &mut out.modules, &mut encoded)?
         } else {
-            None
+            let view = (index as u64, info);
+            write_merged(
+                opts,
+                writer,
+                merger,
+                (base, tasks),
+                view,
+                &mut out,
+                &mut encoded,
+            )?
         };
-
-        for (t, tau) in task_vectors.iter().enumerate() {
-            let (Some(f), Some(m)) = (fidelity.get_mut(t), modules.get_mut(t)) else {
-                continue;
-            };
-            if !has_delta {
-                // Every task uses the base: no mask, no scale.
-                f.add_unchanged(tau);
-                m.push(TaskTensor::Merged {
-                    mask: None,
-                    scale: Scale::None,
-                });
-                continue;
-            }
-            let mask = merged.masks.as_ref().and_then(|masks| masks.get(t));
-            let task_scale = TaskScale::new(opts.scale_of(t), &delta, mask, tau, &shape)?;
-            f.add(&delta, mask, tau, |i| task_scale.factor(i));
-            let scale = match task_scale {
-                TaskScale::One => Scale::None,
-                TaskScale::Tensor(s) => Scale::Tensor(s),
-                TaskScale::Rows { scales, .. } => {
-                    encoded.clear();
-                    DType::F32.encode(&scales, &mut encoded);
-                    Scale::Rows(writer.add_section(SectionKind::RowScale, &encoded)?)
-                }
-            };
-            let mask = match mask {
-                Some(mask) => Some(writer.add_section(SectionKind::Mask, mask.as_bytes())?),
-                None => None,
-            };
-            m.push(TaskTensor::Merged { mask, scale });
-        }
-        entries.push(TensorEntry {
-            name: info.name.clone(),
-            shape: info.shape.clone(),
-            dtype: info.dtype,
-            storage: TensorStorage::Merged {
-                base: Stored {
-                    section: base_section,
-                    dtype: info.dtype,
-                },
-                delta: delta_stored,
-            },
-        });
+        out.entries.push(entry);
         progress(Progress::Tensor(&info.name));
     }
+    Ok(out)
+}
 
-    // With a scaling mode, the closed-form scales replace a method's global rescaler.
-    let task_scales: Vec<f32> = merger
-        .task_scales(n_tasks)
-        .into_iter()
-        .enumerate()
-        .map(|(t, g)| {
-            if opts.scale_of(t) == ScaleMode::None {
-                g
-            } else {
-                1.0
-            }
+/// A private tensor: each task's own copy, as it is.
+fn write_private(
+    writer: &mut BundleWriter,
+    tasks: &[Checkpoint],
+    info: &InitializerInfo,
+    modules: &mut [Vec<TaskTensor>],
+    encoded: &mut Vec<u8>,
+) -> Result<TensorEntry, CompileError> {
+    for (ckpt, module) in tasks.iter().zip(modules.iter_mut()) {
+        let v = ckpt.read_f32(&info.name)?;
+        let shape = ckpt
+            .tensor(&info.name)
+            .map(|i| i.shape.clone())
+            .unwrap_or_default();
+        encoded.clear();
+        info.dtype.encode(&v, encoded);
+        let section = writer.add_section(SectionKind::Private, encoded)?;
+        module.push(TaskTensor::Private {
+            stored: Stored {
+                section,
+                dtype: info.dtype,
+            },
+            shape,
+        });
+    }
+    Ok(TensorEntry {
+        name: info.name.clone(),
+        shape: info.shape.clone(),
+        dtype: info.dtype,
+        storage: TensorStorage::Private,
+    })
+}
+
+/// A merged tensor (`index`: its position, which seeds DARE): the base, the merged delta
+/// rounded to its storage type, and per task its mask and scale; the fidelity of each task's
+/// reconstruction is measured against its task vector on the way.
+fn write_merged(
+    opts: &CompileOptions,
+    writer: &mut BundleWriter,
+    merger: &mut dyn Merger,
+    (base, tasks): (&Checkpoint, &[Checkpoint]),
+    (index, info): (u64, &InitializerInfo),
+    out: &mut MergedTensors,
+    encoded: &mut Vec<u8>,
+) -> Result<TensorEntry, CompileError> {
+    let b = base.read_f32(&info.name)?;
+    let task_vectors = tasks
+        .iter()
+        .map(|t| {
+            t.read_f32(&info.name)
+                .map(|v| v.iter().zip(&b).map(|(x, y)| x - y).collect::<Vec<f32>>())
         })
+        .collect::<Result<Vec<_>, _>>()?;
+    let shape: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
+    let merged = merger.merge(&TensorView {
+        index,
+        shape: &shape,
+        task_vectors: &task_vectors,
+    })?;
+
+    encoded.clear();
+    info.dtype.encode(&b, encoded);
+    let base_section = writer.add_section(SectionKind::Base, encoded)?;
+
+    // What a reader will see after storage rounding.
+    let delta: Vec<f32> = merged
+        .delta
+        .iter()
+        .map(|&d| opts.delta_dtype.round(d))
         .collect();
-    let tokenizer = match &opts.tokenizer {
-        Some(bytes) => Some(writer.add_section(SectionKind::Tokenizer, bytes)?),
-        None => None,
+    let has_delta = delta.iter().any(|&d| d != 0.0);
+    let delta_stored = if has_delta {
+        encoded.clear();
+        opts.delta_dtype.encode(&delta, encoded);
+        Some(Stored {
+            section: writer.add_section(SectionKind::Delta, encoded)?,
+            dtype: opts.delta_dtype,
+        })
+    } else {
+        None
     };
-    let task_entries: Vec<TaskEntry> = opts
-        .tasks
+
+    for (t, tau) in task_vectors.iter().enumerate() {
+        let (Some(f), Some(m)) = (out.fidelity.get_mut(t), out.modules.get_mut(t)) else {
+            continue;
+        };
+        if !has_delta {
+            // Every task uses the base: no mask, no scale.
+            f.add_unchanged(tau);
+            m.push(TaskTensor::Merged {
+                mask: None,
+                scale: Scale::None,
+            });
+            continue;
+        }
+        let mask = merged.masks.as_ref().and_then(|masks| masks.get(t));
+        let task_scale = TaskScale::new(opts.scale_of(t), &delta, mask, tau, &shape)?;
+        f.add(&delta, mask, tau, |i| task_scale.factor(i));
+        let scale = match task_scale {
+            TaskScale::One => Scale::None,
+            TaskScale::Tensor(s) => Scale::Tensor(s),
+            TaskScale::Rows { scales, .. } => {
+                encoded.clear();
+                DType::F32.encode(&scales, encoded);
+                Scale::Rows(writer.add_section(SectionKind::RowScale, encoded)?)
+            }
+        };
+        let mask = match mask {
+            Some(mask) => Some(writer.add_section(SectionKind::Mask, mask.as_bytes())?),
+            None => None,
+        };
+        m.push(TaskTensor::Merged { mask, scale });
+    }
+    Ok(TensorEntry {
+        name: info.name.clone(),
+        shape: info.shape.clone(),
+        dtype: info.dtype,
+        storage: TensorStorage::Merged {
+            base: Stored {
+                section: base_section,
+                dtype: info.dtype,
+            },
+            delta: delta_stored,
+        },
+    })
+}
+
+/// The manifest's task entries: name, graph, global scale, λ, scale mode, labels and module.
+fn task_entries(
+    opts: &CompileOptions,
+    modules: Vec<Vec<TaskTensor>>,
+    task_graph: &[u32],
+    task_scales: &[f32],
+) -> Vec<TaskEntry> {
+    let n_tasks = opts.tasks.len();
+    opts.tasks
         .iter()
         .zip(modules)
-        .zip(&task_graph)
+        .zip(task_graph)
         .enumerate()
         .map(|(i, (((name, _), tensors), graph))| TaskEntry {
             name: name.clone(),
@@ -391,9 +530,17 @@ pub(crate) fn compile_with_reports(
             labels: opts.labels.get(i).cloned().unwrap_or_default(),
             tensors,
         })
-        .collect();
+        .collect()
+}
 
-    let inputs = std::iter::once(("base".to_string(), &base))
+/// The provenance record of each input checkpoint (base first): file name, format, SHA-256 and
+/// size.
+fn input_records(
+    opts: &CompileOptions,
+    base: &Checkpoint,
+    tasks: &[Checkpoint],
+) -> Vec<InputRecord> {
+    std::iter::once(("base".to_string(), base))
         .chain(opts.tasks.iter().map(|(n, _)| n.clone()).zip(tasks.iter()))
         .map(|(role, c)| InputRecord {
             role,
@@ -406,42 +553,7 @@ pub(crate) fn compile_with_reports(
             sha256: c.sha256().to_string(),
             bytes: c.input_bytes(),
         })
-        .collect::<Vec<_>>();
-    let report = CompileReport {
-        inputs_bytes: inputs.iter().map(|i| i.bytes).sum(),
-        tasks: opts
-            .tasks
-            .iter()
-            .zip(&fidelity)
-            .zip(&task_scales)
-            .zip(calibration)
-            .map(|((((name, _), f), g), calibration)| TaskReport {
-                calibration,
-                ..f.report(name, *g)
-            })
-            .collect(),
-        private: private
-            .iter()
-            .map(|(n, why)| format!("{n}: {why}"))
-            .collect(),
-        peak_memory_bytes: super::memory::peak_rss_bytes().unwrap_or(0),
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    let manifest = Manifest {
-        graphs,
-        tensors: entries,
-        sections: Vec::new(),
-        tasks: task_entries,
-        tokenizer,
-        merge: opts.params.clone(),
-        provenance: Provenance {
-            compiler: format!("taskpack {}", env!("CARGO_PKG_VERSION")),
-            inputs,
-        },
-        report,
-    };
-    writer.finish(manifest)?;
-    Ok(Bundle::open(&opts.output)?)
+        .collect()
 }
 
 /// One task's scale `s_t` for one merged tensor.
@@ -524,7 +636,7 @@ fn read_tensors(
     let read: BTreeSet<String> = std::iter::once(base)
         .chain(tasks)
         .filter_map(|c| c.graph().graph.as_ref())
-        .flat_map(read_names)
+        .flat_map(crate::runtime::read_names)
         .collect();
     tensors
         .into_iter()
@@ -536,20 +648,6 @@ fn read_tensors(
             kept
         })
         .collect()
-}
-
-/// Names a graph reads: node inputs (subgraphs included) and graph outputs.
-fn read_names(graph: &crate::onnx::GraphProto) -> Vec<String> {
-    let mut names: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
-    for node in &graph.node {
-        names.extend(node.input.iter().filter(|n| !n.is_empty()).cloned());
-        for attr in &node.attribute {
-            for sub in attr.g.iter().chain(&attr.graphs) {
-                names.extend(read_names(sub));
-            }
-        }
-    }
-    names
 }
 
 /// Checks each task's graph with the task's weights as the runtime will check the bundle

@@ -7,7 +7,7 @@
 //! out (fields concatenated, lengths as varints). The multiple is peak bytes allocated during
 //! decoding / manifest bytes.
 //!
-//! `cargo test --lib decode_memory -- --nocapture` prints the table; set
+//! `cargo test -p taskpack --lib decode_memory -- --nocapture` prints the table; set
 //! `TASKPACK_DECODE_MIB=64` to measure at the manifest cap.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -15,9 +15,7 @@ use std::cell::Cell;
 
 use crate::format::layout::{MANIFEST_DECODE_FACTOR, MAX_MANIFEST_LEN};
 use crate::format::manifest::{CompileReport, InputRecord, Provenance};
-use crate::format::{parse, Header};
-use crate::merge::scaling::ScaleMode;
-use crate::merge::{MergeParams, Method};
+use crate::format::{parse, Header, MergeParams, Method, ScaleMode};
 
 struct Counting;
 

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use super::manifest::{SectionId, SectionKind};
-use crate::merge::scaling::ScaleMode;
+use crate::format::ScaleMode;
 
 /// Why a bundle could not be read, validated or written.
 #[derive(Debug, thiserror::Error)]

@@ -117,6 +117,28 @@ pub fn padding_after(end: u64) -> Result<u64, FormatError> {
     Ok(align_up(end)? - end)
 }
 
+/// Bytes of an in-memory tensor of `elem_size`-byte elements and shape `dims` (a weight being
+/// bound, a batch of token ids), `None` if it overflows `usize`.
+pub fn tensor_bytes(elem_size: usize, dims: &[usize]) -> Option<usize> {
+    dims.iter()
+        .try_fold(elem_size, |acc, &d| acc.checked_mul(d))
+}
+
+/// Bytes of a bit-packed mask over `len` elements in memory: `⌈len / 8⌉`, as [`mask_bytes`].
+pub const fn mask_len(len: usize) -> usize {
+    len.div_ceil(8)
+}
+
+/// Rows described by a row-scale section of `bytes` bytes (`f32` each), as
+/// [`row_scale_bytes`] counts them; `None` unless `bytes` is a whole number of scales.
+pub const fn row_scale_count(bytes: usize) -> Option<usize> {
+    if bytes.is_multiple_of(4) {
+        Some(bytes / 4)
+    } else {
+        None
+    }
+}
+
 /// Converts a file offset or length that has been validated against the real file length to
 /// `usize` (always succeeds then; fails cleanly otherwise).
 pub fn to_usize(x: u64) -> Result<usize, FormatError> {

@@ -10,8 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
-use crate::merge::scaling::ScaleMode;
-use crate::merge::MergeParams;
+use crate::format::{MergeParams, ScaleMode};
 
 /// Index into [`Manifest::sections`].
 pub type SectionId = u32;

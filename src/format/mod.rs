@@ -25,6 +25,7 @@ mod error;
 mod header;
 pub mod layout;
 pub mod manifest;
+mod params;
 mod reader;
 #[cfg(feature = "compiler")]
 mod writer;
@@ -40,6 +41,7 @@ pub use manifest::{
     Provenance, Scale, SectionEntry, SectionId, SectionKind, SizeReport, Stored, TaskEntry,
     TaskReport, TaskTensor, TensorEntry, TensorStorage,
 };
+pub use params::{DareBase, MergeParams, Method, ScaleMode, TiesReduce, DEFAULT_LAMBDA};
 pub use reader::{is_valid_task_name, parse, sha256_hex, task_lambda, ParsedBundle};
 #[cfg(feature = "compiler")]
 pub use writer::{BundleWriter, SectionSink};

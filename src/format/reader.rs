@@ -19,8 +19,7 @@ use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::dtype::DType;
-use crate::merge::scaling::ScaleMode;
-use crate::merge::{MergeParams, Method};
+use crate::format::{MergeParams, Method, ScaleMode};
 
 use super::budget;
 use super::error::FormatError;

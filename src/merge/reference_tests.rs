@@ -8,7 +8,8 @@
 //! grammar). Deltas and scales must match to 1e-6 relative, masks exactly.
 
 use super::scaling::{row_scales, tensor_scale};
-use super::{DareBase, MergeParams, Method, TensorView, TiesReduce};
+use super::TensorView;
+use crate::format::{DareBase, MergeParams, Method, TiesReduce};
 use crate::mask::Mask;
 
 const EXPECTATIONS: &str = include_str!("../../tests/data/merge_expectations.txt");

@@ -10,46 +10,9 @@
 //! `rows = shape[0]` chunks of `n / rows` entries each. Malformed input (lengths that differ, a
 //! row count that does not divide the length) is a [`MergeError`], never a panic.
 
-use serde::{Deserialize, Serialize};
-
 use super::MergeError;
+use crate::format::ScaleMode;
 use crate::mask::Mask;
-
-/// Granularity of the scaling vectors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum ScaleMode {
-    /// No scaling (`s = 1`).
-    #[default]
-    None,
-    /// One scale per tensor.
-    Tensor,
-    /// One scale per row (first axis).
-    Row,
-}
-
-impl std::fmt::Display for ScaleMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ScaleMode::None => "none",
-            ScaleMode::Tensor => "tensor",
-            ScaleMode::Row => "row",
-        })
-    }
-}
-
-impl std::str::FromStr for ScaleMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "none" => Ok(ScaleMode::None),
-            "tensor" => Ok(ScaleMode::Tensor),
-            "row" => Ok(ScaleMode::Row),
-            other => Err(format!(
-                "unknown scale mode {other:?} (expected none, tensor or row)"
-            )),
-        }
-    }
-}
 
 /// The closed-form scale `s = ⟨d, τ⟩ / ‖d‖²` of one tensor, with `d = m ⊙ δ` (`d = δ` without a
 /// mask). Both reductions are accumulated in `f64`; `s = 0` where `‖d‖² = 0`.

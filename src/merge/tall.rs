@@ -9,21 +9,17 @@
 //!   `θ̂_t = θ_0 + m_t ⊙ τ_MTL`.
 //!
 //! The mask compares against the *same* `τ_MTL` that is stored, so with `α ≠ 1` it is computed
-//! on the scaled sum (the paper uses the unscaled sum, `α = 1`, the default here; DESIGN.md's
-//! pilot used a 0.3-scaled sum).
+//! on the scaled sum (the paper uses the unscaled sum, `α = 1`, the default here).
 //!
 //! We implement the paper's criterion on `|τ_t|`. One public benchmark implementation compares
 //! `|θ_0 − τ_t|` instead of `|τ_t|` on the left-hand side; we deliberately do not follow it.
 //!
 //! `λ_t` is given per task (`lambda`, in task order). A single value is used for every task.
 //! The paper selects `λ_t ∈ {0.2, …, 0.6}` on validation data; without calibration data the
-//! default is [`DEFAULT_LAMBDA`].
+//! default is [`DEFAULT_LAMBDA`](crate::format::DEFAULT_LAMBDA).
 
 use super::{check_alpha, check_view, sum_tasks, MergeError, Merger, TensorMerge, TensorView};
 use crate::mask::Mask;
-
-/// Default TALL / Consensus mask threshold `λ` when no calibration data picks one per task.
-pub const DEFAULT_LAMBDA: f32 = 0.4;
 
 /// TALL-masks: `δ = α Σ_t τ_t` and one mask per task.
 #[derive(Debug, Clone, PartialEq)]

@@ -334,17 +334,17 @@ fn int64s(t: &TensorProto) -> Option<Vec<i64>> {
         .collect()
 }
 
-/// The templates of a bundle, as `Engine::new` lays them out: per task, the index of its slot;
-/// per slot, its key, a task using it and the weights its graph reads.
-pub(crate) struct Layout {
+/// The templates of a bundle, as `Engine::new` assigns them: per task, the index of its template;
+/// per template, its key, a task using it and the weights its graph reads.
+pub(crate) struct TemplateMap {
     /// Per task, the index of its template slot.
     pub task_slot: Vec<usize>,
     /// `(key, a task using it, tensor indices its graph reads)` per template.
     pub slots: Vec<(TemplateKey, usize, Vec<usize>)>,
 }
 
-/// Checks rules G1–G4 on every graph of `bundle` (decoding each once) and lays out its templates.
-pub(crate) fn layout(bundle: &Bundle) -> Result<Layout, Error> {
+/// Checks rules G1–G4 on every graph of `bundle` (decoding each once) and assigns its templates.
+pub(crate) fn template_map(bundle: &Bundle) -> Result<TemplateMap, Error> {
     let manifest = bundle.manifest();
     let by_name: HashMap<&str, usize> = manifest
         .tensors
@@ -400,7 +400,7 @@ pub(crate) fn layout(bundle: &Bundle) -> Result<Layout, Error> {
         };
         task_slot.push(slot);
     }
-    Ok(Layout { task_slot, slots })
+    Ok(TemplateMap { task_slot, slots })
 }
 
 /// Checks that every graph of `bundle` can run with its tasks' tensors: rules G1–G8 of
@@ -413,14 +413,14 @@ pub(crate) fn layout(bundle: &Bundle) -> Result<Layout, Error> {
 ///
 /// [`Engine::new`]: super::Engine::new
 pub fn check_graphs(bundle: &Bundle) -> Result<(), Error> {
-    let layout = layout(bundle)?;
+    let map = template_map(bundle)?;
     let tasks = &bundle.manifest().tasks;
-    for (slot, (key, task, used)) in layout.slots.iter().enumerate() {
+    for (slot, (key, task, used)) in map.slots.iter().enumerate() {
         let typed = Template::type_graph(bundle, key, *task, used, &[])?;
         let outputs = outputs(typed.model())?;
         let users = tasks
             .iter()
-            .zip(&layout.task_slot)
+            .zip(&map.task_slot)
             .filter(|(_, s)| **s == slot);
         for (entry, _) in users {
             check_labels(&entry.name, entry.labels.len(), &outputs).map_err(|problem| {

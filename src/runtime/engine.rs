@@ -1,10 +1,10 @@
 //! The engine: run any task of a bundle, switching tasks in milliseconds without reloading.
 //!
-//! How a switch works (DESIGN.md §5):
+//! How a switch works (measured in docs/PERFORMANCE.md):
 //! 1. **Once per distinct graph** (lazily, on the first use of any of its tasks): a *template* —
 //!    the stored ONNX graph parsed, typed, decluttered and optimized by tract, with every weight
 //!    some task changes left as a model input and every weight no task changes as a constant
-//!    (see `src/runtime/template.rs` for the details, including `BatchNormalization`).
+//!    (see `src/runtime/template/` for the details, including `BatchNormalization`).
 //! 2. **Once per task switch** (a cache miss): *binding* — the task's weights are reconstructed
 //!    one at a time ([`reconstruct::task_tensor_into`](super::reconstruct::task_tensor_into),
 //!    bit for bit the normative rule) into reused tensors, what the optimizer wired on the weight
@@ -58,8 +58,8 @@ pub struct EngineOptions {
     /// Concrete values for symbolic input dimensions, by name (the ONNX `dim_param`, e.g.
     /// `("N", 1)` for the batch of the demo models). Default: none, every symbolic dimension stays
     /// symbolic and one bound plan serves every size. Fixing a dimension lets tract's optimizer
-    /// pick kernels for that exact shape (the demo runs ≈ 1.45× faster at a fixed batch of 1, see
-    /// docs/PERFORMANCE.md); inputs must then have that size. Names a graph does not use are
+    /// pick kernels for that exact shape (docs/PERFORMANCE.md measures the gain on the demo with
+    /// `taskpack bench`); inputs must then have that size. Names a graph does not use are
     /// ignored.
     pub symbol_values: Vec<(String, usize)>,
     /// Most bytes the inputs of one [`Engine::run`] may hold (the elements of all of them);
@@ -193,7 +193,7 @@ impl BoundTask {
 }
 
 /// A template, built on first use.
-struct TemplateSlot {
+struct LazyTemplate {
     key: TemplateKey,
     /// A task using it (provides the shapes of private tensors).
     task: usize,
@@ -209,9 +209,9 @@ struct TemplateSlot {
 pub struct Engine {
     bundle: Arc<Bundle>,
     options: EngineOptions,
-    /// Per task, its template slot.
+    /// Per task, its lazy template.
     task_slot: Vec<usize>,
-    slots: Vec<TemplateSlot>,
+    slots: Vec<LazyTemplate>,
     cache: Mutex<Lru<Plan>>,
     /// Per task: held while binding it for the cache, so that threads missing the same task at
     /// once bind it once.
@@ -274,11 +274,11 @@ impl Engine {
     /// completed (decluttered and optimized) from its typed model on the first use of its graph
     /// (or by [`Engine::prepare`]), so nothing is parsed twice.
     pub fn new(bundle: Arc<Bundle>, options: EngineOptions) -> Result<Engine, Error> {
-        let layout = check::layout(&bundle)?;
-        let mut slots = Vec::with_capacity(layout.slots.len());
-        for (key, task, used) in layout.slots {
+        let map = check::template_map(&bundle)?;
+        let mut slots = Vec::with_capacity(map.slots.len());
+        for (key, task, used) in map.slots {
             let typed = Template::type_graph(&bundle, &key, task, &used, &options.symbol_values)?;
-            slots.push(TemplateSlot {
+            slots.push(LazyTemplate {
                 key,
                 task,
                 used,
@@ -287,7 +287,7 @@ impl Engine {
                 building: Mutex::new(()),
             });
         }
-        let task_slot = layout.task_slot;
+        let task_slot = map.task_slot;
         let manifest = bundle.manifest();
         log::debug!(
             "engine: {} tasks, {} graphs, {} templates",

@@ -220,7 +220,8 @@ pub(crate) fn check_symbols(
 pub(crate) fn input_bytes(inputs: &[TValue]) -> usize {
     inputs
         .iter()
-        .map(|t| t.len().saturating_mul(t.datum_type().size_of()))
+        .map(|t| crate::format::layout::tensor_bytes(t.datum_type().size_of(), t.shape()))
+        .map(|b| b.unwrap_or(usize::MAX))
         .fold(0, usize::saturating_add)
 }
 

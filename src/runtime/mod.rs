@@ -3,6 +3,7 @@
 //! Built without any compiler dependency: an app links this (and the C ABI) only. With the
 //! `text` feature, `TextClassifier` runs tasks on text with the bundle's tokenizer.
 
+mod argmax;
 mod bundle;
 mod cache;
 pub mod check;
@@ -14,10 +15,13 @@ mod template;
 #[cfg(feature = "text")]
 pub mod text;
 
+pub use argmax::argmax;
 pub use bundle::Bundle;
 pub use check::{check_graphs, GraphProblem};
 pub use engine::{BoundTask, Engine, EngineOptions, EngineStats, IoInfo};
 pub use error::Error;
+#[cfg(feature = "compiler")]
+pub(crate) use template::read_names;
 #[cfg(feature = "text")]
 pub use text::{Prediction, TextClassifier};
 

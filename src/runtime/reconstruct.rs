@@ -10,13 +10,14 @@
 
 use crate::dtype::DType;
 use crate::format::manifest::{Scale, Stored, TaskEntry, TaskTensor, TensorEntry, TensorStorage};
-use crate::format::{FormatError, SectionId};
+use crate::format::{layout, FormatError, SectionId};
 use crate::mask::Mask;
 use crate::runtime::{Bundle, Error};
 
-/// Reusable scratch buffers, so reconstructing many tensors allocates once.
+/// Buffers [`task_tensor`] decodes the delta and the row scales into, reused so that
+/// reconstructing many tensors allocates once.
 #[derive(Debug, Default)]
-pub struct Scratch {
+pub struct DecodeBuffers {
     delta: Vec<f32>,
     rows: Vec<f32>,
 }
@@ -28,7 +29,7 @@ pub fn task_tensor(
     task: usize,
     tensor: usize,
     out: &mut Vec<f32>,
-    scratch: &mut Scratch,
+    buffers: &mut DecodeBuffers,
 ) -> Result<Vec<u64>, Error> {
     let (t, entry, module) = lookup(bundle, task, tensor)?;
     match (module, &entry.storage) {
@@ -41,7 +42,7 @@ pub fn task_tensor(
             let Some(delta) = delta else {
                 return Ok(entry.shape.clone());
             };
-            bundle.decode_f32(delta.section, &mut scratch.delta)?;
+            bundle.decode_f32(delta.section, &mut buffers.delta)?;
             let mask = match mask {
                 Some(id) => {
                     let bits = bundle.section(*id)?;
@@ -55,21 +56,21 @@ pub fn task_tensor(
             };
             let g = t.scale;
             match scale {
-                Scale::None => apply(out, &scratch.delta, mask, |_| g),
+                Scale::None => apply(out, &buffers.delta, mask, |_| g),
                 Scale::Tensor(s) => {
                     let gs = g * s;
-                    apply(out, &scratch.delta, mask, |_| gs)
+                    apply(out, &buffers.delta, mask, |_| gs)
                 }
                 Scale::Rows(id) => {
-                    bundle.decode_f32(*id, &mut scratch.rows)?;
+                    bundle.decode_f32(*id, &mut buffers.rows)?;
                     // Validated: rows × row length == elements, rows ≥ 1.
                     let row_len = out
                         .len()
-                        .checked_div(scratch.rows.len())
+                        .checked_div(buffers.rows.len())
                         .unwrap_or(0)
                         .max(1);
-                    let rows = &scratch.rows;
-                    apply(out, &scratch.delta, mask, |i| {
+                    let rows = &buffers.rows;
+                    apply(out, &buffers.delta, mask, |i| {
                         rows.get(i / row_len).map_or(0.0, |s| g * s)
                     })
                 }
@@ -119,7 +120,7 @@ const CHUNK: usize = 1024;
 
 /// Reconstructs tensor `tensor` of task `task` straight into `out`, which must hold exactly its
 /// number of elements (else an error, and `out` is left as it was): bit for bit what
-/// [`task_tensor`] produces, without its scratch buffers and passes over whole tensors. Chunk by
+/// [`task_tensor`] produces, without its decode buffers and passes over whole tensors. Chunk by
 /// chunk, the delta is decoded into a buffer on the stack, and the masked, scaled add reads the
 /// base (an `f32` base straight from the bundle) and writes `out` while the chunk is in L1, mask
 /// bits selecting without branches. Every section read is checksum-verified on first use.
@@ -154,13 +155,15 @@ pub fn task_tensor_into(
                 Scale::Rows(id) => {
                     let scales = bundle.section(*id)?;
                     // Validated (rule 26): one scale per row, rows along the first axis.
-                    let rows = scales.len() / 4;
-                    let row_len = match rows {
-                        0 => (len == 0).then_some(1),
-                        _ => len.is_multiple_of(rows).then(|| (len / rows).max(1)),
+                    let row_len = match layout::row_scale_count(scales.len()) {
+                        Some(0) => (len == 0).then_some(1),
+                        Some(rows) => len.is_multiple_of(rows).then(|| (len / rows).max(1)),
+                        None => None,
                     };
                     let Some(row_len) = row_len else {
-                        let expected = entry.shape.first().map_or(0, |r| r.saturating_mul(4));
+                        let expected = layout::rows(&entry.shape)
+                            .and_then(|r| layout::row_scale_bytes(r).ok())
+                            .unwrap_or(0);
                         return Err(length_error(*id, expected, scales.len()));
                     };
                     Factor::Rows { g, scales, row_len }
@@ -199,11 +202,9 @@ fn sized(bundle: &Bundle, id: SectionId, bytes: usize) -> Result<&[u8], Error> {
 
 /// The bytes of a dense section of `len` elements.
 fn dense(bundle: &Bundle, stored: Stored, len: usize) -> Result<&[u8], Error> {
-    let bytes = len
-        .checked_mul(stored.dtype.size())
-        .ok_or(FormatError::Overflow {
-            what: "byte length of a dense tensor",
-        })?;
+    let bytes = layout::tensor_bytes(stored.dtype.size(), &[len]).ok_or(FormatError::Overflow {
+        what: "byte length of a dense tensor",
+    })?;
     sized(bundle, stored.section, bytes)
 }
 
@@ -546,8 +547,8 @@ mod tests {
     #[test]
     fn fast_path_matches_task_tensor_on_the_demo_bundles() {
         use crate::compile::{compile, CompileOptions};
-        use crate::merge::scaling::ScaleMode;
-        use crate::merge::Method;
+        use crate::format::Method;
+        use crate::format::ScaleMode;
 
         let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
         let tasks: Vec<(String, std::path::PathBuf)> =
@@ -569,7 +570,7 @@ mod tests {
             drop(compile(&opts, &mut |_| {}).unwrap());
             let bundle = Bundle::read(&out).unwrap();
             let m = bundle.manifest();
-            let (mut expected, mut scratch) = (Vec::new(), Scratch::default());
+            let (mut expected, mut scratch) = (Vec::new(), DecodeBuffers::default());
             for task in 0..m.tasks.len() {
                 for tensor in 0..m.tensors.len() {
                     task_tensor(&bundle, task, tensor, &mut expected, &mut scratch).unwrap();

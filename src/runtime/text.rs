@@ -40,7 +40,7 @@ use tokenizers::{
 use tract_onnx::prelude::{DatumType, IntoTValue, TValue, TVec, Tensor};
 
 use crate::runtime::guard::catch_panic;
-use crate::runtime::{Engine, Error, IoInfo};
+use crate::runtime::{argmax, Engine, Error, IoInfo};
 
 /// What a task predicts for one text.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,7 +65,7 @@ enum Source {
 
 /// How a task's graph takes text: one entry per data input, in graph order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Layout {
+struct TextInputs {
     inputs: Vec<(Source, DatumType)>,
     /// A fixed batch size, if the graph has one.
     batch: Option<usize>,
@@ -211,7 +211,7 @@ impl TextClassifier {
         texts: &[S],
     ) -> Result<Vec<Prediction>, Error> {
         let name = self.task_name(task)?;
-        let layout = layout(name, &self.engine.input_facts(task)?)?;
+        let text_inputs = text_inputs(name, &self.engine.input_facts(task)?)?;
         let labels = self.labels(task)?;
         if let Some(&[_, Some(classes)]) = self
             .engine
@@ -222,14 +222,14 @@ impl TextClassifier {
             check_labels(name, labels, classes)?;
         }
         let mut predictions = Vec::with_capacity(texts.len());
-        let chunk = layout.batch.unwrap_or(texts.len()).max(1);
+        let chunk = text_inputs.batch.unwrap_or(texts.len()).max(1);
         for (n, texts) in texts.chunks(chunk).enumerate() {
-            let mut encodings = self.encode(task, &layout, texts, n * chunk)?;
+            let mut encodings = self.encode(task, &text_inputs, texts, n * chunk)?;
             let rows = encodings.len();
             if let Some(last) = encodings.last().cloned() {
                 encodings.resize(chunk.max(rows), last);
             }
-            let inputs = self.tensors(task, &layout, &encodings)?;
+            let inputs = self.tensors(task, &text_inputs, &encodings)?;
             let outputs = self.engine.run(task, inputs)?;
             let logits = logits(name, outputs.first(), encodings.len())?;
             for row in logits.iter().take(rows) {
@@ -256,8 +256,8 @@ impl TextClassifier {
     /// one batch: if the graph fixes the batch size, their number must be that size.
     pub fn inputs<S: AsRef<str>>(&self, task: usize, texts: &[S]) -> Result<TVec<TValue>, Error> {
         let name = self.task_name(task)?;
-        let layout = layout(name, &self.engine.input_facts(task)?)?;
-        if let Some(batch) = layout.batch.filter(|&b| b != texts.len()) {
+        let text_inputs = text_inputs(name, &self.engine.input_facts(task)?)?;
+        if let Some(batch) = text_inputs.batch.filter(|&b| b != texts.len()) {
             return Err(Error::InputMismatch {
                 task: name.to_string(),
                 name: "input_ids".into(),
@@ -265,8 +265,8 @@ impl TextClassifier {
                 got: format!("{} texts", texts.len()),
             });
         }
-        let encodings = self.encode(task, &layout, texts, 0)?;
-        self.tensors(task, &layout, &encodings)
+        let encodings = self.encode(task, &text_inputs, texts, 0)?;
+        self.tensors(task, &text_inputs, &encodings)
     }
 
     fn task_name(&self, task: usize) -> Result<&str, Error> {
@@ -282,11 +282,11 @@ impl TextClassifier {
     fn encode<S: AsRef<str>>(
         &self,
         task: usize,
-        layout: &Layout,
+        text_inputs: &TextInputs,
         texts: &[S],
         first: usize,
     ) -> Result<Vec<Encoding>, Error> {
-        let tokenizer = self.tokenizer_for(task, layout.sequence)?;
+        let tokenizer = self.tokenizer_for(task, text_inputs.sequence)?;
         texts
             .iter()
             .enumerate()
@@ -367,11 +367,11 @@ impl TextClassifier {
     fn tensors(
         &self,
         task: usize,
-        layout: &Layout,
+        text_inputs: &TextInputs,
         encodings: &[Encoding],
     ) -> Result<TVec<TValue>, Error> {
         let longest = encodings.iter().map(Encoding::len).max().unwrap_or(0);
-        let width = layout.sequence.unwrap_or(longest.max(1));
+        let width = text_inputs.sequence.unwrap_or(longest.max(1));
         if let Some((index, e)) = encodings.iter().enumerate().find(|(_, e)| e.len() > width) {
             return Err(Error::Tokenize {
                 index,
@@ -380,11 +380,8 @@ impl TextClassifier {
         }
         // What `Engine::run` counts: rows × width values per input, of the input's size.
         let limit = self.engine.options().max_input_bytes;
-        let value_bytes: usize = layout.inputs.iter().map(|(_, dt)| dt.size_of()).sum();
-        let bytes = encodings
-            .len()
-            .checked_mul(width)
-            .and_then(|n| n.checked_mul(value_bytes));
+        let value_bytes: usize = text_inputs.inputs.iter().map(|(_, dt)| dt.size_of()).sum();
+        let bytes = crate::format::layout::tensor_bytes(value_bytes, &[encodings.len(), width]);
         if bytes.is_none_or(|b| b > limit) {
             return Err(Error::InputTooLarge {
                 task: self.task_name(task)?.to_string(),
@@ -392,7 +389,7 @@ impl TextClassifier {
                 limit,
             });
         }
-        layout
+        text_inputs
             .inputs
             .iter()
             .map(|&(source, dtype)| {
@@ -444,13 +441,13 @@ fn tensor(dtype: DatumType, rows: usize, width: usize, values: &[u32]) -> Result
 }
 
 /// How the graph with data inputs `facts` takes text (task `task` for messages).
-fn layout(task: &str, facts: &[IoInfo]) -> Result<Layout, Error> {
+fn text_inputs(task: &str, facts: &[IoInfo]) -> Result<TextInputs, Error> {
     let unfillable = |name: &str, reason: String| Error::UnfillableInput {
         task: task.to_string(),
         name: name.to_string(),
         reason,
     };
-    let mut layout = Layout {
+    let mut text_inputs = TextInputs {
         inputs: Vec::with_capacity(facts.len()),
         batch: None,
         sequence: None,
@@ -480,8 +477,8 @@ fn layout(task: &str, facts: &[IoInfo]) -> Result<Layout, Error> {
             ));
         };
         for (dim, fixed, what) in [
-            (batch, &mut layout.batch, "batch size"),
-            (sequence, &mut layout.sequence, "sequence length"),
+            (batch, &mut text_inputs.batch, "batch size"),
+            (sequence, &mut text_inputs.sequence, "sequence length"),
         ] {
             match (dim, *fixed) {
                 (Some(0), _) => return Err(unfillable(&fact.name, format!("its {what} is 0"))),
@@ -495,15 +492,15 @@ fn layout(task: &str, facts: &[IoInfo]) -> Result<Layout, Error> {
                 (None, _) => {}
             }
         }
-        layout.inputs.push((source, fact.dtype));
+        text_inputs.inputs.push((source, fact.dtype));
     }
-    if !layout.inputs.iter().any(|(s, _)| *s == Source::Ids) {
+    if !text_inputs.inputs.iter().any(|(s, _)| *s == Source::Ids) {
         return Err(unfillable(
             "input_ids",
             "the graph has no input of that name".into(),
         ));
     }
-    Ok(layout)
+    Ok(text_inputs)
 }
 
 /// [`Error::LabelCount`] unless `labels` is empty or has one name per class.
@@ -553,19 +550,11 @@ fn logits(task: &str, output: Option<&TValue>, rows: usize) -> Result<Vec<Vec<f3
     Ok(values.chunks(classes).map(<[f32]>::to_vec).collect())
 }
 
-/// The argmax of `logits`, its name and its softmax probability.
+/// The argmax of `logits` ([`argmax`]: the first of equal maxima; class 0 when every logit is
+/// NaN), its name and its softmax probability.
 fn predict(logits: &[f32], labels: &[String]) -> Prediction {
-    let (class, max) =
-        logits
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                if v > bv {
-                    (i, v)
-                } else {
-                    (bi, bv)
-                }
-            });
+    let class = argmax(logits).unwrap_or(0);
+    let max = logits.get(class).copied().unwrap_or(f32::NAN);
     let sum: f64 = logits
         .iter()
         .map(|&v| (f64::from(v) - f64::from(max)).exp())
@@ -591,26 +580,26 @@ mod tests {
     }
 
     #[test]
-    fn layout_maps_inputs_by_name_in_graph_order() {
+    fn text_inputs_map_inputs_by_name_in_graph_order() {
         let facts = [
             io("token_type_ids", DatumType::I32, &[None, Some(8)]),
             io("input_ids", DatumType::I64, &[None, None]),
             io("attention_mask", DatumType::I64, &[None, Some(8)]),
         ];
-        let layout = layout("t", &facts).unwrap();
+        let text_inputs = text_inputs("t", &facts).unwrap();
         assert_eq!(
-            layout.inputs,
+            text_inputs.inputs,
             [
                 (Source::TypeIds, DatumType::I32),
                 (Source::Ids, DatumType::I64),
                 (Source::Mask, DatumType::I64)
             ]
         );
-        assert_eq!((layout.batch, layout.sequence), (None, Some(8)));
+        assert_eq!((text_inputs.batch, text_inputs.sequence), (None, Some(8)));
     }
 
     #[test]
-    fn layout_refuses_inputs_it_cannot_fill() {
+    fn text_inputs_refuse_inputs_they_cannot_fill() {
         let cases = [
             vec![io(
                 "image",
@@ -627,7 +616,7 @@ mod tests {
             vec![io("attention_mask", DatumType::I64, &[None, None])],
         ];
         for facts in cases {
-            let err = layout("t", &facts).unwrap_err();
+            let err = text_inputs("t", &facts).unwrap_err();
             assert!(matches!(err, Error::UnfillableInput { .. }), "{err}");
         }
     }
@@ -641,6 +630,9 @@ mod tests {
         assert!((f64::from(p.probability) - 1.0 / e.iter().sum::<f64>()).abs() < 1e-7);
         let p = predict(&[0.0, 0.0], &[]);
         assert_eq!((p.class, p.label, p.probability), (0, None, 0.5));
+        // Equal maxima: the first one, as calibration's agreement counts it (runtime::argmax).
+        let p = predict(&[2.0, 5.0, 5.0], &labels);
+        assert_eq!((p.class, p.label.as_deref()), (1, Some("b")));
         // NaN logits give a NaN probability, not a panic.
         assert!(predict(&[f32::NAN], &labels).probability.is_nan());
     }

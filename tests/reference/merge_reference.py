@@ -8,7 +8,7 @@ Regenerate the expectations the Rust test src/merge/reference_tests.rs checks wi
 which rewrites tests/data/merge_expectations.txt. The inputs are generated from fixed seeds,
 so the output is reproducible; commit it together with any change to a method's formula.
 
-Each method is re-implemented here straight from the formulas of DESIGN.md §3 and the module
+Each method is re-implemented here straight from the formulas of docs/METHODS.md and the module
 docs of src/merge/*.rs, without looking at the Rust code paths: a stable argsort for the
 magnitude ranks, np.sign, np.packbits(bitorder="little") for the masks, Python integers for
 the SplitMix64 stream of DARE. Sums across tasks are float32, accumulated in task order (as the

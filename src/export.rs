@@ -5,7 +5,7 @@
 //! can check a bundle against the original checkpoints.
 
 use crate::compile::error::CompileError;
-use crate::runtime::reconstruct::{self, Scratch};
+use crate::runtime::reconstruct::{self, DecodeBuffers};
 use crate::runtime::Bundle;
 
 /// Builds the standalone ONNX model of task `task`. Every section it reads is checksum-verified.
@@ -29,7 +29,7 @@ pub fn export_task(bundle: &Bundle, task: &str) -> Result<Vec<u8>, CompileError>
         },
     )?;
     let mut values = Vec::new();
-    let mut scratch = Scratch::default();
+    let mut scratch = DecodeBuffers::default();
     let mut tensors = Vec::with_capacity(manifest.tensors.len());
     for (i, t) in manifest.tensors.iter().enumerate() {
         let shape = reconstruct::task_tensor(bundle, index, i, &mut values, &mut scratch)?;

@@ -1,0 +1,439 @@
+//! Binding: one task's weights reconstructed into pooled tensors, each folded through its chain
+//! (the matmul packing) while in cache, and put into a copy of the template as constants.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::konst::Const;
+use tract_onnx::tract_core::ops::source::TypedSource;
+use tract_onnx::tract_core::optim::CONST_FOLD_MEM_BUDGET;
+
+use super::batchnorm::batchnorm_affine;
+use super::{tract_err, BindTimings, Buffers, Plan, Template, WeightSource, WEIGHT_ALIGN};
+use crate::runtime::reconstruct;
+use crate::runtime::{Bundle, Error};
+
+impl Template {
+    /// Materializes task `task`'s weights and binds them into a copy of the template.
+    pub(crate) fn bind(
+        &self,
+        bundle: &Bundle,
+        task: usize,
+        task_name: &str,
+    ) -> Result<(Plan, BindTimings), Error> {
+        let mut buffers = self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default();
+        let result = self.bind_with(bundle, task, task_name, &mut buffers, true);
+        self.pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(buffers);
+        result
+    }
+
+    /// [`Template::bind`] with the given buffers; `eager: false` leaves every fold to tract's
+    /// constant propagation (for tests: both must give the same plan).
+    fn bind_with(
+        &self,
+        bundle: &Bundle,
+        task: usize,
+        task_name: &str,
+        buffers: &mut Buffers,
+        eager: bool,
+    ) -> Result<(Plan, BindTimings), Error> {
+        let started = Instant::now();
+        let action = || format!("bind task {task_name}");
+        let mut materialize = Duration::ZERO;
+        let mut model = self.model.clone();
+        // The pooled tensors given to the model, to take back when the plan no longer needs them.
+        let mut lent: Vec<Arc<Tensor>> = Vec::new();
+        let mut prop_consts = self.prop_consts || !eager;
+        let Buffers {
+            values,
+            params,
+            derived,
+            tensors,
+        } = buffers;
+        for slot in &self.slots {
+            match slot {
+                WeightSource::Weight {
+                    tensor,
+                    node,
+                    dt,
+                    shape,
+                    fold,
+                } => {
+                    let reconstructing = Instant::now();
+                    let weight =
+                        self.reconstruct(bundle, task, *tensor, *dt, shape, tensors, values)?;
+                    materialize += reconstructing.elapsed();
+                    let weight = Arc::new(weight);
+                    let fold = if eager { fold.as_slice() } else { &[] };
+                    let (last, value, complete) = self.fold(&weight, *node, fold);
+                    prop_consts |= !complete;
+                    replace_by_const(&mut model, last, value, &action)?;
+                    // Folded (e.g. packed): free again, and the next weight of that shape is
+                    // reconstructed into it while it is still in cache.
+                    match Arc::try_unwrap(weight) {
+                        Ok(t) => give_back(tensors, t),
+                        Err(t) => lent.push(t),
+                    }
+                }
+                WeightSource::BatchNorm {
+                    params: ids,
+                    epsilon,
+                    channels,
+                    dt,
+                    shape,
+                    slope,
+                    intercept,
+                } => {
+                    let reconstructing = Instant::now();
+                    for (id, out) in ids.iter().zip(params.iter_mut()) {
+                        out.clear();
+                        out.resize(*channels, 0.0);
+                        reconstruct::task_tensor_into(bundle, task, *id, out)?;
+                    }
+                    let [gamma, beta, mean, var] = &*params;
+                    let [a, b] = derived;
+                    batchnorm_affine(gamma, beta, mean, var, *epsilon, a, b);
+                    let ta = Arc::new(self.fill(tensors, *slope, *dt, shape, a)?);
+                    let tb = Arc::new(self.fill(tensors, *intercept, *dt, shape, b)?);
+                    materialize += reconstructing.elapsed();
+                    replace_by_const(&mut model, *slope, Arc::clone(&ta), &action)?;
+                    replace_by_const(&mut model, *intercept, Arc::clone(&tb), &action)?;
+                    lent.extend([ta, tb]);
+                }
+            }
+        }
+        model.inputs.clone_from(&self.data_inputs);
+        // Without constant propagation the folded weights' sources and chains stay in the model,
+        // no longer reachable from its outputs: the plan runs only what the outputs need, so
+        // compacting the model would be work on every switch for nothing.
+        if prop_consts {
+            model.prop_consts().map_err(tract_err(action()))?;
+        }
+        let plan = model.into_runnable().map_err(tract_err(action()))?;
+        // Take back the tensors constant propagation consumed.
+        for t in lent {
+            if let Ok(t) = Arc::try_unwrap(t) {
+                give_back(tensors, t);
+            }
+        }
+        let timings = BindTimings {
+            materialize,
+            bind: started.elapsed().saturating_sub(materialize),
+        };
+        Ok((plan, timings))
+    }
+
+    /// Tensor `tensor` of task `task`, of type `dt` and `shape`, reconstructed into a pooled
+    /// tensor of that type and shape (or a new one).
+    #[allow(clippy::too_many_arguments)]
+    fn reconstruct(
+        &self,
+        bundle: &Bundle,
+        task: usize,
+        tensor: usize,
+        dt: DatumType,
+        shape: &[usize],
+        pool: &mut HashMap<(DatumType, Vec<usize>), Vec<Tensor>>,
+        values: &mut Vec<f32>,
+    ) -> Result<Tensor, Error> {
+        let mut t = take(pool, dt, shape)?;
+        let mut view = t
+            .try_as_plain_ram_mut()
+            .map_err(tract_err("write a weight"))?;
+        if dt == DatumType::F16 {
+            values.clear();
+            values.resize(view.len(), 0.0);
+            reconstruct::task_tensor_into(bundle, task, tensor, values)?;
+            view.as_slice_mut::<f16>()
+                .map_err(tract_err("write a weight"))?
+                .iter_mut()
+                .zip(values.iter())
+                .for_each(|(o, v)| *o = f16::from_f32(*v));
+        } else {
+            let out = view
+                .as_slice_mut::<f32>()
+                .map_err(tract_err("write a weight"))?;
+            reconstruct::task_tensor_into(bundle, task, tensor, out)?;
+        }
+        Ok(t)
+    }
+
+    /// Evaluates the fold chain `fold` of the weight source `node` on `weight`, as tract's
+    /// constant propagation would (`PropConst`: the same evaluation, the same memory guard).
+    /// Returns the last node folded (`node` itself if none), its value, and whether the whole
+    /// chain was folded; what is not is left to constant propagation (which reports errors).
+    fn fold(
+        &self,
+        weight: &Arc<Tensor>,
+        node: usize,
+        fold: &[usize],
+    ) -> (usize, Arc<Tensor>, bool) {
+        let mut last = node;
+        let mut value = Arc::clone(weight);
+        let input_mem = weight_mem(weight);
+        for &n in fold {
+            let Some(op) = self.model.nodes.get(n).map(|n| &n.op) else {
+                return (last, value, false);
+            };
+            let result = op.eval_out_of_plan(tvec![Arc::clone(&value).into_tvalue()]);
+            let Some(out) = result
+                .ok()
+                .flatten()
+                .filter(|r| r.len() == 1)
+                .and_then(|mut r| r.pop())
+            else {
+                return (last, value, false);
+            };
+            if weight_mem(&out) > input_mem.max(CONST_FOLD_MEM_BUDGET) {
+                return (last, value, false);
+            }
+            value = out.into_arc_tensor();
+            last = n;
+        }
+        (last, value, true)
+    }
+
+    fn length_error(&self, node: usize, got: usize, shape: &[usize]) -> Error {
+        Error::Unsupported {
+            graph: self.graph,
+            reason: format!(
+                "weight node {node} gets {got} values, but the graph needs shape {shape:?}"
+            ),
+        }
+    }
+
+    /// A tensor of type `dt` and `shape` holding `values` (for node `node`), pooled if one is
+    /// free.
+    fn fill(
+        &self,
+        pool: &mut HashMap<(DatumType, Vec<usize>), Vec<Tensor>>,
+        node: usize,
+        dt: DatumType,
+        shape: &[usize],
+        values: &[f32],
+    ) -> Result<Tensor, Error> {
+        let mut t = take(pool, dt, shape)?;
+        if t.len() != values.len() {
+            return Err(self.length_error(node, values.len(), shape));
+        }
+        let mut view = t
+            .try_as_plain_ram_mut()
+            .map_err(tract_err("write a weight"))?;
+        match dt {
+            DatumType::F16 => view
+                .as_slice_mut::<f16>()
+                .map_err(tract_err("write a weight"))?
+                .iter_mut()
+                .zip(values)
+                .for_each(|(o, v)| *o = f16::from_f32(*v)),
+            _ => view
+                .as_slice_mut::<f32>()
+                .map_err(tract_err("write a weight"))?
+                .copy_from_slice(values),
+        }
+        Ok(t)
+    }
+}
+
+/// Bytes of a tensor's elements, as `PropConst` counts them.
+fn weight_mem(t: &Tensor) -> u64 {
+    (t.datum_type().size_of() * t.volume()) as u64
+}
+
+/// A pooled tensor of type `dt` and `shape`, or a new one (64-byte aligned).
+fn take(
+    pool: &mut HashMap<(DatumType, Vec<usize>), Vec<Tensor>>,
+    dt: DatumType,
+    shape: &[usize],
+) -> Result<Tensor, Error> {
+    if let Some(t) = pool.get_mut(&(dt, shape.to_vec())).and_then(Vec::pop) {
+        return Ok(t);
+    }
+    Tensor::zero_aligned_dt(dt, shape, WEIGHT_ALIGN).map_err(tract_err("allocate a weight"))
+}
+
+fn give_back(pool: &mut HashMap<(DatumType, Vec<usize>), Vec<Tensor>>, t: Tensor) {
+    pool.entry((t.datum_type(), t.shape().to_vec()))
+        .or_default()
+        .push(t);
+}
+
+/// Makes node `node` of `model` a constant holding `value` (with the exotic fact, e.g. the
+/// packing format, of its output in the template), detached from its inputs.
+fn replace_by_const(
+    model: &mut TypedModel,
+    node: usize,
+    value: Arc<Tensor>,
+    action: &impl Fn() -> String,
+) -> Result<(), Error> {
+    let missing = || Error::Tract {
+        action: action(),
+        message: format!("node {node} is not in the template"),
+    };
+    let exotic = model
+        .nodes
+        .get(node)
+        .and_then(|n| n.outputs.first())
+        .ok_or_else(missing)?
+        .fact
+        .exotic_fact
+        .clone();
+    let op = Const::new_with_opt_exotic_fact(value, exotic).map_err(tract_err(action()))?;
+    let fact = op
+        .output_facts(&[])
+        .map_err(tract_err(action()))?
+        .into_iter()
+        .next()
+        .ok_or_else(missing)?;
+    let inputs = {
+        let n = model.nodes.get_mut(node).ok_or_else(missing)?;
+        let output = n.outputs.get_mut(0).ok_or_else(missing)?;
+        output.fact = fact;
+        n.op = Box::new(op);
+        std::mem::take(&mut n.inputs)
+    };
+    for (slot, input) in inputs.iter().enumerate() {
+        if let Some(out) = model
+            .nodes
+            .get_mut(input.node)
+            .and_then(|n| n.outputs.get_mut(input.slot))
+        {
+            out.successors
+                .retain(|s| !(s.node == node && s.slot == slot));
+        }
+    }
+    Ok(())
+}
+
+/// The nodes constant propagation would fold into weight source `source` by itself: starting
+/// from its only consumer, each node with that one input and one output, as long as the value
+/// has one consumer (`PropConst`'s walk; a weight read by several nodes is left to it).
+pub(super) fn fold_chain(model: &TypedModel, source: usize) -> Vec<usize> {
+    let mut chain = Vec::new();
+    let mut current = source;
+    while let Some([output]) = model.nodes.get(current).map(|n| n.outputs.as_slice()) {
+        let [next] = output.successors.as_slice() else {
+            break;
+        };
+        let Some(node) = model.nodes.get(next.node) else {
+            break;
+        };
+        if node.inputs.len() != 1
+            || node.outputs.len() != 1
+            || node.op_is::<Const>()
+            || node.op_is::<TypedSource>()
+        {
+            break;
+        }
+        chain.push(node.id);
+        current = node.id;
+    }
+    chain
+}
+
+/// Whether binding must run constant propagation: some node outside the fold chains reads a
+/// weight (or what a chain makes of it) and has only constant inputs once the weights are bound.
+pub(super) fn needs_prop_consts(model: &TypedModel, slots: &[WeightSource]) -> bool {
+    let mut bound: HashSet<usize> = HashSet::new();
+    for slot in slots {
+        match slot {
+            WeightSource::Weight { node, fold, .. } => {
+                bound.insert(*node);
+                bound.extend(fold.iter().copied());
+            }
+            WeightSource::BatchNorm {
+                slope, intercept, ..
+            } => {
+                bound.extend([*slope, *intercept]);
+            }
+        }
+    }
+    model.nodes.iter().any(|n| {
+        !bound.contains(&n.id)
+            && !n.op_is::<Const>()
+            && n.inputs.iter().any(|i| bound.contains(&i.node))
+            && n.inputs.iter().all(|i| {
+                bound.contains(&i.node) || model.outlet_fact(*i).is_ok_and(|f| f.konst.is_some())
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::stored::graph_weights;
+    use super::super::TemplateKey;
+    use super::*;
+
+    /// Folding each weight's chain as it is reconstructed gives the plan tract's constant
+    /// propagation gives: the same outputs, bit for bit, on every demo task.
+    #[cfg(feature = "compiler")]
+    #[test]
+    fn eager_folding_matches_constant_propagation() {
+        use crate::compile::{compile, CompileOptions};
+        use crate::format::Method;
+
+        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+        let tasks: Vec<(String, std::path::PathBuf)> = ["digits", "mnist", "parity"]
+            .iter()
+            .map(|t| (t.to_string(), demo.join(format!("{t}.onnx"))))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("demo.tpk");
+        let opts = CompileOptions::new(demo.join("base.onnx"), tasks, Method::Emr, &out);
+        drop(compile(&opts, &mut |_| {}).unwrap());
+        let bundle = Bundle::read(&out).unwrap();
+        let m = bundle.manifest();
+        let by_name: HashMap<&str, usize> = m
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        let input = Tensor::from_shape(
+            &[2, 1, 28, 28],
+            &(0..2 * 28 * 28)
+                .map(|i| (i % 97) as f32 / 97.0)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let mut folded = 0;
+        for (task, entry) in m.tasks.iter().enumerate() {
+            let graph = entry.graph as usize;
+            let used = graph_weights(&bundle, graph, &by_name).unwrap();
+            let key = TemplateKey::for_task(entry, &used);
+            let template = Template::build(&bundle, &key, task, &used, &[]).unwrap();
+            folded += template
+                .slots
+                .iter()
+                .filter(|s| matches!(s, WeightSource::Weight { fold, .. } if !fold.is_empty()))
+                .count();
+            let mut outputs = Vec::new();
+            for eager in [true, false] {
+                let mut buffers = Buffers::default();
+                let (plan, _) = template
+                    .bind_with(&bundle, task, &entry.name, &mut buffers, eager)
+                    .unwrap();
+                let out = plan.run(tvec![input.clone().into_tvalue()]).unwrap();
+                let bits: Vec<u32> = out[0]
+                    .to_plain_array_view::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                outputs.push(bits);
+            }
+            assert_eq!(outputs[0], outputs[1], "task {}", entry.name);
+        }
+        assert!(folded > 0, "the demo graphs have weights folded eagerly");
+    }
+}
