@@ -87,6 +87,8 @@ struct ExportArgs {
 }
 
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    restore_default_sigpipe();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     #[cfg(unix)]
     if let Err(e) = clean_up_on_signals() {
@@ -112,6 +114,20 @@ fn main() -> ExitCode {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Rust starts programs with SIGPIPE ignored, so a `println!` into a closed pipe (`taskpack
+/// inspect x.tpk | head -1`) panics. With the default action restored, the process ends
+/// quietly at that write, as `cat` does. No temporary output is left by it: outputs are
+/// committed before anything is printed about them (`files::write_atomic` is one call, a
+/// compile prints its report after the rename).
+#[cfg(unix)]
+fn restore_default_sigpipe() {
+    // SAFETY: runs first in `main`, before any other thread exists; it changes the disposition
+    // of one signal and touches no memory of the program.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -4,7 +4,8 @@
 //! - the **runtime** ([`runtime`], always built; with the default feature `text`, text in and
 //!   label out): opens a bundle, validates it, reconstructs any task's weights and runs the task
 //!   with tract. This is what an app links, and what the C ABI (`ffi/`) wraps;
-//! - the **compiler** (feature `compiler`, off by default: `compile`, `merge`): reads a base
+//! - the **compiler** (feature `compiler`, off by default: [`compile`], [`export`]; the merge
+//!   methods are its private `merge` module): reads a base
 //!   checkpoint and N fine-tuned task checkpoints, merges their task vectors and writes a single
 //!   self-describing `.tpk` bundle.
 //!
@@ -21,7 +22,7 @@ pub mod files;
 pub mod format;
 pub mod mask;
 #[cfg(feature = "compiler")]
-pub mod merge;
+pub(crate) mod merge;
 mod mmap;
 #[cfg(feature = "npz")]
 pub mod npz;

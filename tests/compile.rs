@@ -138,7 +138,7 @@ fn emr_with_f16_delta_is_within_f16_rounding() {
     }
     for (t, (name, _)) in tasks.iter().enumerate() {
         let lambda = (num[t] / den[t]) as f32;
-        assert!((bundle.manifest().tasks[t].scale - lambda).abs() <= 1e-5 * lambda);
+        assert!((bundle.manifest().tasks[t].global_scale - lambda).abs() <= 1e-5 * lambda);
         let got = export(&bundle, name);
         for tensor in &merged {
             let b = &base[*tensor].1;

@@ -92,11 +92,11 @@ fn tensor(name: &str, shape: &[u64], storage: TensorStorage) -> TensorEntry {
     }
 }
 
-fn task(name: &str, graph: u32, scale: f32, tensors: Vec<TaskTensor>) -> TaskEntry {
+fn task(name: &str, graph: u32, global_scale: f32, tensors: Vec<TaskTensor>) -> TaskEntry {
     TaskEntry {
         name: name.into(),
         graph,
-        scale,
+        global_scale,
         lambda: Some(0.4),
         scale_mode: ScaleMode::Row,
         labels: vec![],
@@ -860,7 +860,7 @@ fn r17_element_count_overflow_and_cap() {
 fn r18_finite_scalars() {
     let bytes = valid();
     let cases: [fn(&mut Manifest); 7] = [
-        |m| m.tasks[TASK_A].scale = f32::NAN,
+        |m| m.tasks[TASK_A].global_scale = f32::NAN,
         |m| m.tasks[TASK_B].lambda = Some(f32::INFINITY),
         |m| m.tasks[TASK_B].tensors[W] = merged(None, Scale::Tensor(f32::NEG_INFINITY)),
         |m| m.merge.alpha = f32::NAN,
@@ -1494,7 +1494,7 @@ fn manifest_with_empty_labels(claimed: u64, present: usize) -> Vec<u8> {
     let t = task("a", 0, 1.0, vec![]);
     let mut out = postcard::to_stdvec(&(&m.graphs, &m.tensors, &m.sections)).unwrap();
     out.extend(postcard::to_stdvec(&1u64).unwrap());
-    let head = (&t.name, t.graph, t.scale, t.lambda, t.scale_mode);
+    let head = (&t.name, t.graph, t.global_scale, t.lambda, t.scale_mode);
     out.extend(postcard::to_stdvec(&head).unwrap());
     out.extend(postcard::to_stdvec(&claimed).unwrap());
     out.resize(out.len() + present, 0);

@@ -709,3 +709,30 @@ fn the_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after() {
         "the folder is not synced after the rename:\n{log}"
     );
 }
+
+/// Output into a closed pipe (`taskpack inspect x.tpk | head -0`) ends the process quietly by
+/// SIGPIPE, as `cat` would: no panic message, no exit status 101.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_the_process_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = demo_bundle(dir.path());
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_taskpack"))
+        .args(["inspect", &s(&bundle)])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+}

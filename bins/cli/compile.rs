@@ -301,7 +301,7 @@ pub fn print_report(bundle: &Bundle, path: &std::path::Path) {
             r.relative_error,
             r.cosine,
             r.mask_density,
-            t.scale,
+            t.global_scale,
             t.scale_mode.to_string(),
             lambda
         );

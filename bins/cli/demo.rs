@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use taskpack::format::Method;
-use taskpack::runtime::{Engine, EngineOptions};
+use taskpack::runtime::{Bundle, Engine, EngineOptions};
 
 use crate::compile_cmd::{self, CompileArgs};
 use crate::eval::{accuracy, TestSet};
@@ -74,6 +74,29 @@ fn discover(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
 /// Runs the demo.
 pub fn run(a: &DemoArgs) -> Result<()> {
     let tasks = discover(&a.models)?;
+    let bundle = Arc::new(compile_demo(a, &tasks)?);
+    evaluate(a, &bundle, &tasks)?;
+    let sizes = bundle.sizes();
+    let originals: u64 = bundle
+        .manifest()
+        .provenance
+        .inputs
+        .iter()
+        .skip(1)
+        .map(|i| i.bytes)
+        .sum();
+    println!(
+        "  bundle {} bytes vs {} bytes for the {} task models ({:.3}x)",
+        sizes.total,
+        originals,
+        tasks.len(),
+        compile_cmd::ratio(sizes.total as f64, originals as f64)
+    );
+    Ok(())
+}
+
+/// Compiles the demo models with the demo's options and prints the compile report.
+fn compile_demo(a: &DemoArgs, tasks: &[(String, PathBuf)]) -> Result<Bundle> {
     // The compile checks the checkpoints; the test sets are read after it.
     let test_sets: Vec<PathBuf> = tasks
         .iter()
@@ -87,7 +110,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     }
     let args = CompileArgs {
         base: a.models.join("base.onnx"),
-        tasks: tasks.clone(),
+        tasks: tasks.to_vec(),
         method: a.method.clone(),
         alpha: a.alpha,
         lambda: a.lambda,
@@ -110,10 +133,15 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     };
     let bundle = compile_cmd::compile_with_progress(&args.options()?, None)?;
     compile_cmd::print_report(&bundle, &a.output);
-    let bundle = Arc::new(bundle);
+    Ok(bundle)
+}
+
+/// Runs every task on its test set, from its own ONNX file with plain tract and from the
+/// bundle, and prints the table: accuracies, their ratio, and one-shot load and switch times.
+fn evaluate(a: &DemoArgs, bundle: &Arc<Bundle>, tasks: &[(String, PathBuf)]) -> Result<()> {
     // Cache large enough for every task: the warm switch below is a cache hit.
     let engine = Engine::new(
-        Arc::clone(&bundle),
+        Arc::clone(bundle),
         EngineOptions::with_cache_bytes(usize::MAX),
     )?;
 
@@ -129,7 +157,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         "warm switch µs"
     );
     let (mut sum_orig, mut sum_bundle) = (0.0, 0.0);
-    for (name, path) in &tasks {
+    for (name, path) in tasks {
         let set = TestSet::read(&a.models.join(format!("{name}.test.npz")))?;
         let original =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -175,21 +203,5 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         "  reconstruct + bind the task's weights (the first task of each graph also builds that"
     );
     println!("  graph's template); warm switch = cache hit. One-shot timings; `taskpack bench` measures.");
-    let sizes = bundle.sizes();
-    let originals: u64 = bundle
-        .manifest()
-        .provenance
-        .inputs
-        .iter()
-        .skip(1)
-        .map(|i| i.bytes)
-        .sum();
-    println!(
-        "  bundle {} bytes vs {} bytes for the {} task models ({:.3}x)",
-        sizes.total,
-        originals,
-        tasks.len(),
-        compile_cmd::ratio(sizes.total as f64, originals as f64)
-    );
     Ok(())
 }

@@ -4,25 +4,17 @@ use std::path::Path;
 
 use anyhow::Result;
 use taskpack::format::manifest::{TaskTensor, TensorStorage};
+use taskpack::format::Manifest;
+use taskpack::runtime::Bundle;
 
 /// Prints a bundle's contents.
 pub fn run(path: &Path, json: bool) -> Result<()> {
     let bundle = crate::open_bundle(path)?;
+    if json {
+        return print_json(&bundle);
+    }
     let m = bundle.manifest();
     let sizes = bundle.sizes();
-    if json {
-        let mut value = serde_json::to_value(m)?;
-        if let Some(obj) = value.as_object_mut() {
-            obj.remove("sections");
-            obj.insert("sizes".into(), serde_json::to_value(sizes)?);
-            obj.insert(
-                "file_bytes".into(),
-                serde_json::Value::from(bundle.bytes().len() as u64),
-            );
-        }
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
-    }
     println!("{} ({} bytes)", path.display(), bundle.bytes().len());
     println!("  compiler: {}", m.provenance.compiler);
     let p = &m.merge;
@@ -45,6 +37,43 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
         m.tensors.len() - merged,
         m.graphs.len()
     );
+    print_tasks(m);
+    println!("  sizes (bytes): base {}  delta {}  masks {}  scales {}  private {}  graphs {}  tokenizer {}  overhead {}  total {}",
+        sizes.base, sizes.delta, sizes.masks, sizes.scales, sizes.private, sizes.graphs, sizes.tokenizer, sizes.overhead, sizes.total);
+    println!(
+        "  inputs: {} bytes; bundle = {:.3}x",
+        m.report.inputs_bytes,
+        crate::compile_cmd::ratio(sizes.total as f64, m.report.inputs_bytes as f64)
+    );
+    for i in &m.provenance.inputs {
+        println!(
+            "  input {:<12} {} ({}, {} bytes, sha256 {})",
+            i.role, i.file, i.format, i.bytes, i.sha256
+        );
+    }
+    for p in &m.report.private {
+        println!("  private: {p}");
+    }
+    Ok(())
+}
+
+/// The manifest as JSON, without the section table, with the sizes and the file's length.
+fn print_json(bundle: &Bundle) -> Result<()> {
+    let mut value = serde_json::to_value(bundle.manifest())?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.remove("sections");
+        obj.insert("sizes".into(), serde_json::to_value(bundle.sizes())?);
+        obj.insert(
+            "file_bytes".into(),
+            serde_json::Value::from(bundle.bytes().len() as u64),
+        );
+    }
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
+/// One line per task: graph, λ, global scale, scale mode, masks, fidelity, calibration, labels.
+fn print_tasks(m: &Manifest) {
     println!(
         "  {:<16}{:>6}{:>8}{:>8}{:>8}{:>8}{:>12}{:>10}{:>8}  labels",
         "task", "graph", "lambda", "g", "scale", "masks", "rel. error", "cosine", "calib."
@@ -69,7 +98,7 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
             t.name,
             t.graph,
             t.lambda.map_or("-".to_string(), |l| format!("{l}")),
-            t.scale,
+            t.global_scale,
             t.scale_mode.to_string(),
             masks,
             r.map_or(f64::NAN, |r| r.relative_error),
@@ -78,21 +107,4 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
             t.labels.join(", "),
         );
     }
-    println!("  sizes (bytes): base {}  delta {}  masks {}  scales {}  private {}  graphs {}  tokenizer {}  overhead {}  total {}",
-        sizes.base, sizes.delta, sizes.masks, sizes.scales, sizes.private, sizes.graphs, sizes.tokenizer, sizes.overhead, sizes.total);
-    println!(
-        "  inputs: {} bytes; bundle = {:.3}x",
-        m.report.inputs_bytes,
-        crate::compile_cmd::ratio(sizes.total as f64, m.report.inputs_bytes as f64)
-    );
-    for i in &m.provenance.inputs {
-        println!(
-            "  input {:<12} {} ({}, {} bytes, sha256 {})",
-            i.role, i.file, i.format, i.bytes, i.sha256
-        );
-    }
-    for p in &m.report.private {
-        println!("  private: {p}");
-    }
-    Ok(())
 }

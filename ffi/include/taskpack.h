@@ -77,8 +77,9 @@ typedef enum TpStatus {
   TP_INVALID_ARGUMENT = 2,
   // The bundle file cannot be opened, mapped or read.
   TP_IO = 3,
-  // The bundle breaks a rule of the format, or a checksum does not match; or its tokenizer
-  // does not load, or a task's label names do not match its number of classes.
+  // The bundle breaks a rule of the format, or a checksum does not match; or a stored graph
+  // cannot run with its tasks' tensors (docs/FORMAT.md rules G1–G8); or its tokenizer does
+  // not load, or a task's label names do not match its number of classes.
   TP_INVALID_BUNDLE = 4,
   // No task of that name, or a task index not below `tp_engine_task_count`.
   TP_UNKNOWN_TASK = 5,
@@ -210,7 +211,8 @@ enum TpStatus tp_bundle_read(const char *path, struct TpBundle **out);
 enum TpStatus tp_bundle_from_memory(const uint8_t *data, size_t len, struct TpBundle **out);
 
 // Checks every section checksum and every rule that needs the bulk bytes (reads the whole
-// bundle). `TP_INVALID_BUNDLE` if one fails.
+// bundle), then that every stored graph can run with its tasks' tensors (rules G1–G8 of
+// docs/FORMAT.md: what `taskpack verify` checks). `TP_INVALID_BUNDLE` if one fails.
 //
 // # Safety
 // `bundle` is NULL or a live handle from `tp_bundle_open` / `_read` / `_from_memory`.

@@ -94,7 +94,8 @@ pub unsafe extern "C" fn tp_bundle_from_memory(
 }
 
 /// Checks every section checksum and every rule that needs the bulk bytes (reads the whole
-/// bundle). `TP_INVALID_BUNDLE` if one fails.
+/// bundle), then that every stored graph can run with its tasks' tensors (rules G1–G8 of
+/// docs/FORMAT.md: what `taskpack verify` checks). `TP_INVALID_BUNDLE` if one fails.
 ///
 /// # Safety
 /// `bundle` is NULL or a live handle from `tp_bundle_open` / `_read` / `_from_memory`.
@@ -104,6 +105,7 @@ pub unsafe extern "C" fn tp_bundle_verify(bundle: *const TpBundle) -> TpStatus {
         // SAFETY: `bundle` is NULL or live (contract).
         let bundle = unsafe { args::get(bundle, "bundle") }?;
         bundle.bundle.verify()?;
+        taskpack_core::runtime::check_graphs(&bundle.bundle)?;
         Ok(())
     })
 }

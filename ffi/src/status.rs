@@ -22,8 +22,9 @@ pub enum TpStatus {
     TP_INVALID_ARGUMENT = 2,
     /// The bundle file cannot be opened, mapped or read.
     TP_IO = 3,
-    /// The bundle breaks a rule of the format, or a checksum does not match; or its tokenizer
-    /// does not load, or a task's label names do not match its number of classes.
+    /// The bundle breaks a rule of the format, or a checksum does not match; or a stored graph
+    /// cannot run with its tasks' tensors (docs/FORMAT.md rules G1–G8); or its tokenizer does
+    /// not load, or a task's label names do not match its number of classes.
     TP_INVALID_BUNDLE = 4,
     /// No task of that name, or a task index not below `tp_engine_task_count`.
     TP_UNKNOWN_TASK = 5,
@@ -76,7 +77,8 @@ impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
         let status = match &e {
             Error::Io { .. } => TpStatus::TP_IO,
-            Error::Format(_) => TpStatus::TP_INVALID_BUNDLE,
+            // A stored graph that breaks rules G1–G8 (docs/FORMAT.md).
+            Error::Format(_) | Error::Graph { .. } => TpStatus::TP_INVALID_BUNDLE,
             Error::UnknownTask { .. } => TpStatus::TP_UNKNOWN_TASK,
             Error::OutOfRange { what: "task", .. } => TpStatus::TP_UNKNOWN_TASK,
             Error::OutOfRange { .. } => TpStatus::TP_INVALID_ARGUMENT,

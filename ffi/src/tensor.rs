@@ -152,6 +152,8 @@ fn runtime(action: &str, e: impl std::fmt::Display) -> Failure {
 /// `shape` is NULL or readable for `rank` `int64_t`s; `output` is NULL or writable for
 /// `output_capacity` floats; `output_shape` is NULL or writable for `output_shape_capacity`
 /// `int64_t`s; `output_len` and `output_rank` are NULL or writable `size_t`s.
+// About 100 lines, kept as one sequence on purpose: each raw argument is checked once, in the
+// order the contract lists them, next to the SAFETY comment of its dereference.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn tp_engine_run_f32(

@@ -803,3 +803,50 @@ fn one_engine_serves_many_threads_at_once() {
         }
     });
 }
+
+/// A bundle whose stored graph is not ONNX, with every checksum and hash right: the byte-level
+/// checks pass, and `tp_bundle_verify` refuses it because it also checks that each graph can
+/// run (rule G1 of docs/FORMAT.md), as `taskpack verify` does.
+#[test]
+fn verify_refuses_a_graph_that_cannot_run() {
+    use taskpack_core::format::{sha256_hex, BundleWriter};
+    use taskpack_core::runtime::Bundle;
+
+    let demo = Demo::new();
+    let original = Bundle::read(&demo.path).unwrap();
+    let mut manifest = original.manifest().clone();
+    let mut sections: Vec<_> = (0..manifest.sections.len())
+        .map(|id| {
+            let bytes = original.parsed().section(original.bytes(), id as u32);
+            (manifest.sections[id].kind, bytes.unwrap().to_vec())
+        })
+        .collect();
+    manifest.sections.clear();
+    for (i, g) in manifest.graphs.iter_mut().enumerate() {
+        // Distinct bytes: graph hashes are unique (rule 19).
+        let bytes = format!("this is not an ONNX model ({i})").into_bytes();
+        g.sha256 = sha256_hex(&bytes);
+        sections[g.section as usize].1 = bytes;
+    }
+    let path = demo.dir.path().join("not-onnx.tpk");
+    let mut writer = BundleWriter::create(&path).unwrap();
+    for (kind, bytes) in &sections {
+        writer.add_section(*kind, bytes).unwrap();
+    }
+    writer.finish(manifest).unwrap();
+
+    let c_path = CString::new(path.to_str().unwrap()).unwrap();
+    let mut bundle = null_mut();
+    // SAFETY: a NUL-terminated path and a writable out-pointer.
+    expect(
+        unsafe { tp_bundle_read(c_path.as_ptr(), &mut bundle) },
+        TP_OK,
+    );
+    // SAFETY: the live bundle just made.
+    let status = unsafe { tp_bundle_verify(bundle) };
+    let message = last_error();
+    assert_eq!(status, TP_INVALID_BUNDLE, "{message}");
+    assert!(message.contains("not an ONNX model"), "{message}");
+    // SAFETY: our bundle, freed once.
+    expect(unsafe { tp_bundle_free(&mut bundle) }, TP_OK);
+}

@@ -1,7 +1,7 @@
 //! The compiler: checkpoints in, one bundle out (feature `compiler`).
 //!
 //! Readers ([`Checkpoint`]: ONNX and safetensors) feed the `pipeline`, which merges task
-//! vectors with a [`crate::merge`] method and streams sections to the bundle writer;
+//! vectors with one of the merge methods (`src/merge/`, docs/METHODS.md) and streams sections to the bundle writer;
 //! [`fidelity`] measures each task's reconstruction for the report, [`calibrate`] picks each
 //! task's setting by agreement with its original model on unlabeled inputs. (Turning a task of a
 //! bundle back into a standalone ONNX model is [`crate::export`]: it reads a bundle, it does not
@@ -16,6 +16,7 @@ mod onnx_reader;
 mod pipeline;
 mod safetensors_reader;
 
+pub use crate::merge::MergeError;
 pub use calibrate::{compile_calibrated, Calibration};
 pub use checkpoint::Checkpoint;
 pub use error::CompileError;

@@ -193,17 +193,7 @@ pub(crate) fn compile_with_reports(
     let inputs = input_records(opts, &base, &tasks);
     let report = CompileReport {
         inputs_bytes: inputs.iter().map(|i| i.bytes).sum(),
-        tasks: opts
-            .tasks
-            .iter()
-            .zip(&merged.fidelity)
-            .zip(&task_scales)
-            .zip(calibration)
-            .map(|((((name, _), f), g), calibration)| TaskReport {
-                calibration,
-                ..f.report(name, *g)
-            })
-            .collect(),
+        tasks: task_reports(opts, &merged.fidelity, &task_scales, calibration),
         private: private
             .iter()
             .map(|(n, why)| format!("{n}: {why}"))
@@ -415,7 +405,8 @@ fn write_private(
 
 /// A merged tensor (`index`: its position, which seeds DARE): the base, the merged delta
 /// rounded to its storage type, and per task its mask and scale; the fidelity of each task's
-/// reconstruction is measured against its task vector on the way.
+/// reconstruction is measured against its task vector on the way. (About 90 lines, kept whole:
+/// the rounded delta, the choice made on it and each task's module share this tensor's buffers.)
 fn write_merged(
     opts: &CompileOptions,
     writer: &mut BundleWriter,
@@ -436,7 +427,6 @@ fn write_merged(
     let shape: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
     let merged = merger.merge(&TensorView {
         index,
-        shape: &shape,
         task_vectors: &task_vectors,
     })?;
 
@@ -507,6 +497,26 @@ fn write_merged(
     })
 }
 
+/// Each task's report: the fidelity of its reconstruction (with its global scale) and its
+/// calibration, if any.
+fn task_reports(
+    opts: &CompileOptions,
+    fidelity: &[Fidelity],
+    task_scales: &[f32],
+    calibration: Vec<Option<CalibrationReport>>,
+) -> Vec<TaskReport> {
+    opts.tasks
+        .iter()
+        .zip(fidelity)
+        .zip(task_scales)
+        .zip(calibration)
+        .map(|((((name, _), f), g), calibration)| TaskReport {
+            calibration,
+            ..f.report(name, *g)
+        })
+        .collect()
+}
+
 /// The manifest's task entries: name, graph, global scale, λ, scale mode, labels and module.
 fn task_entries(
     opts: &CompileOptions,
@@ -523,7 +533,7 @@ fn task_entries(
         .map(|(i, (((name, _), tensors), graph))| TaskEntry {
             name: name.clone(),
             graph: *graph,
-            scale: task_scales.get(i).copied().unwrap_or(1.0),
+            global_scale: task_scales.get(i).copied().unwrap_or(1.0),
             // The λ the reader's rule 33 expects (the one the merge used for this task).
             lambda: crate::format::task_lambda(&opts.params, n_tasks, i),
             scale_mode: opts.scale_of(i),

@@ -126,8 +126,9 @@ pub struct TaskEntry {
     pub name: String,
     /// Index into [`Manifest::graphs`].
     pub graph: u32,
-    /// Global scale `g_t` of the task's reconstruction (EMR's rescaler; 1 otherwise).
-    pub scale: f32,
+    /// Global scale `g_t` of the task's reconstruction (EMR's rescaler; 1 otherwise). Not to be
+    /// confused with `scale_mode` (which per-tensor [`Scale`] the task's module has).
+    pub global_scale: f32,
     /// TALL / Consensus threshold used for this task, if the method has one.
     pub lambda: Option<f32>,
     /// The scaling vectors applied on top of the method for this task.

@@ -29,8 +29,8 @@ use super::layout::{
     MAX_TASK_NAME_LEN, MAX_TENSORS,
 };
 use super::manifest::{
-    Manifest, Scale, SectionEntry, SectionId, SectionKind, SizeReport, Stored, TaskTensor,
-    TensorStorage,
+    Manifest, Scale, SectionEntry, SectionId, SectionKind, SizeReport, Stored, TaskEntry,
+    TaskTensor, TensorEntry, TensorStorage,
 };
 
 /// What a section's bytes are, as established by the reference to it.
@@ -182,10 +182,52 @@ fn slice(bytes: &[u8], start: u64, end: u64) -> Result<&[u8], FormatError> {
     })
 }
 
-/// Rules 13–34 on a decoded manifest describing a data region of `data_length` bytes.
+/// Rules 13–34 on a decoded manifest describing a data region of `data_length` bytes. The order
+/// (counts, names, shapes, scalars, λ, the report, graphs, the section table, then what each
+/// task references) decides which error a manifest with several faults gets; tests/format.rs
+/// breaks one rule at a time.
 pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, FormatError> {
-    // Rule 13: counts.
-    let count = |n: usize| n as u64;
+    check_counts(m)?;
+    // Rules 14–15: names.
+    let tensors = index_names(
+        m.tensors.iter().map(|t| t.name.as_str()),
+        "tensor",
+        FormatError::DuplicateTensorName,
+    )?;
+    let tasks = index_names(
+        m.tasks.iter().map(|t| t.name.as_str()),
+        "task",
+        FormatError::DuplicateTaskName,
+    )?;
+    check_task_names_and_labels(m)?;
+    // Rules 16–17: tensor shapes.
+    let numels = m
+        .tensors
+        .iter()
+        .map(|t| layout::checked_numel(&t.shape, || t.name.clone()))
+        .collect::<Result<Vec<u64>, _>>()?;
+    check_scalars(m)?;
+    check_lambdas(m)?;
+    check_report(m)?;
+    check_graphs(m)?;
+    // Rules 21–22: the section table tiles the data region.
+    let mut claims = Claims::tile(&m.sections, data_length)?;
+    claim_shared_sections(m, &numels, &mut claims)?;
+    check_task_modules(m, &numels, &mut claims)?;
+    Ok(Checked {
+        sections: claims.finish()?,
+        tasks,
+        tensors,
+    })
+}
+
+/// A count of the manifest, for errors.
+fn count(n: usize) -> u64 {
+    n as u64
+}
+
+/// Rule 13: counts.
+fn check_counts(m: &Manifest) -> Result<(), FormatError> {
     if m.tasks.len() > MAX_TASKS {
         return Err(FormatError::TooManyTasks {
             count: count(m.tasks.len()),
@@ -210,19 +252,11 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
             max: count(MAX_GRAPHS),
         });
     }
+    Ok(())
+}
 
-    // Rules 14–15: names.
-    let tensors = index_names(
-        m.tensors.iter().map(|t| t.name.as_str()),
-        "tensor",
-        FormatError::DuplicateTensorName,
-    )?;
-    let tasks = index_names(
-        m.tasks.iter().map(|t| t.name.as_str()),
-        "task",
-        FormatError::DuplicateTaskName,
-    )?;
-
+/// Rules 31 (task names are C strings on one line) and 30 (label names).
+fn check_task_names_and_labels(m: &Manifest) -> Result<(), FormatError> {
     // Rule 31: task names are C strings on one line.
     if let Some((i, t)) = m
         .tasks
@@ -252,15 +286,11 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
             }
         })?;
     }
+    Ok(())
+}
 
-    // Rules 16–17: tensor shapes.
-    let numels = m
-        .tensors
-        .iter()
-        .map(|t| layout::checked_numel(&t.shape, || t.name.clone()))
-        .collect::<Result<Vec<u64>, _>>()?;
-
-    // Rule 18: finite scalars outside the task entries (those are checked in the task walk).
+/// Rule 18: finite scalars outside the task modules (those are checked in the task walk).
+fn check_scalars(m: &Manifest) -> Result<(), FormatError> {
     let p = &m.merge;
     finite(p.alpha, || "merge alpha".into())?;
     finite(p.density, || "merge density".into())?;
@@ -269,17 +299,20 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
         finite(l, || format!("merge lambda[{i}]"))?;
     }
     for t in &m.tasks {
-        finite(t.scale, || format!("task {:?} scale", t.name))?;
+        finite(t.global_scale, || format!("task {:?} global scale", t.name))?;
         if let Some(l) = t.lambda {
             finite(l, || format!("task {:?} lambda", t.name))?;
         }
     }
+    Ok(())
+}
 
-    // Rule 33: the merge parameters hold no λ, one for all tasks, or one per task; each task
-    // records its own.
-    if !matches!(p.lambda.len(), 0 | 1) && p.lambda.len() != m.tasks.len() {
+/// Rule 33: the merge parameters hold no λ, one for all tasks, or one per task; each task
+/// records its own.
+fn check_lambdas(m: &Manifest) -> Result<(), FormatError> {
+    if !matches!(m.merge.lambda.len(), 0 | 1) && m.merge.lambda.len() != m.tasks.len() {
         return Err(FormatError::LambdaCount {
-            found: count(p.lambda.len()),
+            found: count(m.merge.lambda.len()),
             tasks: count(m.tasks.len()),
         });
     }
@@ -293,8 +326,11 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
             });
         }
     }
+    Ok(())
+}
 
-    // Rule 34: the compile report has one entry per task, in task order.
+/// Rule 34: the compile report has one entry per task, in task order.
+fn check_report(m: &Manifest) -> Result<(), FormatError> {
     if m.report.tasks.len() != m.tasks.len() {
         return Err(FormatError::TaskReportCount {
             found: count(m.report.tasks.len()),
@@ -319,7 +355,11 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
             }
         }
     }
+    Ok(())
+}
 
+/// Rules 19 (graph hashes) and 20 (each task's graph index).
+fn check_graphs(m: &Manifest) -> Result<(), FormatError> {
     // Rule 19: graph hashes.
     let mut hashes = HashSet::with_capacity(m.graphs.len());
     for (i, g) in m.graphs.iter().enumerate() {
@@ -345,18 +385,22 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
             });
         }
     }
+    Ok(())
+}
 
-    // Rules 21–22: the section table tiles the data region.
-    let mut claims = Claims::tile(&m.sections, data_length)?;
-
-    // Rules 23–26 for graphs and tensors.
+/// Rules 23–26 for the sections graphs, the tokenizer and tensors reference.
+fn claim_shared_sections(
+    m: &Manifest,
+    numels: &[u64],
+    claims: &mut Claims,
+) -> Result<(), FormatError> {
     for (i, g) in m.graphs.iter().enumerate() {
         claims.claim(g.section, SectionKind::Graph, None, Content::Graph(i), None)?;
     }
     if let Some(id) = m.tokenizer {
         claims.claim(id, SectionKind::Tokenizer, None, Content::Tokenizer, None)?;
     }
-    for (t, &n) in m.tensors.iter().zip(&numels) {
+    for (t, &n) in m.tensors.iter().zip(numels) {
         if let TensorStorage::Merged { base, delta } = &t.storage {
             claims.claim_dense(*base, SectionKind::Base, n)?;
             if let Some(d) = delta {
@@ -364,8 +408,17 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
             }
         }
     }
+    Ok(())
+}
 
-    // Rules 27–29 (and 16–18, 23–26 for what tasks reference).
+/// Rules 27–29 and 32 (and 16–18, 23–26 for what tasks reference): each task's module has
+/// one entry per tensor, of the tensor's kind, with the scale its scale mode gives, and claims
+/// its sections.
+fn check_task_modules(
+    m: &Manifest,
+    numels: &[u64],
+    claims: &mut Claims,
+) -> Result<(), FormatError> {
     for task in &m.tasks {
         if task.tensors.len() != m.tensors.len() {
             return Err(FormatError::TaskTensorCount {
@@ -374,7 +427,7 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
                 expected: count(m.tensors.len()),
             });
         }
-        for ((tensor, &n), entry) in m.tensors.iter().zip(&numels).zip(&task.tensors) {
+        for ((tensor, &n), entry) in m.tensors.iter().zip(numels).zip(&task.tensors) {
             let mismatch = |expected, found| FormatError::TaskTensorMismatch {
                 task: task.name.clone(),
                 tensor: tensor.name.clone(),
@@ -383,59 +436,8 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
             };
             match (&tensor.storage, entry) {
                 (TensorStorage::Merged { delta, .. }, TaskTensor::Merged { mask, scale }) => {
-                    if let Scale::Tensor(s) = scale {
-                        finite(*s, || {
-                            format!("task {:?} scale of tensor {:?}", task.name, tensor.name)
-                        })?;
-                    }
-                    if delta.is_none() && (mask.is_some() || !matches!(scale, Scale::None)) {
-                        return Err(FormatError::ModuleWithoutDelta {
-                            task: task.name.clone(),
-                            tensor: tensor.name.clone(),
-                        });
-                    }
-                    // Rule 26 before rule 32: a rows scale on a scalar is reported as such.
-                    if matches!(scale, Scale::Rows(_)) && layout::rows(&tensor.shape).is_none() {
-                        return Err(FormatError::RowScaleOnScalar {
-                            task: task.name.clone(),
-                            tensor: tensor.name.clone(),
-                        });
-                    }
-                    // Rule 32: the scale is the one the task's scale mode gives.
-                    let expected = expected_scale(task.scale_mode, tensor.shape.len());
-                    if delta.is_some() && scale_name(scale) != expected {
-                        return Err(FormatError::ScaleModeMismatch {
-                            task: task.name.clone(),
-                            tensor: tensor.name.clone(),
-                            mode: task.scale_mode,
-                            expected,
-                            found: scale_name(scale),
-                        });
-                    }
-                    if let Some(id) = mask {
-                        claims.claim(
-                            *id,
-                            SectionKind::Mask,
-                            Some(layout::mask_bytes(n)),
-                            Content::Mask,
-                            Some(n),
-                        )?;
-                    }
-                    if let Scale::Rows(id) = scale {
-                        let Some(rows) = layout::rows(&tensor.shape) else {
-                            return Err(FormatError::RowScaleOnScalar {
-                                task: task.name.clone(),
-                                tensor: tensor.name.clone(),
-                            });
-                        };
-                        claims.claim(
-                            *id,
-                            SectionKind::RowScale,
-                            Some(layout::row_scale_bytes(rows)?),
-                            Content::RowScale,
-                            Some(rows),
-                        )?;
-                    }
+                    let module = (delta.is_some(), mask.as_ref(), scale);
+                    check_merged_module(task, tensor, n, module, claims)?;
                 }
                 (TensorStorage::Private, TaskTensor::Private { stored, shape }) => {
                     let pn =
@@ -451,12 +453,74 @@ pub(crate) fn check_manifest(m: &Manifest, data_length: u64) -> Result<Checked, 
             }
         }
     }
+    Ok(())
+}
 
-    Ok(Checked {
-        sections: claims.finish()?,
-        tasks,
-        tensors,
-    })
+/// One task's module entry for merged tensor `tensor` of `n` elements: `(whether the tensor has
+/// a delta, the mask, the scale)`. A finite scale, nothing without a delta, the scale the task's
+/// scale mode gives (rule 32; rule 26 first: a rows scale on a scalar is reported as such), and
+/// its mask and row-scale sections claimed at their sizes.
+fn check_merged_module(
+    task: &TaskEntry,
+    tensor: &TensorEntry,
+    n: u64,
+    (has_delta, mask, scale): (bool, Option<&SectionId>, &Scale),
+    claims: &mut Claims,
+) -> Result<(), FormatError> {
+    if let Scale::Tensor(s) = scale {
+        finite(*s, || {
+            format!("task {:?} scale of tensor {:?}", task.name, tensor.name)
+        })?;
+    }
+    if !has_delta && (mask.is_some() || !matches!(scale, Scale::None)) {
+        return Err(FormatError::ModuleWithoutDelta {
+            task: task.name.clone(),
+            tensor: tensor.name.clone(),
+        });
+    }
+    // Rule 26 before rule 32: a rows scale on a scalar is reported as such.
+    if matches!(scale, Scale::Rows(_)) && layout::rows(&tensor.shape).is_none() {
+        return Err(FormatError::RowScaleOnScalar {
+            task: task.name.clone(),
+            tensor: tensor.name.clone(),
+        });
+    }
+    // Rule 32: the scale is the one the task's scale mode gives.
+    let expected = expected_scale(task.scale_mode, tensor.shape.len());
+    if has_delta && scale_name(scale) != expected {
+        return Err(FormatError::ScaleModeMismatch {
+            task: task.name.clone(),
+            tensor: tensor.name.clone(),
+            mode: task.scale_mode,
+            expected,
+            found: scale_name(scale),
+        });
+    }
+    if let Some(id) = mask {
+        claims.claim(
+            *id,
+            SectionKind::Mask,
+            Some(layout::mask_bytes(n)),
+            Content::Mask,
+            Some(n),
+        )?;
+    }
+    if let Scale::Rows(id) = scale {
+        let Some(rows) = layout::rows(&tensor.shape) else {
+            return Err(FormatError::RowScaleOnScalar {
+                task: task.name.clone(),
+                tensor: tensor.name.clone(),
+            });
+        };
+        claims.claim(
+            *id,
+            SectionKind::RowScale,
+            Some(layout::row_scale_bytes(rows)?),
+            Content::RowScale,
+            Some(rows),
+        )?;
+    }
+    Ok(())
 }
 
 /// SHA-256 of `bytes` as 64 lowercase hex digits (the form of `GraphEntry::sha256`).

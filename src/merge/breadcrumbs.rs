@@ -59,10 +59,8 @@ mod tests {
     use super::*;
 
     fn run(alpha: f32, density: f32, gamma: f32, tvs: &[Vec<f32>]) -> Vec<f32> {
-        let shape = [tvs[0].len()];
         let view = TensorView {
             index: 0,
-            shape: &shape,
             task_vectors: tvs,
         };
         let out = Breadcrumbs {
@@ -135,7 +133,6 @@ mod tests {
         let t = tvs();
         let view = TensorView {
             index: 0,
-            shape: &[10],
             task_vectors: &t,
         };
         let mut m = Breadcrumbs {
@@ -154,14 +151,12 @@ mod tests {
         };
         let view = TensorView {
             index: 0,
-            shape: &[10],
             task_vectors: &[],
         };
         assert_eq!(m.merge(&view), Err(MergeError::NoTasks));
         let empty = vec![vec![]];
         let view = TensorView {
             index: 0,
-            shape: &[0],
             task_vectors: &empty,
         };
         assert!(m.merge(&view).unwrap().delta.is_empty());

@@ -79,7 +79,6 @@ mod tests {
     fn run(alpha: f32, min_tasks: u32, tvs: &[Vec<f32>]) -> Result<TensorMerge, MergeError> {
         let view = TensorView {
             index: 0,
-            shape: &[8],
             task_vectors: tvs,
         };
         Consensus {

@@ -186,11 +186,9 @@ mod tests {
     }
 
     fn run(m: &mut Dare, index: u64, tvs: &[Vec<f32>]) -> Vec<f32> {
-        let shape = [tvs[0].len()];
         let out = m
             .merge(&TensorView {
                 index,
-                shape: &shape,
                 task_vectors: tvs,
             })
             .unwrap();
@@ -301,7 +299,6 @@ mod tests {
         let t = tvs();
         let view = TensorView {
             index: 0,
-            shape: &[10],
             task_vectors: &t,
         };
         assert!(matches!(
@@ -314,7 +311,6 @@ mod tests {
         let mut m = dare(0.5, 0, DareBase::TaskArithmetic);
         let view = TensorView {
             index: 0,
-            shape: &[10],
             task_vectors: &[],
         };
         assert_eq!(m.merge(&view), Err(MergeError::NoTasks));

@@ -126,10 +126,8 @@ mod tests {
     }
 
     fn merge(m: &mut Emr, tvs: &[Vec<f32>]) -> Result<TensorMerge, MergeError> {
-        let shape = [tvs.first().map_or(0, Vec::len)];
         m.merge(&TensorView {
             index: 0,
-            shape: &shape,
             task_vectors: tvs,
         })
     }

@@ -49,22 +49,8 @@ mod reference_tests;
 pub struct TensorView<'a> {
     /// Position of the tensor in the model (stable across runs): seeds DARE's random drops.
     pub index: u64,
-    /// Shape of the tensor (its row-major flat length is the length of every task vector).
-    pub shape: &'a [usize],
     /// One task vector per task, `τ_t = θ_t − θ_0`, all of the same length.
     pub task_vectors: &'a [Vec<f32>],
-}
-
-impl TensorView<'_> {
-    /// Number of elements of the tensor.
-    pub fn len(&self) -> usize {
-        self.task_vectors.first().map_or(0, Vec::len)
-    }
-
-    /// True if the tensor has no element.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// What a method produces for one tensor.
@@ -120,7 +106,7 @@ pub trait Merger {
 
 impl MergeParams {
     /// Builds the merger these parameters describe, after checking their ranges.
-    pub fn merger(&self, n_tasks: usize) -> Result<Box<dyn Merger>, MergeError> {
+    pub(crate) fn merger(&self, n_tasks: usize) -> Result<Box<dyn Merger>, MergeError> {
         check_range("alpha", self.alpha, f32::MIN, f32::MAX, "a finite number")?;
         check_range("density", self.density, 0.0, 1.0, "a fraction in [0, 1]")?;
         check_range("gamma", self.gamma, 0.0, 1.0, "a fraction in [0, 1]")?;
@@ -286,7 +272,6 @@ mod tests {
     fn view(task_vectors: &[Vec<f32>]) -> TensorView<'_> {
         TensorView {
             index: 0,
-            shape: &[],
             task_vectors,
         }
     }

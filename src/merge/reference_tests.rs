@@ -193,7 +193,6 @@ fn every_method_matches_the_numpy_reference() {
             for (tensor, want) in model.tensors.iter().zip(&run.outs) {
                 let view = TensorView {
                     index: tensor.index,
-                    shape: &tensor.shape,
                     task_vectors: &tensor.taus,
                 };
                 let at = format!(

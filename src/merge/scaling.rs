@@ -1,8 +1,8 @@
 //! Closed-form scaling vectors on top of any reconstruction (ScaLearn / aTLAS spirit, data-free).
 //!
 //! For a task's reconstructed delta `d_t = m_t ⊙ δ` and its true task vector `τ_t`, the scale
-//! `s = ⟨d_t, τ_t⟩ / ‖d_t‖²` minimises `‖θ_0 + s·d_t − θ_t‖²`. [`ScaleMode::Tensor`] computes
-//! one `s` per tensor, [`ScaleMode::Row`] one per row (a slice along the first axis). Where
+//! `s = ⟨d_t, τ_t⟩ / ‖d_t‖²` minimises `‖θ_0 + s·d_t − θ_t‖²`. [`ScaleMode::Tensor`](crate::format::ScaleMode::Tensor) computes
+//! one `s` per tensor, [`ScaleMode::Row`](crate::format::ScaleMode::Row) one per row (a slice along the first axis). Where
 //! `‖d_t‖² = 0` the scale is 0 (the reconstruction adds nothing there anyway).
 //!
 //! Both reductions are accumulated in `f64` (a tensor can have millions of entries) and the
@@ -11,7 +11,6 @@
 //! row count that does not divide the length) is a [`MergeError`], never a panic.
 
 use super::MergeError;
-use crate::format::ScaleMode;
 use crate::mask::Mask;
 
 /// The closed-form scale `s = ⟨d, τ⟩ / ‖d‖²` of one tensor, with `d = m ⊙ δ` (`d = δ` without a
@@ -57,26 +56,6 @@ pub fn row_scales(
         .zip((0..).step_by(width))
         .map(|((d, t), start)| range_scale(d, mask, t, start))
         .collect())
-}
-
-/// The scales `mode` asks for, for a tensor of the given shape: none for [`ScaleMode::None`],
-/// one for [`ScaleMode::Tensor`], `shape[0]` for [`ScaleMode::Row`] (one row for a scalar,
-/// shape `[]`). Errors as [`row_scales`].
-pub fn scales(
-    mode: ScaleMode,
-    delta: &[f32],
-    mask: Option<&Mask>,
-    tau: &[f32],
-    shape: &[usize],
-) -> Result<Vec<f32>, MergeError> {
-    match mode {
-        ScaleMode::None => {
-            check_lengths(delta, mask, tau)?;
-            Ok(Vec::new())
-        }
-        ScaleMode::Tensor => Ok(vec![tensor_scale(delta, mask, tau)?]),
-        ScaleMode::Row => row_scales(delta, mask, tau, shape.first().copied().unwrap_or(1)),
-    }
 }
 
 fn check_lengths(delta: &[f32], mask: Option<&Mask>, tau: &[f32]) -> Result<(), MergeError> {
@@ -199,26 +178,5 @@ mod tests {
         ));
         assert_eq!(row_scales(&[], None, &[], 0), Ok(vec![]));
         assert_eq!(row_scales(&[], None, &[], 3), Ok(vec![0.0; 3]));
-    }
-
-    #[test]
-    fn scales_by_mode() {
-        let m = mask();
-        assert_eq!(
-            scales(ScaleMode::None, &DELTA, Some(&m), &TAU, &[3, 2]),
-            Ok(vec![])
-        );
-        assert_eq!(
-            scales(ScaleMode::Tensor, &DELTA, Some(&m), &TAU, &[3, 2]),
-            Ok(vec![f(0.7)])
-        );
-        assert_eq!(
-            scales(ScaleMode::Row, &DELTA, Some(&m), &TAU, &[3, 2]),
-            Ok(vec![f(1.2), 0.0, f(0.2)])
-        );
-        assert_eq!(
-            scales(ScaleMode::Row, &[2.0], None, &[1.0], &[]),
-            Ok(vec![0.5])
-        );
     }
 }

@@ -111,7 +111,6 @@ mod tests {
     fn run(alpha: f32, lambda: &[f32], tvs: &[Vec<f32>]) -> Result<TensorMerge, MergeError> {
         let view = TensorView {
             index: 0,
-            shape: &[8],
             task_vectors: tvs,
         };
         Tall {

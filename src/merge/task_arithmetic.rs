@@ -30,10 +30,8 @@ mod tests {
     use super::*;
 
     fn run(alpha: f32, tvs: &[Vec<f32>]) -> Result<TensorMerge, MergeError> {
-        let shape = [tvs.first().map_or(0, Vec::len)];
         TaskArithmetic { alpha }.merge(&TensorView {
             index: 0,
-            shape: &shape,
             task_vectors: tvs,
         })
     }

@@ -118,10 +118,8 @@ mod tests {
     }
 
     fn run(alpha: f32, density: f32, reduce: TiesReduce, tvs: &[Vec<f32>]) -> Vec<f32> {
-        let shape = [tvs[0].len()];
         let view = TensorView {
             index: 0,
-            shape: &shape,
             task_vectors: tvs,
         };
         let out = Ties {
@@ -180,10 +178,8 @@ mod tests {
     #[test]
     fn errors() {
         let t = tvs();
-        let shape = [8];
         let view = TensorView {
             index: 0,
-            shape: &shape,
             task_vectors: &t,
         };
         let mut bad = Ties {
@@ -200,7 +196,6 @@ mod tests {
         ));
         let empty = TensorView {
             index: 0,
-            shape: &shape,
             task_vectors: &[],
         };
         let mut ok = Ties {
@@ -212,7 +207,6 @@ mod tests {
         let zero_len = vec![vec![], vec![]];
         let view = TensorView {
             index: 0,
-            shape: &[0],
             task_vectors: &zero_len,
         };
         assert!(ok.merge(&view).unwrap().delta.is_empty());

@@ -54,7 +54,7 @@ pub fn task_tensor(
                 }
                 None => None,
             };
-            let g = t.scale;
+            let g = t.global_scale;
             match scale {
                 Scale::None => apply(out, &buffers.delta, mask, |_| g),
                 Scale::Tensor(s) => {
@@ -148,7 +148,7 @@ pub fn task_tensor_into(
                 Some(id) => Some(sized(bundle, *id, Mask::packed_len(len))?),
                 None => None,
             };
-            let g = t.scale;
+            let g = t.global_scale;
             let factor = match scale {
                 Scale::None => Factor::Uniform(g),
                 Scale::Tensor(s) => Factor::Uniform(g * s),

@@ -11,7 +11,9 @@ use tract_onnx::tract_core::ops::source::TypedSource;
 use tract_onnx::tract_core::optim::CONST_FOLD_MEM_BUDGET;
 
 use super::batchnorm::batchnorm_affine;
-use super::{tract_err, BindTimings, Buffers, Plan, Template, WeightSource, WEIGHT_ALIGN};
+use super::{
+    tract_err, BatchNormSource, BindTimings, Buffers, Plan, Template, WeightSource, WEIGHT_ALIGN,
+};
 use crate::runtime::reconstruct;
 use crate::runtime::{Bundle, Error};
 
@@ -60,8 +62,8 @@ impl Template {
             derived,
             tensors,
         } = buffers;
-        for slot in &self.slots {
-            match slot {
+        for source in &self.slots {
+            match source {
                 WeightSource::Weight {
                     tensor,
                     node,
@@ -85,29 +87,12 @@ impl Template {
                         Err(t) => lent.push(t),
                     }
                 }
-                WeightSource::BatchNorm {
-                    params: ids,
-                    epsilon,
-                    channels,
-                    dt,
-                    shape,
-                    slope,
-                    intercept,
-                } => {
+                WeightSource::BatchNorm(bn) => {
                     let reconstructing = Instant::now();
-                    for (id, out) in ids.iter().zip(params.iter_mut()) {
-                        out.clear();
-                        out.resize(*channels, 0.0);
-                        reconstruct::task_tensor_into(bundle, task, *id, out)?;
-                    }
-                    let [gamma, beta, mean, var] = &*params;
-                    let [a, b] = derived;
-                    batchnorm_affine(gamma, beta, mean, var, *epsilon, a, b);
-                    let ta = Arc::new(self.fill(tensors, *slope, *dt, shape, a)?);
-                    let tb = Arc::new(self.fill(tensors, *intercept, *dt, shape, b)?);
+                    let [ta, tb] = self.batchnorm(bundle, task, bn, params, derived, tensors)?;
                     materialize += reconstructing.elapsed();
-                    replace_by_const(&mut model, *slope, Arc::clone(&ta), &action)?;
-                    replace_by_const(&mut model, *intercept, Arc::clone(&tb), &action)?;
+                    replace_by_const(&mut model, bn.slope, Arc::clone(&ta), &action)?;
+                    replace_by_const(&mut model, bn.intercept, Arc::clone(&tb), &action)?;
                     lent.extend([ta, tb]);
                 }
             }
@@ -131,6 +116,30 @@ impl Template {
             bind: started.elapsed().saturating_sub(materialize),
         };
         Ok((plan, timings))
+    }
+
+    /// The slope and intercept of a rewritten BatchNorm for task `task`, from its four
+    /// reconstructed parameters (tract's formulas, [`batchnorm_affine`]), in pooled tensors.
+    fn batchnorm(
+        &self,
+        bundle: &Bundle,
+        task: usize,
+        bn: &BatchNormSource,
+        params: &mut [Vec<f32>; 4],
+        derived: &mut [Vec<f32>; 2],
+        pool: &mut HashMap<(DatumType, Vec<usize>), Vec<Tensor>>,
+    ) -> Result<[Arc<Tensor>; 2], Error> {
+        for (id, out) in bn.params.iter().zip(params.iter_mut()) {
+            out.clear();
+            out.resize(bn.channels, 0.0);
+            reconstruct::task_tensor_into(bundle, task, *id, out)?;
+        }
+        let [gamma, beta, mean, var] = &*params;
+        let [a, b] = derived;
+        batchnorm_affine(gamma, beta, mean, var, bn.epsilon, a, b);
+        let ta = Arc::new(self.fill(pool, bn.slope, bn.dt, &bn.shape, a)?);
+        let tb = Arc::new(self.fill(pool, bn.intercept, bn.dt, &bn.shape, b)?);
+        Ok([ta, tb])
     }
 
     /// Tensor `tensor` of task `task`, of type `dt` and `shape`, reconstructed into a pooled
@@ -351,10 +360,8 @@ pub(super) fn needs_prop_consts(model: &TypedModel, slots: &[WeightSource]) -> b
                 bound.insert(*node);
                 bound.extend(fold.iter().copied());
             }
-            WeightSource::BatchNorm {
-                slope, intercept, ..
-            } => {
-                bound.extend([*slope, *intercept]);
+            WeightSource::BatchNorm(bn) => {
+                bound.extend([bn.slope, bn.intercept]);
             }
         }
     }

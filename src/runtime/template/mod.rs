@@ -107,17 +107,21 @@ enum WeightSource {
         fold: Vec<usize>,
     },
     /// The slope and intercept replacing a `BatchNormalization` node.
-    BatchNorm {
-        /// Tensor indices of scale, bias, mean and variance.
-        params: [usize; 4],
-        epsilon: f32,
-        channels: usize,
-        dt: DatumType,
-        /// `[1, C, 1, …]`.
-        shape: Vec<usize>,
-        slope: usize,
-        intercept: usize,
-    },
+    BatchNorm(BatchNormSource),
+}
+
+/// The slope and intercept inputs of a rewritten `BatchNormalization` node.
+#[derive(Debug, Clone)]
+struct BatchNormSource {
+    /// Tensor indices of scale, bias, mean and variance.
+    params: [usize; 4],
+    epsilon: f32,
+    channels: usize,
+    dt: DatumType,
+    /// `[1, C, 1, …]`.
+    shape: Vec<usize>,
+    slope: usize,
+    intercept: usize,
 }
 
 /// Reused memory for binding. Weight tensors the bound plan does not reference (typically the
@@ -316,7 +320,7 @@ impl Template {
             });
         }
         for (bn, (dt, shape, channels)) in bns.iter().zip(bn_facts) {
-            slots.push(WeightSource::BatchNorm {
+            slots.push(WeightSource::BatchNorm(BatchNormSource {
                 params: bn.params,
                 epsilon: bn.epsilon,
                 channels,
@@ -324,15 +328,13 @@ impl Template {
                 shape,
                 slope: source_node(&typed, &bn.slope)?,
                 intercept: source_node(&typed, &bn.intercept)?,
-            });
+            }));
         }
         let weight_nodes: HashSet<usize> = slots
             .iter()
             .flat_map(|s| match s {
                 WeightSource::Weight { node, .. } => vec![*node],
-                WeightSource::BatchNorm {
-                    slope, intercept, ..
-                } => vec![*slope, *intercept],
+                WeightSource::BatchNorm(bn) => vec![bn.slope, bn.intercept],
             })
             .collect();
         let prop_consts = needs_prop_consts(&typed, &slots);
@@ -371,8 +373,8 @@ impl Template {
                 WeightSource::Weight { dt, shape, .. } => {
                     byte_len(*dt, shape).unwrap_or(usize::MAX)
                 }
-                WeightSource::BatchNorm { dt, shape, .. } => {
-                    byte_len(*dt, shape).map_or(usize::MAX, |b| b.saturating_mul(2))
+                WeightSource::BatchNorm(bn) => {
+                    byte_len(bn.dt, &bn.shape).map_or(usize::MAX, |b| b.saturating_mul(2))
                 }
             })
             .fold(0usize, usize::saturating_add);

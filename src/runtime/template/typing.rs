@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use tract_onnx::pb::{ModelProto, TensorProto};
+use tract_onnx::model::ParseResult;
+use tract_onnx::pb::{GraphProto, ModelProto, TensorProto};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::*;
 
@@ -43,7 +44,7 @@ pub(crate) struct TypedGraph {
     /// `(tensor index, name)` of the weights left as model inputs.
     pub(super) sources: Vec<(usize, String)>,
     /// Type, shape and kind (dynamic or not) of every weight the graph reads.
-    pub(super) weights: BTreeMap<usize, (DatumType, Vec<usize>, bool)>,
+    pub(super) weights: WeightFacts,
     pub(super) bns: Vec<BnRewrite>,
     /// Per rewritten BatchNorm: type and shape of its slope and intercept, and its channels.
     pub(super) bn_facts: Vec<(DatumType, Vec<usize>, usize)>,
@@ -96,6 +97,9 @@ pub(crate) fn catch_panic<T>(
 /// gives (by tensor index). BatchNorms with a dynamic parameter are rewritten first (module
 /// docs). tract runs under [`catch_panic`]; a Flatten axis outside its input's rank is reported
 /// as [`GraphProblem::BadAttribute`].
+///
+/// The steps: [`weight_facts`], the BatchNorm rewrite, [`add_constants`], [`parse`],
+/// [`declare_sources`], [`analyse`], [`declare_batchnorm_inputs`], [`into_typed`].
 pub(crate) fn type_graph(
     mut proto: ModelProto,
     graph_index: usize,
@@ -104,43 +108,107 @@ pub(crate) fn type_graph(
     symbol_values: &[(String, usize)],
 ) -> Result<TypedGraph, Error> {
     let started = Instant::now();
-    let unsupported = |reason: String| Error::Unsupported {
-        graph: graph_index,
-        reason,
+    let errors = Errors(graph_index);
+    let (by_name, weights) = weight_facts(decls, errors)?;
+    let Some(graph) = proto.graph.as_mut() else {
+        return Err(errors.problem(GraphProblem::NotOnnx {
+            reason: "the protobuf has no graph".into(),
+        }));
     };
-    let problem = |problem: GraphProblem| Error::Graph {
-        graph: graph_index,
-        problem: Box::new(problem),
-    };
+    let bns = rewrite_batchnorms(
+        graph,
+        |name| by_name.get(name).copied(),
+        |i| weights.get(&i).is_some_and(|w| w.2),
+    );
+    let sources = add_constants(graph, decls, &weights, constant, errors)?;
+    let flattens = flatten_axes(graph);
 
-    // Type, shape and kind of every weight the graph uses.
+    let mut parsed = parse(&proto, symbol_values, errors)?;
+    declare_sources(&mut parsed, &sources, &weights, &bns, errors)?;
+    analyse(&mut parsed, &flattens, errors)?;
+    let bn_facts = declare_batchnorm_inputs(&mut parsed, &bns, &weights, errors)?;
+    let parse = started.elapsed();
+    let model = into_typed(parsed.model, &flattens, errors)?;
+    Ok(TypedGraph {
+        graph: graph_index,
+        model,
+        sources,
+        weights,
+        bns,
+        bn_facts,
+        parse,
+        typing: started.elapsed().saturating_sub(parse),
+    })
+}
+
+/// The errors of one graph's typing, naming the graph.
+#[derive(Clone, Copy)]
+struct Errors(usize);
+
+impl Errors {
+    fn unsupported(self, reason: String) -> Error {
+        Error::Unsupported {
+            graph: self.0,
+            reason,
+        }
+    }
+
+    fn problem(self, problem: GraphProblem) -> Error {
+        Error::Graph {
+            graph: self.0,
+            problem: Box::new(problem),
+        }
+    }
+
+    /// A Flatten axis outside its input's rank (rule G6).
+    fn flatten_axis(self, node: &str, axis: i64, reason: String) -> Error {
+        self.problem(GraphProblem::BadAttribute {
+            node: node.to_string(),
+            op: "Flatten".into(),
+            attribute: "axis".into(),
+            value: axis.to_string(),
+            reason,
+        })
+    }
+}
+
+/// Weights by tensor index: type, shape and whether some task changes it.
+type WeightFacts = BTreeMap<usize, (DatumType, Vec<usize>, bool)>;
+
+/// Type, shape and kind of every weight the graph uses, and each one's index by name.
+fn weight_facts(
+    decls: &[WeightDecl],
+    errors: Errors,
+) -> Result<(HashMap<&str, usize>, WeightFacts), Error> {
     let mut by_name: HashMap<&str, usize> = HashMap::new();
-    let mut weights: BTreeMap<usize, (DatumType, Vec<usize>, bool)> = BTreeMap::new();
+    let mut weights = WeightFacts::new();
     for decl in decls {
         let dt = datum_type(decl.dtype).ok_or_else(|| {
-            problem(GraphProblem::WeightType {
+            errors.problem(GraphProblem::WeightType {
                 tensor: decl.name.clone(),
                 dtype: decl.dtype,
             })
         })?;
         let shape = to_usize_shape(&decl.shape)
             .filter(|s| byte_len(dt, s).is_some())
-            .ok_or_else(|| unsupported(format!("weight {:?} is too large", decl.name)))?;
+            .ok_or_else(|| errors.unsupported(format!("weight {:?} is too large", decl.name)))?;
         by_name.insert(decl.name.as_str(), decl.index);
         weights.insert(decl.index, (dt, shape, decl.dynamic));
     }
-    let Some(graph) = proto.graph.as_mut() else {
-        return Err(problem(GraphProblem::NotOnnx {
-            reason: "the protobuf has no graph".into(),
-        }));
-    };
+    Ok((by_name, weights))
+}
 
-    let bns = rewrite_batchnorms(
-        graph,
-        |name| by_name.get(name).copied(),
-        |i| weights.get(&i).is_some_and(|w| w.2),
-    );
-    // Weights still read after the rewrite (a BatchNorm's parameters may be read only by it).
+/// Puts every constant weight the graph still reads (after the BatchNorm rewrite, a
+/// BatchNorm's parameters may be read by it only) into the graph as an initializer: the same
+/// for every task, so part of the template. Returns `(tensor index, name)` of the dynamic
+/// weights it reads, which stay model inputs.
+fn add_constants(
+    graph: &mut GraphProto,
+    decls: &[WeightDecl],
+    weights: &WeightFacts,
+    constant: &mut dyn FnMut(usize) -> Result<Vec<f32>, Error>,
+    errors: Errors,
+) -> Result<Vec<(usize, String)>, Error> {
     let names = read_names(graph);
     let mut sources: Vec<(usize, String)> = Vec::new();
     for decl in decls {
@@ -154,7 +222,6 @@ pub(crate) fn type_graph(
             sources.push((decl.index, decl.name.clone()));
             continue;
         }
-        // A constant: the same for every task, so part of the template.
         let values = constant(decl.index)?;
         let mut raw = Vec::new();
         decl.dtype.encode(&values, &mut raw);
@@ -162,7 +229,7 @@ pub(crate) fn type_graph(
             .iter()
             .map(|&d| i64::try_from(d))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| unsupported(format!("weight {:?} is too large", decl.name)))?;
+            .map_err(|_| errors.unsupported(format!("weight {:?} is too large", decl.name)))?;
         graph.initializer.push(TensorProto {
             dims,
             data_type: crate::onnx::onnx_data_type(decl.dtype),
@@ -171,34 +238,57 @@ pub(crate) fn type_graph(
             ..Default::default()
         });
     }
-    let flattens = flatten_axes(graph);
+    Ok(sources)
+}
 
+/// The graph parsed by tract (with the checked operators of [`onnx_parser`]), with the
+/// symbols of `symbol_values` fixed.
+fn parse(
+    proto: &ModelProto,
+    symbol_values: &[(String, usize)],
+    errors: Errors,
+) -> Result<ParseResult, Error> {
+    let graph_index = errors.0;
     let onnx = onnx_parser();
-    let parsed = catch_panic(graph_index, "parsing the graph", || {
-        onnx.parse(&proto, None)
+    let mut parsed = catch_panic(graph_index, "parsing the graph", || {
+        onnx.parse(proto, None)
             .map_err(tract_err(format!("parse graph {graph_index}")))
     })?;
-    let mut model = parsed.model;
     if !symbol_values.is_empty() {
         let mut subs = HashMap::new();
         for (name, value) in symbol_values {
             let value = i64::try_from(*value)
-                .map_err(|_| unsupported(format!("symbol {name} = {value} is too large")))?;
-            if let Some(symbol) = model.symbols.get(name) {
+                .map_err(|_| errors.unsupported(format!("symbol {name} = {value} is too large")))?;
+            if let Some(symbol) = parsed.model.symbols.get(name) {
                 subs.insert(symbol, TDim::Val(value));
             }
         }
-        model
+        parsed
+            .model
             .set_symbols(&subs)
             .map_err(tract_err(format!("fix the symbols of graph {graph_index}")))?;
     }
-    let outlet = |name: &str| {
-        parsed
-            .outlets_by_name
-            .get(name)
-            .copied()
-            .ok_or_else(|| unsupported(format!("tract did not create an input for {name:?}")))
-    };
+    Ok(parsed)
+}
+
+/// The model input tract created for `name`.
+fn outlet(parsed: &ParseResult, name: &str, errors: Errors) -> Result<OutletId, Error> {
+    parsed
+        .outlets_by_name
+        .get(name)
+        .copied()
+        .ok_or_else(|| errors.unsupported(format!("tract did not create an input for {name:?}")))
+}
+
+/// Refuses a graph that reads a name that is neither a graph input nor a weight, and declares
+/// the type and shape of each dynamic weight's model input.
+fn declare_sources(
+    parsed: &mut ParseResult,
+    sources: &[(usize, String)],
+    weights: &WeightFacts,
+    bns: &[BnRewrite],
+    errors: Errors,
+) -> Result<(), Error> {
     let bn_names: HashSet<&str> = bns
         .iter()
         .flat_map(|b| [b.slope.as_str(), b.intercept.as_str()])
@@ -208,64 +298,75 @@ pub(crate) fn type_graph(
         .iter()
         .find(|n| !bn_names.contains(n.as_str()) && !sources.iter().any(|(_, s)| s == *n))
     {
-        return Err(unsupported(format!(
+        return Err(errors.unsupported(format!(
             "the graph reads {name:?}, which is neither a graph input nor a weight of the bundle"
         )));
     }
-    for (i, name) in &sources {
+    for (i, name) in sources {
         let Some((dt, shape, _)) = weights.get(i) else {
             continue;
         };
-        model
-            .set_outlet_fact(outlet(name)?, InferenceFact::dt_shape(*dt, shape.clone()))
+        let input = outlet(parsed, name, errors)?;
+        parsed
+            .model
+            .set_outlet_fact(input, InferenceFact::dt_shape(*dt, shape.clone()))
             .map_err(tract_err(format!("declare weight {name:?}")))?;
     }
+    Ok(())
+}
 
-    // Shape analysis: the rank and type of each BatchNorm input, and of each Flatten input. A
-    // Flatten axis past the rank makes tract panic (it slices the shape), so the axes are checked
-    // against the ranks whatever the outcome, before reporting a failure.
+/// Shape analysis: the rank and type of each BatchNorm input, and of each Flatten input. A
+/// Flatten axis past the rank makes tract panic (it slices the shape), so the axes are checked
+/// against the ranks whatever the outcome, before reporting a failure.
+fn analyse(
+    parsed: &mut ParseResult,
+    flattens: &[(String, String, i64)],
+    errors: Errors,
+) -> Result<(), Error> {
+    let graph_index = errors.0;
+    let model = &mut parsed.model;
     let analysed = catch_panic(graph_index, "analysing the graph", || {
         model
             .analyse(false)
             .map_err(tract_err(format!("analyse graph {graph_index}")))
     });
-    for (node, input, axis) in &flattens {
+    for (node, input, axis) in flattens {
         let rank = parsed
             .outlets_by_name
             .get(input)
-            .and_then(|o| model.outlet_fact(*o).ok())
+            .and_then(|o| parsed.model.outlet_fact(*o).ok())
             .and_then(|f| f.shape.rank().concretize());
         // tract leaves the facts of a failed analysis partial: the checked Flatten's own error
         // names the axis then.
         let failed_here = matches!(&analysed, Err(Error::Tract { message, .. })
             if message.contains(&format!("Flatten axis {axis} is outside")));
         if rank.is_none() && failed_here {
-            return Err(problem(GraphProblem::BadAttribute {
-                node: node.clone(),
-                op: "Flatten".into(),
-                attribute: "axis".into(),
-                value: axis.to_string(),
-                reason: "outside the rank of its input".into(),
-            }));
+            return Err(errors.flatten_axis(node, *axis, "outside the rank of its input".into()));
         }
         if let Some(rank) = rank {
             if *axis < -rank || *axis > rank {
-                return Err(problem(GraphProblem::BadAttribute {
-                    node: node.clone(),
-                    op: "Flatten".into(),
-                    attribute: "axis".into(),
-                    value: axis.to_string(),
-                    reason: format!("outside [-{rank}, {rank}] for an input of rank {rank}"),
-                }));
+                let reason = format!("outside [-{rank}, {rank}] for an input of rank {rank}");
+                return Err(errors.flatten_axis(node, *axis, reason));
             }
         }
     }
-    analysed?;
+    analysed.map(drop)
+}
 
+/// Declares the slope and intercept inputs of each rewritten BatchNorm: `[1, C, 1, …]` at the
+/// rank and float type of its input, `C` the length of its four parameters. Returns, per
+/// BatchNorm, that type and shape and `C`.
+fn declare_batchnorm_inputs(
+    parsed: &mut ParseResult,
+    bns: &[BnRewrite],
+    weights: &WeightFacts,
+    errors: Errors,
+) -> Result<Vec<(DatumType, Vec<usize>, usize)>, Error> {
     let mut bn_facts = Vec::new();
-    for bn in &bns {
-        let fact = model
-            .outlet_fact(outlet(&bn.x)?)
+    for bn in bns {
+        let fact = parsed
+            .model
+            .outlet_fact(outlet(parsed, &bn.x, errors)?)
             .map_err(tract_err("read a BatchNormalization input"))?;
         let rank = fact
             .shape
@@ -275,7 +376,7 @@ pub(crate) fn type_graph(
             .filter(|&r| r >= 2);
         let dt = fact.datum_type.concretize();
         let (Some(rank), Some(dt @ (DatumType::F32 | DatumType::F16))) = (rank, dt) else {
-            return Err(unsupported(format!(
+            return Err(errors.unsupported(format!(
                 "cannot infer a float input of rank ≥ 2 for BatchNormalization {:?}",
                 bn.node
             )));
@@ -288,7 +389,7 @@ pub(crate) fn type_graph(
         let channels = match channels.as_deref() {
             Some([[c], rest @ ..]) if rest.iter().all(|s| *s == [*c]) => *c,
             _ => {
-                return Err(unsupported(format!(
+                return Err(errors.unsupported(format!(
                     "BatchNormalization {:?}: parameters are not four vectors of one length",
                     bn.node
                 )))
@@ -299,43 +400,36 @@ pub(crate) fn type_graph(
             *c = channels;
         }
         for name in [&bn.slope, &bn.intercept] {
-            model
-                .set_outlet_fact(outlet(name)?, InferenceFact::dt_shape(dt, shape.clone()))
+            let input = outlet(parsed, name, errors)?;
+            parsed
+                .model
+                .set_outlet_fact(input, InferenceFact::dt_shape(dt, shape.clone()))
                 .map_err(tract_err(format!("declare {name:?}")))?;
         }
         bn_facts.push((dt, shape, channels));
     }
+    Ok(bn_facts)
+}
 
-    let parse = started.elapsed();
+/// The analysed model, typed; a Flatten whose axis fails the typing is named (rule G6).
+fn into_typed(
+    model: InferenceModel,
+    flattens: &[(String, String, i64)],
+    errors: Errors,
+) -> Result<TypedModel, Error> {
+    let graph_index = errors.0;
     let model = catch_panic(graph_index, "typing the graph", || {
         model
             .into_typed()
             .map_err(tract_err(format!("type graph {graph_index}")))
     });
     if let Err(Error::Tract { message, .. }) = &model {
-        // The checked Flatten fails the typing with its axis named (rule G6).
         let bad = flattens
             .iter()
             .find(|(_, _, axis)| message.contains(&format!("Flatten axis {axis} is outside")));
         if let Some((node, _, axis)) = bad {
-            return Err(problem(GraphProblem::BadAttribute {
-                node: node.clone(),
-                op: "Flatten".into(),
-                attribute: "axis".into(),
-                value: axis.to_string(),
-                reason: "outside the rank of its input".into(),
-            }));
+            return Err(errors.flatten_axis(node, *axis, "outside the rank of its input".into()));
         }
     }
-    let model = model?;
-    Ok(TypedGraph {
-        graph: graph_index,
-        model,
-        sources,
-        weights,
-        bns,
-        bn_facts,
-        parse,
-        typing: started.elapsed().saturating_sub(parse),
-    })
+    model
 }
