@@ -64,7 +64,7 @@ impl DType {
     /// both hold (callers pass `bytes.len() == out.len() * self.size()`). The same conversions
     /// as [`DType::decode_into`], without allocating: a chunk of a tensor can be decoded
     /// straight into its destination.
-    pub fn decode_slice(self, bytes: &[u8], out: &mut [f32]) {
+    pub(crate) fn decode_slice(self, bytes: &[u8], out: &mut [f32]) {
         match self {
             DType::F32 => {
                 for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {

@@ -38,18 +38,6 @@ impl Mask {
         Mask::from_fn(len, |_| true)
     }
 
-    /// Wraps packed bytes, checking the length and that pad bits are zero.
-    pub fn from_packed(len: usize, bytes: Vec<u8>) -> Option<Mask> {
-        if bytes.len() != Self::packed_len(len) {
-            return None;
-        }
-        let tail = len % 8;
-        if tail != 0 && bytes.last().is_some_and(|b| b >> tail != 0) {
-            return None;
-        }
-        Some(Mask { len, bytes })
-    }
-
     /// Number of elements the mask covers.
     pub fn len(&self) -> usize {
         self.len
@@ -66,7 +54,8 @@ impl Mask {
     }
 
     /// Number of selected elements.
-    pub fn count_ones(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn count_ones(&self) -> usize {
         self.bytes.iter().map(|b| b.count_ones() as usize).sum()
     }
 
@@ -88,12 +77,5 @@ mod tests {
         assert_eq!(m.as_bytes(), &[13, 2]);
         assert_eq!(m.count_ones(), 4);
         assert!(m.get(9) && !m.get(8) && !m.get(10));
-    }
-
-    #[test]
-    fn from_packed_rejects_set_pad_bits_and_wrong_length() {
-        assert!(Mask::from_packed(10, vec![13, 2]).is_some());
-        assert!(Mask::from_packed(10, vec![13, 4]).is_none());
-        assert!(Mask::from_packed(10, vec![13]).is_none());
     }
 }

@@ -262,7 +262,7 @@ impl Checkpoint {
     }
 
     /// [`Checkpoint::read_f32`] into a reusable buffer (cleared first).
-    pub fn read_f32_into(&self, name: &str, out: &mut Vec<f32>) -> Result<(), CompileError> {
+    pub(crate) fn read_f32_into(&self, name: &str, out: &mut Vec<f32>) -> Result<(), CompileError> {
         let index = *self
             .graph
             .index

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::onnx::OnnxError;
 
 /// How many unmatched names a [`CompileError::NameMismatch`] lists per side.
-pub const MAX_LISTED_NAMES: usize = 5;
+pub(crate) const MAX_LISTED_NAMES: usize = 5;
 
 /// Everything that can go wrong while compiling a bundle.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@ use crate::mask::Mask;
 
 /// Running sums for one task over all merged tensors.
 #[derive(Debug, Clone, Default)]
-pub struct Fidelity {
+pub(crate) struct Fidelity {
     dd: f64,
     dt: f64,
     tt: f64,
@@ -39,7 +39,7 @@ impl Fidelity {
     }
 
     /// Adds a tensor every task reconstructs as the base (no merged delta).
-    pub fn add_unchanged(&mut self, tau: &[f32]) {
+    pub(crate) fn add_unchanged(&mut self, tau: &[f32]) {
         self.tt += tau
             .iter()
             .map(|&t| f64::from(t) * f64::from(t))

@@ -10,7 +10,7 @@
 pub mod calibrate;
 pub mod checkpoint;
 pub mod error;
-pub mod fidelity;
+pub(crate) mod fidelity;
 mod memory;
 mod onnx_reader;
 mod pipeline;

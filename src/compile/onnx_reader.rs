@@ -250,7 +250,7 @@ impl OnnxReader {
     }
 
     /// Decodes weight number `index` (described by `info`) into `out`.
-    pub fn read_f32_into(
+    pub(crate) fn read_f32_into(
         &self,
         index: usize,
         info: &InitializerInfo,

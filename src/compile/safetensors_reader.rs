@@ -155,7 +155,7 @@ impl SafetensorsReader {
     }
 
     /// Decodes weight number `index` (described by `info`) into `out`.
-    pub fn read_f32_into(
+    pub(crate) fn read_f32_into(
         &self,
         path: &Path,
         index: usize,

@@ -12,7 +12,7 @@ pub const MAGIC: [u8; 8] = *b"TASKPACK";
 /// The format version this crate reads and writes.
 pub const VERSION: u32 = 2;
 /// The header flags this crate knows (none in version 2).
-pub const KNOWN_FLAGS: u32 = 0;
+pub(crate) const KNOWN_FLAGS: u32 = 0;
 
 /// The decoded header. Field order is the on-disk order; see docs/FORMAT.md §2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -51,7 +51,10 @@ pub fn numel(shape: &[u64]) -> Result<u64, FormatError> {
 
 /// Number of elements of `shape`, checked against [`MAX_RANK`] and [`MAX_ELEMENTS`]; `tensor`
 /// names the shape in errors (called only on error).
-pub fn checked_numel(shape: &[u64], tensor: impl FnOnce() -> String) -> Result<u64, FormatError> {
+pub(crate) fn checked_numel(
+    shape: &[u64],
+    tensor: impl FnOnce() -> String,
+) -> Result<u64, FormatError> {
     if shape.len() > MAX_RANK {
         return Err(FormatError::RankTooLarge {
             tensor: tensor(),
@@ -71,7 +74,7 @@ pub fn checked_numel(shape: &[u64], tensor: impl FnOnce() -> String) -> Result<u
 }
 
 /// Bytes of a dense tensor of `numel` elements of `dtype`.
-pub fn dense_bytes(numel: u64, dtype: DType) -> Result<u64, FormatError> {
+pub(crate) fn dense_bytes(numel: u64, dtype: DType) -> Result<u64, FormatError> {
     numel
         .checked_mul(dtype.size() as u64)
         .ok_or(FormatError::Overflow {
@@ -90,14 +93,14 @@ pub fn rows(shape: &[u64]) -> Option<u64> {
 }
 
 /// Bytes of a row-scale section for `rows` rows (`f32` each).
-pub fn row_scale_bytes(rows: u64) -> Result<u64, FormatError> {
+pub(crate) fn row_scale_bytes(rows: u64) -> Result<u64, FormatError> {
     rows.checked_mul(4).ok_or(FormatError::Overflow {
         what: "byte length of row scales",
     })
 }
 
 /// `x` rounded up to the next multiple of [`ALIGNMENT`].
-pub fn align_up(x: u64) -> Result<u64, FormatError> {
+pub(crate) fn align_up(x: u64) -> Result<u64, FormatError> {
     x.checked_next_multiple_of(ALIGNMENT)
         .ok_or(FormatError::Overflow {
             what: "aligned offset",
@@ -112,14 +115,15 @@ pub fn end(offset: u64, length: u64) -> Result<u64, FormatError> {
 }
 
 /// Number of zero padding bytes written after a section ending at `end` (data-region relative).
-pub fn padding_after(end: u64) -> Result<u64, FormatError> {
+#[cfg(feature = "compiler")]
+pub(crate) fn padding_after(end: u64) -> Result<u64, FormatError> {
     // align_up(end) >= end, so the subtraction cannot wrap.
     Ok(align_up(end)? - end)
 }
 
 /// Bytes of an in-memory tensor of `elem_size`-byte elements and shape `dims` (a weight being
 /// bound, a batch of token ids), `None` if it overflows `usize`.
-pub fn tensor_bytes(elem_size: usize, dims: &[usize]) -> Option<usize> {
+pub(crate) fn tensor_bytes(elem_size: usize, dims: &[usize]) -> Option<usize> {
     dims.iter()
         .try_fold(elem_size, |acc, &d| acc.checked_mul(d))
 }
@@ -141,7 +145,7 @@ pub const fn row_scale_count(bytes: usize) -> Option<usize> {
 
 /// Converts a file offset or length that has been validated against the real file length to
 /// `usize` (always succeeds then; fails cleanly otherwise).
-pub fn to_usize(x: u64) -> Result<usize, FormatError> {
+pub(crate) fn to_usize(x: u64) -> Result<usize, FormatError> {
     usize::try_from(x).map_err(|_| FormatError::Overflow {
         what: "offset or length as usize",
     })
@@ -161,7 +165,13 @@ mod tests {
             align_up(u64::MAX - 3),
             Err(FormatError::Overflow { .. })
         ));
+    }
+
+    #[cfg(feature = "compiler")]
+    #[test]
+    fn padding_after_a_section() {
         assert_eq!(padding_after(70).ok(), Some(58));
+        assert_eq!(padding_after(128).ok(), Some(0));
     }
 
     #[test]

@@ -122,19 +122,9 @@ impl BundleWriter {
         Ok(w)
     }
 
-    /// The destination path.
-    pub fn out_path(&self) -> &Path {
-        &self.out_path
-    }
-
     /// The temporary file being written (removed or renamed by the time the writer is gone).
     pub fn temp_path(&self) -> &Path {
         &self.tmp_path
-    }
-
-    /// Number of sections added so far (the next section's id).
-    pub fn section_count(&self) -> usize {
-        self.sections.len()
     }
 
     /// Runs a write on the file, turning failures into [`FormatError::Io`] and poisoning the

@@ -375,7 +375,7 @@ pub(super) fn needs_prop_consts(model: &TypedModel, slots: &[WeightSource]) -> b
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "compiler"))]
 mod tests {
     use super::super::stored::graph_weights;
     use super::super::TemplateKey;
@@ -383,7 +383,6 @@ mod tests {
 
     /// Folding each weight's chain as it is reconstructed gives the plan tract's constant
     /// propagation gives: the same outputs, bit for bit, on every demo task.
-    #[cfg(feature = "compiler")]
     #[test]
     fn eager_folding_matches_constant_propagation() {
         use crate::compile::{compile, CompileOptions};

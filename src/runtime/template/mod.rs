@@ -204,7 +204,7 @@ fn byte_len(dt: DatumType, shape: &[usize]) -> Option<usize> {
 impl Template {
     /// Builds the template of `key` (parse, type, declutter, optimize: once per graph).
     /// `task` is any task using the template (it provides the shapes of private tensors).
-    #[cfg(test)]
+    #[cfg(all(test, feature = "compiler"))]
     pub(crate) fn build(
         bundle: &Bundle,
         key: &TemplateKey,

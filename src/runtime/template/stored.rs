@@ -46,7 +46,7 @@ pub(crate) fn weights_read(proto: &ModelProto, by_name: &HashMap<&str, usize>) -
 }
 
 /// Tensor indices (into the manifest) of the weights graph `graph` uses, ascending.
-#[cfg(test)]
+#[cfg(all(test, feature = "compiler"))]
 pub(crate) fn graph_weights(
     bundle: &Bundle,
     graph: usize,
