@@ -105,7 +105,7 @@ struct Outputs {
 
 /// Compiles like [`crate::compile::compile`], choosing each calibrated task's λ and scale mode
 /// by agreement with its original model (module docs). The report records every candidate's
-/// agreement per task.
+/// agreement per task. (About 85 lines: the two rounds of the module docs, in order.)
 pub fn compile_calibrated(
     opts: &CompileOptions,
     calibration: &Calibration,
@@ -366,8 +366,9 @@ fn with_weights(path: &Path, graph: Option<&Path>, task: &str) -> Result<Vec<u8>
     })
 }
 
-/// Compiles a bundle with `settings` into a scratch file and scores every calibrated task that
-/// has not been scored with its setting yet.
+/// Compiles a bundle with `settings` into the round's bundle file and scores every calibrated
+/// task that has not been scored with its setting yet. (About 85 lines: the compile, then
+/// the tasks scored on worker threads, joined in task order.)
 fn evaluate(
     opts: &CompileOptions,
     settings: &[Setting],
