@@ -44,6 +44,7 @@ fn weights(path: &Path) -> Weights {
 fn options(method: Method, tasks: &[(String, PathBuf)], out: &Path) -> CompileOptions {
     CompileOptions {
         delta_dtype: DType::F32,
+        base_dtype: None,
         auto_private: false,
         ..CompileOptions::new(demo().join("base.onnx"), tasks.to_vec(), method, out)
     }
@@ -86,6 +87,70 @@ fn tall_export_is_base_plus_masked_sum_bit_for_bit() {
                 let sum = taus.iter().fold(0.0f32, |acc, x| acc + x);
                 let keep = taus[t].abs() > lambda * (sum - taus[t]).abs();
                 let expected = if keep { b[i] + sum } else { b[i] };
+                assert_eq!(
+                    got_values[i].to_bits(),
+                    expected.to_bits(),
+                    "{name}/{tensor}[{i}]"
+                );
+            }
+        }
+    }
+}
+
+/// `base_dtype: f16`: the base of each merged matrix of at least 4096 elements (the demo's
+/// `fc.weight`, 32 × 784) is stored rounded to f16 and the task vectors are taken from that
+/// rounded base; biases, BatchNorm weights and the small convolutions keep f32. The TALL export
+/// is then computed by hand from the rounded base (rounding by the `half` crate), bit for bit,
+/// and the base bytes are what those storage types give.
+#[test]
+fn tall_with_an_f16_base_is_the_rounded_base_plus_masked_sum_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tall-f16-base.tpk");
+    let tasks = demo_tasks();
+    let opts = CompileOptions {
+        base_dtype: Some(DType::F16),
+        ..options(Method::Tall, &tasks, &out)
+    };
+    let lambda = opts.params.lambda[0];
+    let bundle = compile(&opts, &mut |_| {}).unwrap();
+    let large = |dims: &[i64]| dims.len() >= 2 && dims.iter().product::<i64>() >= 4096;
+
+    let mut expected_base_bytes = 0u64;
+    let mut rounded = 0;
+    for t in &bundle.manifest().tensors {
+        if let taskpack::format::TensorStorage::Merged { base, .. } = &t.storage {
+            let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            let want = if large(&dims) { DType::F16 } else { DType::F32 };
+            assert_eq!(base.dtype, want, "{}", t.name);
+            rounded += usize::from(want == DType::F16);
+            expected_base_bytes += t.shape.iter().product::<u64>() * want.size() as u64;
+        }
+    }
+    assert_eq!(rounded, 1, "fc.weight is the demo's one large matrix");
+    assert_eq!(bundle.sizes().base, expected_base_bytes);
+
+    let base = weights(&demo().join("base.onnx"));
+    let thetas: Vec<Weights> = tasks.iter().map(|(_, p)| weights(p)).collect();
+    for (t, (name, _)) in tasks.iter().enumerate() {
+        let got = export(&bundle, name);
+        for (tensor, (dims, b)) in &base {
+            if expected_private(tensor, &thetas, &base) {
+                continue;
+            }
+            let round = |v: f32| {
+                if large(dims) {
+                    half::f16::from_f32(v).to_f32()
+                } else {
+                    v
+                }
+            };
+            let got_values = &got[tensor].1;
+            for i in 0..b.len() {
+                let b = round(b[i]);
+                let taus: Vec<f32> = thetas.iter().map(|w| w[tensor].1[i] - b).collect();
+                let sum = taus.iter().fold(0.0f32, |acc, x| acc + x);
+                let keep = taus[t].abs() > lambda * (sum - taus[t]).abs();
+                let expected = if keep { b + sum } else { b };
                 assert_eq!(
                     got_values[i].to_bits(),
                     expected.to_bits(),

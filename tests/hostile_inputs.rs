@@ -575,3 +575,52 @@ fn the_reader_reads_numpy_files() {
         Err(NpzError::SizeMismatch { available: 8, .. })
     ));
 }
+
+/// Found by the `text` fuzz target (docs/FUZZING.md): a tokenizer.json with a JSON syntax error
+/// inside its `decoder` object makes the `tokenizers` crate panic (an `expect` in its decoder
+/// helper) instead of returning an error. Before: `Error::EnginePanic` from the panic guard,
+/// with the panic's message printed on stderr. Now the JSON is checked first, the same way by
+/// the classifier and the compiler: a typed error, no panic.
+#[test]
+fn a_tokenizer_with_a_syntax_error_in_its_decoder_is_refused_without_a_panic() {
+    let good = std::fs::read_to_string(text_models().join("tokenizer.json")).unwrap();
+    let broken = good.replacen(
+        "\"decoder\": {",
+        "\"decoder\": {\n    \"type\":\"cake\": 51,",
+        1,
+    );
+    assert_ne!(broken, good);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The runtime: a bundle carrying it (written around the compiler, which refuses it).
+    let valid = text_bundle(dir.path(), "valid", Some(good.into_bytes()));
+    let bundle = crate::hostile_graphs::rewrite(&Bundle::read(&valid).unwrap(), |m, sections| {
+        let id = m.tokenizer.unwrap() as usize;
+        sections[id].1 = broken.clone().into_bytes();
+    });
+    let engine = Engine::new(Arc::new(bundle), EngineOptions::default()).unwrap();
+    let err = TextClassifier::new(Arc::new(engine)).unwrap_err();
+    assert!(
+        matches!(&err, Error::TokenizerParse { message } if message.starts_with("it is not JSON: expected `,` or `}`")),
+        "{err}"
+    );
+
+    // The compiler: one line, no panic message.
+    let bad = dir.path().join("broken-tokenizer.json");
+    std::fs::write(&bad, &broken).unwrap();
+    let out = dir.path().join("out.tpk");
+    let (ok, _, stderr) = cli(&[
+        "compile",
+        "--base",
+        text_models().join("base.onnx").to_str().unwrap(),
+        "--task",
+        &format!("mood={}", text_models().join("mood.onnx").display()),
+        "--tokenizer",
+        bad.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_one_line_error(ok, &stderr, "it is not JSON");
+    assert!(!out.exists());
+}

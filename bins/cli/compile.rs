@@ -53,6 +53,10 @@ pub struct CompileArgs {
     /// Storage type of the merged delta (f16 halves it at no measured accuracy cost).
     #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16"])]
     pub delta_dtype: String,
+    /// Storage type of the base weights of merged matrices (default: the checkpoint's). Biases,
+    /// normalization weights and tensors under 4096 elements keep their own type.
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    pub base_dtype: Option<String>,
     /// ONNX graph whose initializers safetensors checkpoints fill.
     #[arg(long, value_name = "G.onnx")]
     pub graph: Option<PathBuf>,
@@ -141,6 +145,12 @@ impl CompileArgs {
             delta_dtype: self
                 .delta_dtype
                 .parse::<DType>()
+                .map_err(anyhow::Error::msg)?,
+            base_dtype: self
+                .base_dtype
+                .as_deref()
+                .map(str::parse::<DType>)
+                .transpose()
                 .map_err(anyhow::Error::msg)?,
             auto_private: !self.no_auto_private,
             output: self.output.clone(),

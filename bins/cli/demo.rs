@@ -39,6 +39,9 @@ pub struct DemoArgs {
     /// Storage type of the merged delta.
     #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16"])]
     pub delta_dtype: String,
+    /// Storage type of the base weights of merged matrices (default: the checkpoint's).
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    pub base_dtype: Option<String>,
     /// Where to write the bundle.
     #[arg(short, long, default_value = "target/demo.tpk")]
     pub output: PathBuf,
@@ -122,6 +125,7 @@ fn compile_demo(a: &DemoArgs, tasks: &[(String, PathBuf)]) -> Result<Bundle> {
         private: None,
         no_auto_private: false,
         delta_dtype: a.delta_dtype.clone(),
+        base_dtype: a.base_dtype.clone(),
         graph: None,
         tokenizer: None,
         labels: Vec::new(),

@@ -44,6 +44,10 @@ pub struct CompileOptions {
     pub private: Option<Regex>,
     /// Storage type of the merged delta.
     pub delta_dtype: DType,
+    /// Storage type of the base weights of merged tensors (`None`: each tensor's own type). Only
+    /// tensors of rank ≥ 2 with at least [`BASE_DTYPE_MIN_ELEMENTS`] elements take it; biases,
+    /// normalization weights and other small tensors keep their own type (see [`base_dtype_of`]).
+    pub base_dtype: Option<DType>,
     /// Keep tensors whose relative change dwarfs the rest of the model (fresh heads) private.
     pub auto_private: bool,
     /// Output bundle path.
@@ -72,6 +76,7 @@ impl CompileOptions {
             scale: vec![ScaleMode::None; n],
             private: None,
             delta_dtype: DType::F16,
+            base_dtype: None,
             auto_private: true,
             output: output.into(),
             tokenizer: None,
@@ -82,6 +87,22 @@ impl CompileOptions {
     /// The scale mode of task `t` (none if `scale` is short).
     fn scale_of(&self, t: usize) -> ScaleMode {
         self.scale.get(t).copied().unwrap_or(ScaleMode::None)
+    }
+}
+
+/// Fewest elements a tensor needs for `CompileOptions::base_dtype` to apply to it.
+pub const BASE_DTYPE_MIN_ELEMENTS: u64 = 4096;
+
+/// The type the base of a merged tensor is stored in: `base_dtype` for matrices and larger
+/// tensors of at least [`BASE_DTYPE_MIN_ELEMENTS`] elements (where the bytes are), the tensor's
+/// own type for the rest (biases, LayerNorm and BatchNorm weights: few bytes, and a rounding
+/// there moves every activation of a channel).
+pub fn base_dtype_of(info: &InitializerInfo, base_dtype: Option<DType>) -> DType {
+    let large = info.shape.len() >= 2
+        && crate::format::layout::numel(&info.shape).is_ok_and(|n| n >= BASE_DTYPE_MIN_ELEMENTS);
+    match base_dtype {
+        Some(dtype) if large => dtype,
+        _ => info.dtype,
     }
 }
 
@@ -416,7 +437,11 @@ fn write_merged(
     out: &mut MergedTensors,
     encoded: &mut Vec<u8>,
 ) -> Result<TensorEntry, CompileError> {
-    let b = base.read_f32(&info.name)?;
+    // The base as stored (rounded to its storage type): task vectors are taken from it, so the
+    // merge, the masks and the fidelity all see what a reader will reconstruct from.
+    let base_dtype = base_dtype_of(info, opts.base_dtype);
+    let mut b = base.read_f32(&info.name)?;
+    b.iter_mut().for_each(|v| *v = base_dtype.round(*v));
     let task_vectors = tasks
         .iter()
         .map(|t| {
@@ -431,7 +456,7 @@ fn write_merged(
     })?;
 
     encoded.clear();
-    info.dtype.encode(&b, encoded);
+    base_dtype.encode(&b, encoded);
     let base_section = writer.add_section(SectionKind::Base, encoded)?;
 
     // What a reader will see after storage rounding.
@@ -490,7 +515,7 @@ fn write_merged(
         storage: TensorStorage::Merged {
             base: Stored {
                 section: base_section,
-                dtype: info.dtype,
+                dtype: base_dtype,
             },
             delta: delta_stored,
         },
@@ -613,8 +638,10 @@ fn check_tokenizer(bytes: &[u8]) -> Result<(), CompileError> {
     };
     #[cfg(feature = "text")]
     {
-        // The tokenizers crate asserts on some inputs: a panic is a refusal too.
-        let loaded = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(text));
+        // The runtime's loader (JSON syntax first: the tokenizers crate panics on some syntax
+        // errors); a panic it still has is a refusal too.
+        let loaded =
+            std::panic::catch_unwind(|| crate::runtime::text::parse_tokenizer(text.as_bytes()));
         match loaded {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(CompileError::Tokenizer(format!(

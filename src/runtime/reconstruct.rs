@@ -565,6 +565,7 @@ mod tests {
             let opts = CompileOptions {
                 scale: (0..tasks.len()).map(|t| modes[(t + k) % 3]).collect(),
                 delta_dtype,
+                base_dtype: [None, Some(DType::BF16), Some(DType::F16)][k % 3],
                 ..CompileOptions::new(demo.join("base.onnx"), tasks.clone(), method, &out)
             };
             drop(compile(&opts, &mut |_| {}).unwrap());
