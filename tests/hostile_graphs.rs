@@ -19,7 +19,9 @@ use taskpack::format::Method;
 use taskpack::format::{
     BundleWriter, Manifest, SectionKind, Stored, TaskTensor, TensorEntry, TensorStorage,
 };
-use taskpack::runtime::{check_graphs, Bundle, Engine, EngineOptions, Error, GraphProblem};
+use taskpack::runtime::{
+    check_graphs, Bundle, Engine, EngineOptions, Error, GraphProblem, MAX_CONSTANT_SHAPE_ELEMENTS,
+};
 use tract_onnx::pb::attribute_proto::AttributeType;
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
@@ -252,21 +254,34 @@ fn g4_windowed_attributes_out_of_range() {
     assert_bad_attribute(&p, "MaxPool", "strides");
 }
 
-#[test]
-fn g4_constant_of_shape_with_a_negative_shape() {
-    let p = problem(with_graphs(|m| {
+/// The fixture with a node `hostile` of type `op` whose shape input is the constant `shape`
+/// (`ConstantOfShape`: its only input; `Expand`: its second, the first being a scalar), and its
+/// output made a graph output.
+fn with_constant_shape(op: &str, shape: Vec<i64>) -> Bundle {
+    let op = op.to_string();
+    with_graphs(move |m| {
         let graph = m.graph.as_mut().unwrap();
         graph.initializer.push(TensorProto {
             name: "hostile_shape".into(),
-            dims: vec![2],
+            dims: vec![shape.len() as i64],
             data_type: DataType::Int64 as i32,
-            int64_data: vec![-1, 4],
+            int64_data: shape.clone(),
             ..Default::default()
         });
+        let mut input = vec!["hostile_shape".to_string()];
+        if op == "Expand" {
+            graph.initializer.push(TensorProto {
+                name: "hostile_one".into(),
+                data_type: DataType::Float as i32,
+                float_data: vec![1.0],
+                ..Default::default()
+            });
+            input.insert(0, "hostile_one".into());
+        }
         graph.node.push(NodeProto {
             name: "hostile".into(),
-            op_type: "ConstantOfShape".into(),
-            input: vec!["hostile_shape".into()],
+            op_type: op.clone(),
+            input,
             output: vec!["hostile_out".into()],
             ..Default::default()
         });
@@ -274,16 +289,44 @@ fn g4_constant_of_shape_with_a_negative_shape() {
             name: "hostile_out".into(),
             ..Default::default()
         });
-    }));
+    })
+}
+
+#[test]
+fn g4_constant_of_shape_with_a_negative_shape() {
+    let p = problem(with_constant_shape("ConstantOfShape", vec![-1, 4]));
     assert_eq!(
         p,
         GraphProblem::BadShape {
             node: "hostile".into(),
+            op: "ConstantOfShape".into(),
             input: "hostile_shape".into(),
             shape: vec![-1, 4],
             reason: "has a negative dimension".into()
         }
     );
+}
+
+/// A constant shape asking for 2^40 elements (4 TiB of f32) is refused before tract folds or
+/// runs it, for `ConstantOfShape` and `Expand`; 2^28 (the cap) is not refused by G4.
+#[test]
+fn g4_constant_shapes_asking_for_huge_tensors() {
+    for op in ["ConstantOfShape", "Expand"] {
+        let p = problem(with_constant_shape(op, vec![1 << 20, 1 << 20]));
+        let want = format!(
+            "asks for 1099511627776 elements, more than the {MAX_CONSTANT_SHAPE_ELEMENTS} a graph \
+             may create from a constant shape"
+        );
+        match &p {
+            GraphProblem::BadShape {
+                op: got, reason, ..
+            } => {
+                assert_eq!((got.as_str(), reason.as_str()), (op, want.as_str()))
+            }
+            other => panic!("{op}: {other}"),
+        }
+    }
+    assert_eq!(MAX_CONSTANT_SHAPE_ELEMENTS, 1 << 28);
 }
 
 #[test]

@@ -18,7 +18,8 @@
 //!   runs under `catch_unwind` as a backstop: a panic is [`GraphProblem::Panic`], not a crash.
 //!
 //! What the checks do not promise: that every input a caller gives runs (shapes are checked per
-//! call), nor that a graph whose constant shapes ask for huge tensors fits in memory.
+//! call), nor that a graph that computes a huge shape at run time (from its inputs, or through
+//! `Range`) fits in memory; constant shapes of `ConstantOfShape` and `Expand` are capped (G4).
 
 use std::collections::{HashMap, HashSet};
 
@@ -29,6 +30,11 @@ use crate::dtype::DType;
 use crate::runtime::engine::IoInfo;
 use crate::runtime::template::{self, Template, TemplateKey, TypedGraph, WeightDecl};
 use crate::runtime::{Bundle, Error};
+
+/// Most elements a `ConstantOfShape` or `Expand` with a constant shape may produce (2^28: 1 GiB
+/// of `f32`), so that a hostile graph cannot make tract allocate terabytes while it folds
+/// constants or runs (rule G4).
+pub const MAX_CONSTANT_SHAPE_ELEMENTS: u64 = 1 << 28;
 
 /// What is wrong with a stored graph (docs/FORMAT.md §6, rules G1–G7); carried by
 /// [`Error::Graph`] with the graph's index.
@@ -85,11 +91,14 @@ pub enum GraphProblem {
         /// What is wrong with it.
         reason: String,
     },
-    /// G4: a `ConstantOfShape` whose constant shape has a negative dimension or overflows.
-    #[error("node {node:?} (ConstantOfShape): its shape {shape:?} (input {input:?}) {reason}")]
+    /// G4: a `ConstantOfShape` or `Expand` whose constant shape has a negative dimension or
+    /// asks for more than [`MAX_CONSTANT_SHAPE_ELEMENTS`] elements.
+    #[error("node {node:?} ({op}): its shape {shape:?} (input {input:?}) {reason}")]
     BadShape {
         /// The node's name.
         node: String,
+        /// Its operator.
+        op: String,
         /// The shape input's name.
         input: String,
         /// The shape.
@@ -217,8 +226,14 @@ fn check_scope<'a>(
             });
         }
         check_attributes(node, index)?;
-        if node.op_type == "ConstantOfShape" && is_onnx_domain(node) {
-            check_constant_of_shape(node, index, &scope)?;
+        // The shape input: ConstantOfShape's first, Expand's second.
+        let shape_input = match node.op_type.as_str() {
+            "ConstantOfShape" => node.input.first(),
+            "Expand" => node.input.get(1),
+            _ => None,
+        };
+        if let Some(input) = shape_input.filter(|_| is_onnx_domain(node)) {
+            check_constant_shape(node, index, input, &scope)?;
         }
         for attr in &node.attribute {
             for sub in attr.g.iter().chain(&attr.graphs) {
@@ -287,20 +302,19 @@ fn check_attributes(node: &NodeProto, index: usize) -> Result<(), GraphProblem> 
 
 /// G4 for `ConstantOfShape`: a constant shape has no negative dimension and its element count
 /// does not overflow.
-fn check_constant_of_shape(
+fn check_constant_shape(
     node: &NodeProto,
     index: usize,
+    input: &str,
     scope: &Scope<'_>,
 ) -> Result<(), GraphProblem> {
-    let Some(input) = node.input.first() else {
-        return Ok(());
-    };
-    let Some(shape) = scope.constants.get(input.as_str()).and_then(|t| int64s(t)) else {
+    let Some(shape) = scope.constants.get(input).and_then(|t| int64s(t)) else {
         return Ok(());
     };
     let bad = |reason: &str| GraphProblem::BadShape {
         node: node_label(node, index),
-        input: input.clone(),
+        op: node.op_type.clone(),
+        input: input.to_string(),
         shape: shape.clone(),
         reason: reason.to_string(),
     };
@@ -310,10 +324,14 @@ fn check_constant_of_shape(
     let elements = shape
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d.unsigned_abs()));
-    if elements.and_then(|n| i64::try_from(n).ok()).is_none() {
-        return Err(bad("has more elements than fit in 63 bits"));
+    match elements {
+        None => Err(bad("has more elements than fit in 64 bits")),
+        Some(n) if n > MAX_CONSTANT_SHAPE_ELEMENTS => Err(bad(&format!(
+            "asks for {n} elements, more than the {MAX_CONSTANT_SHAPE_ELEMENTS} a graph may \
+             create from a constant shape"
+        ))),
+        Some(_) => Ok(()),
     }
-    Ok(())
 }
 
 /// The values of an `INT64` tensor (`int64_data` or little-endian `raw_data`), `None` for any

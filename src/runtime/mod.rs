@@ -17,7 +17,7 @@ pub mod text;
 
 pub use argmax::argmax;
 pub use bundle::Bundle;
-pub use check::{check_graphs, GraphProblem};
+pub use check::{check_graphs, GraphProblem, MAX_CONSTANT_SHAPE_ELEMENTS};
 pub use engine::{BoundTask, Engine, EngineOptions, EngineStats, IoInfo};
 pub use error::Error;
 #[cfg(feature = "compiler")]
