@@ -47,7 +47,7 @@ pub(super) fn rss_child(a: &BenchArgs, which: &str) -> Result<()> {
         drop(probe);
         let engine = Engine::new(bundle, EngineOptions::with_cache_bytes(one))?;
         for task in (0..n).chain(0..n) {
-            let data = inputs(&engine.input_facts(task)?, a.batch)?;
+            let data = inputs(&engine.input_facts(task)?, a.batch, a.seq)?;
             black_box(engine.run(task, tvalues(&data))?);
         }
     } else if let Some(path) = which.strip_prefix("tract=") {
@@ -72,7 +72,7 @@ pub(super) fn rss_child(a: &BenchArgs, which: &str) -> Result<()> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let data = inputs(&facts, a.batch)?;
+        let data = inputs(&facts, a.batch, a.seq)?;
         black_box(model.run(tvalues(&data))?);
     } else {
         bail!("unknown --rss-child workload {which}");
@@ -90,6 +90,8 @@ pub(super) fn rss_of_child(a: &BenchArgs, which: &str) -> Result<(u64, u64)> {
         .arg(&a.bundle)
         .arg("--batch")
         .arg(a.batch.to_string())
+        .arg("--seq")
+        .arg(a.seq.to_string())
         .arg("--rss-child")
         .arg(which)
         .output()?;

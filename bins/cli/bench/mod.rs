@@ -20,7 +20,7 @@ use tract_onnx::prelude::*;
 
 use memory::{rss_child, rss_of_child};
 use timing::{measure, measure_blocks, measure_pair, ms, ratio, us};
-use workload::{input_symbols, inputs, tvalues};
+use workload::{input_symbols, inputs, symbolic_size, tvalues};
 
 /// Arguments of `taskpack bench`.
 #[derive(Args, Debug)]
@@ -30,6 +30,10 @@ pub struct BenchArgs {
     /// Only this task (default: every task).
     #[arg(long)]
     pub task: Option<String>,
+    /// Sequence length for symbolic input dimensions past the first (token inputs of text
+    /// models).
+    #[arg(long, default_value_t = 64)]
+    pub seq: usize,
     /// Batch size for symbolic input dimensions.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -82,11 +86,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         None => (0..n).collect(),
     };
     println!(
-        "{}: {} tasks, {} graphs; batch {}, single thread, medians over ≥ {} ms per measurement",
+        "{}: {} tasks, {} graphs; batch {} (sequence {} where a later dimension is symbolic), \
+         single thread, medians over ≥ {} ms per measurement",
         a.bundle.display(),
         n,
         bundle.manifest().graphs.len(),
         a.batch,
+        a.seq,
         a.millis
     );
     println!(
@@ -244,7 +250,7 @@ fn inference(
     onnx: &[u8],
     budget: Duration,
 ) -> Result<[Duration; 4]> {
-    let data = inputs(&engine.input_facts(task)?, a.batch)?;
+    let data = inputs(&engine.input_facts(task)?, a.batch, a.seq)?;
     let plain = load(onnx)?;
     let (engine_run, tract) = measure_pair(
         budget,
@@ -264,7 +270,9 @@ fn inference(
     let fixed = fixed.into_optimized()?.into_runnable()?;
     let options = input_symbols(onnx)?
         .into_iter()
-        .fold(EngineOptions::default(), |o, s| o.with_symbol(s, a.batch));
+        .fold(EngineOptions::default(), |o, (s, axis)| {
+            o.with_symbol(s, symbolic_size(axis, a.batch, a.seq))
+        });
     let fixed_engine = Engine::new(Arc::clone(bundle), options)?;
     fixed_engine.prepare(task)?;
     let (engine_fixed, tract_fixed) = measure_pair(

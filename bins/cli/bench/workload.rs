@@ -5,14 +5,26 @@ use anyhow::Result;
 use taskpack::runtime::IoInfo;
 use tract_onnx::prelude::*;
 
+/// The size bench gives a symbolic dimension on axis `axis`: the batch on the first axis, the
+/// sequence length on any other (a text model's `[batch, sequence]` token inputs).
+pub(super) fn symbolic_size(axis: usize, batch: usize, seq: usize) -> usize {
+    if axis == 0 {
+        batch
+    } else {
+        seq
+    }
+}
+
 /// Deterministic pseudo-random inputs in [0, 1) (floats) or ones (integers: valid token ids and
-/// attention masks), symbolic dimensions = `batch`.
-pub(super) fn inputs(facts: &[IoInfo], batch: usize) -> Result<TVec<Tensor>> {
+/// attention masks), symbolic dimensions sized by [`symbolic_size`].
+pub(super) fn inputs(facts: &[IoInfo], batch: usize, seq: usize) -> Result<TVec<Tensor>> {
     let mut state = 0x2545_f491_4f6c_dd1du64;
     facts
         .iter()
         .map(|f| {
-            let shape: Vec<usize> = f.shape.iter().map(|d| d.unwrap_or(batch)).collect();
+            let shape: Vec<usize> = (f.shape.iter().enumerate())
+                .map(|(axis, d)| d.unwrap_or_else(|| symbolic_size(axis, batch, seq)))
+                .collect();
             let mut t = Tensor::zero_dt(f.dtype, &shape)?;
             if f.dtype == DatumType::F32 {
                 for v in t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()? {
@@ -36,8 +48,9 @@ pub(super) fn tvalues(inputs: &TVec<Tensor>) -> TVec<TValue> {
     inputs.iter().map(|t| t.clone().into_tvalue()).collect()
 }
 
-/// The symbolic dimension names (`dim_param`) of the model's graph inputs.
-pub(super) fn input_symbols(onnx: &[u8]) -> Result<Vec<String>> {
+/// The symbolic dimension names (`dim_param`) of the model's graph inputs, each with the first
+/// axis it names.
+pub(super) fn input_symbols(onnx: &[u8]) -> Result<Vec<(String, usize)>> {
     use tract_onnx::pb::tensor_shape_proto::dimension::Value;
     use tract_onnx::pb::type_proto;
     let model = taskpack::onnx::decode_model(onnx)?;
@@ -48,10 +61,10 @@ pub(super) fn input_symbols(onnx: &[u8]) -> Result<Vec<String>> {
         else {
             continue;
         };
-        for d in t.shape.iter().flat_map(|s| &s.dim) {
+        for (axis, d) in t.shape.iter().flat_map(|s| &s.dim).enumerate() {
             if let Some(Value::DimParam(p)) = &d.value {
-                if !names.contains(p) {
-                    names.push(p.clone());
+                if !names.iter().any(|(n, _)| n == p) {
+                    names.push((p.clone(), axis));
                 }
             }
         }
