@@ -17,7 +17,7 @@
 //!   and unmapped again once its skeleton is built.
 //!
 //! `read_f32` allocates the returned `Vec<f32>` (4 bytes per element) and nothing else; use
-//! [`Checkpoint::read_f32_into`] to reuse a buffer. Resident memory still grows with the pages of
+//! `Checkpoint::read_f32_into` to reuse a buffer. Resident memory still grows with the pages of
 //! the maps that have been touched (hashing at open touches all of them), but those are clean
 //! file-backed pages the kernel can drop under pressure, not heap.
 

@@ -113,11 +113,11 @@ pub enum CompileError {
         checkpoint: PathBuf,
         /// The ONNX graph.
         graph: PathBuf,
-        /// First (up to [`MAX_LISTED_NAMES`]) graph weights absent from the checkpoint, in graph order.
+        /// First (up to `MAX_LISTED_NAMES`) graph weights absent from the checkpoint, in graph order.
         missing_in_checkpoint: Vec<String>,
         /// How many graph weights are absent in total.
         missing_count: usize,
-        /// First (up to [`MAX_LISTED_NAMES`]) float checkpoint tensors absent from the graph.
+        /// First (up to `MAX_LISTED_NAMES`) float checkpoint tensors absent from the graph.
         extra_in_checkpoint: Vec<String>,
         /// How many float checkpoint tensors are absent from the graph in total.
         extra_count: usize,

@@ -2,7 +2,7 @@
 //!
 //! Readers ([`Checkpoint`]: ONNX and safetensors) feed the `pipeline`, which merges task
 //! vectors with one of the merge methods (`src/merge/`, docs/METHODS.md) and streams sections to the bundle writer;
-//! [`fidelity`] measures each task's reconstruction for the report, [`calibrate`] picks each
+//! `fidelity` measures each task's reconstruction for the report, [`calibrate`] picks each
 //! task's setting by agreement with its original model on unlabeled inputs. (Turning a task of a
 //! bundle back into a standalone ONNX model is [`crate::export`]: it reads a bundle, it does not
 //! compile one.)

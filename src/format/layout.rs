@@ -40,7 +40,7 @@ pub const MANIFEST_DECODE_FACTOR: u64 = 16;
 
 /// Number of elements of `shape` (1 for a scalar), or [`FormatError::Overflow`].
 ///
-/// Does not apply [`MAX_ELEMENTS`]; [`checked_numel`] does.
+/// Does not apply [`MAX_ELEMENTS`]; the reader's `checked_numel` does.
 pub fn numel(shape: &[u64]) -> Result<u64, FormatError> {
     shape.iter().try_fold(1u64, |acc, &d| {
         acc.checked_mul(d).ok_or(FormatError::Overflow {
@@ -134,7 +134,7 @@ pub const fn mask_len(len: usize) -> usize {
 }
 
 /// Rows described by a row-scale section of `bytes` bytes (`f32` each), as
-/// [`row_scale_bytes`] counts them; `None` unless `bytes` is a whole number of scales.
+/// `row_scale_bytes` counts them; `None` unless `bytes` is a whole number of scales.
 pub const fn row_scale_count(bytes: usize) -> Option<usize> {
     if bytes.is_multiple_of(4) {
         Some(bytes / 4)
