@@ -30,6 +30,20 @@ pub fn cli(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `taskpack compile --base BASE --task NAME=PATH ARGS... -o OUT`: one task, extra arguments.
+pub fn cli_compile(
+    base: &Path,
+    (name, path): (&str, &Path),
+    args: &[&str],
+    out: &Path,
+) -> (bool, String, String) {
+    let task = format!("{name}={}", path.display());
+    let mut all = vec!["compile", "--base", base.to_str().unwrap(), "--task", &task];
+    all.extend_from_slice(args);
+    all.extend(["-o", out.to_str().unwrap()]);
+    cli(&all)
+}
+
 /// The demo model folder.
 pub fn demo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo")

@@ -16,7 +16,7 @@ use taskpack::npz::{self, Limits, Npz, NpzError};
 use taskpack::runtime::{Bundle, Engine, EngineOptions, Error, TextClassifier};
 use tract_onnx::prelude::*;
 
-use crate::common::{cli, demo};
+use crate::common::{cli, cli_compile, demo};
 
 fn text_models() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/text")
@@ -609,17 +609,13 @@ fn a_tokenizer_with_a_syntax_error_in_its_decoder_is_refused_without_a_panic() {
     let bad = dir.path().join("broken-tokenizer.json");
     std::fs::write(&bad, &broken).unwrap();
     let out = dir.path().join("out.tpk");
-    let (ok, _, stderr) = cli(&[
-        "compile",
-        "--base",
-        text_models().join("base.onnx").to_str().unwrap(),
-        "--task",
-        &format!("mood={}", text_models().join("mood.onnx").display()),
-        "--tokenizer",
-        bad.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let mood = text_models().join("mood.onnx");
+    let (ok, _, stderr) = cli_compile(
+        &text_models().join("base.onnx"),
+        ("mood", &mood),
+        &["--tokenizer", bad.to_str().unwrap()],
+        &out,
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_one_line_error(ok, &stderr, "it is not JSON");
     assert!(!out.exists());

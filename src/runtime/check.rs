@@ -311,26 +311,34 @@ fn check_constant_shape(
     let Some(shape) = scope.constants.get(input).and_then(|t| int64s(t)) else {
         return Ok(());
     };
-    let bad = |reason: &str| GraphProblem::BadShape {
-        node: node_label(node, index),
-        op: node.op_type.clone(),
-        input: input.to_string(),
-        shape: shape.clone(),
-        reason: reason.to_string(),
-    };
+    match constant_shape_problem(&shape) {
+        None => Ok(()),
+        Some(reason) => Err(GraphProblem::BadShape {
+            node: node_label(node, index),
+            op: node.op_type.clone(),
+            input: input.to_string(),
+            shape,
+            reason,
+        }),
+    }
+}
+
+/// What rule G4 finds wrong with a constant shape: a negative dimension, or more than
+/// [`MAX_CONSTANT_SHAPE_ELEMENTS`] elements. `None` if it is fine.
+fn constant_shape_problem(shape: &[i64]) -> Option<String> {
     if shape.iter().any(|&d| d < 0) {
-        return Err(bad("has a negative dimension"));
+        return Some("has a negative dimension".into());
     }
     let elements = shape
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d.unsigned_abs()));
     match elements {
-        None => Err(bad("has more elements than fit in 64 bits")),
-        Some(n) if n > MAX_CONSTANT_SHAPE_ELEMENTS => Err(bad(&format!(
+        None => Some("has more elements than fit in 64 bits".into()),
+        Some(n) if n > MAX_CONSTANT_SHAPE_ELEMENTS => Some(format!(
             "asks for {n} elements, more than the {MAX_CONSTANT_SHAPE_ELEMENTS} a graph may \
              create from a constant shape"
-        ))),
-        Some(_) => Ok(()),
+        )),
+        Some(_) => None,
     }
 }
 
@@ -560,4 +568,33 @@ fn outputs(model: &tract_onnx::prelude::TypedModel) -> Result<Vec<IoInfo>, Error
             Ok(IoInfo::from_fact(name, fact))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_shape_problem;
+
+    /// The G4 cap at its boundary: 2^14 × 2^14 = 2^28 elements is allowed, one more row is not;
+    /// an empty dimension and a scalar are fine; a product past 64 bits is refused as such.
+    #[test]
+    fn constant_shapes_at_the_cap() {
+        assert_eq!(constant_shape_problem(&[1 << 14, 1 << 14]), None);
+        assert_eq!(
+            constant_shape_problem(&[(1 << 14) + 1, 1 << 14]).as_deref(),
+            Some(
+                "asks for 268451840 elements, more than the 268435456 a graph may create from a \
+                 constant shape"
+            )
+        );
+        assert_eq!(constant_shape_problem(&[0, i64::MAX]), None);
+        assert_eq!(constant_shape_problem(&[]), None);
+        assert_eq!(
+            constant_shape_problem(&[1 << 40, 1 << 40]).as_deref(),
+            Some("has more elements than fit in 64 bits")
+        );
+        assert_eq!(
+            constant_shape_problem(&[3, -1]).as_deref(),
+            Some("has a negative dimension")
+        );
+    }
 }
