@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use taskpack::compile::{compile, CompileOptions};
-use taskpack::dtype::DType;
+use taskpack::encoding::Encoding;
 use taskpack::format::Method;
 use taskpack::runtime::{Bundle, Engine, EngineOptions};
 use tract_onnx::prelude::*;
@@ -31,7 +31,7 @@ fn demo_bundle() -> Arc<Bundle> {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let out = dir.path().join("demo.tpk");
     let opts = CompileOptions {
-        delta_dtype: DType::F32,
+        delta_dtype: Encoding::F32,
         ..CompileOptions::new(demo.join("base.onnx"), tasks, Method::Tall, &out)
     };
     drop(compile(&opts, &mut |_| {}).expect("the demo models compile"));

@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 pub mod dtype;
+pub mod encoding;
 pub mod files;
 pub mod format;
 pub mod mask;

@@ -9,7 +9,7 @@ use crate::common::{demo, demo_tasks};
 use std::path::Path;
 
 use taskpack::compile::{compile, compile_calibrated, Calibration, CompileError, CompileOptions};
-use taskpack::dtype::DType;
+use taskpack::encoding::Encoding;
 use taskpack::export::export_task;
 use taskpack::format::{Method, ScaleMode};
 use tract_onnx::prelude::*;
@@ -63,7 +63,7 @@ fn agreement(original: &[Vec<f32>], candidate: &[Vec<f32>]) -> (f64, f64) {
 
 fn options(out: &Path) -> CompileOptions {
     CompileOptions {
-        delta_dtype: DType::F32,
+        delta_dtype: Encoding::F32,
         ..CompileOptions::new(demo().join("base.onnx"), demo_tasks(), Method::Tall, out)
     }
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use taskpack::compile::{compile, CompileError, CompileOptions};
 use taskpack::dtype::DType;
+use taskpack::encoding::Encoding;
 use taskpack::format::Method;
 use taskpack::runtime::Bundle;
 use tract_onnx::pb::ModelProto;
@@ -43,7 +44,7 @@ fn weights(path: &Path) -> Weights {
 
 fn options(method: Method, tasks: &[(String, PathBuf)], out: &Path) -> CompileOptions {
     CompileOptions {
-        delta_dtype: DType::F32,
+        delta_dtype: Encoding::F32,
         base_dtype: None,
         auto_private: false,
         ..CompileOptions::new(demo().join("base.onnx"), tasks.to_vec(), method, out)
@@ -108,7 +109,7 @@ fn tall_with_an_f16_base_is_the_rounded_base_plus_masked_sum_bit_for_bit() {
     let out = dir.path().join("tall-f16-base.tpk");
     let tasks = demo_tasks();
     let opts = CompileOptions {
-        base_dtype: Some(DType::F16),
+        base_dtype: Some(Encoding::F16),
         ..options(Method::Tall, &tasks, &out)
     };
     let lambda = opts.params.lambda[0];
@@ -120,10 +121,14 @@ fn tall_with_an_f16_base_is_the_rounded_base_plus_masked_sum_bit_for_bit() {
     for t in &bundle.manifest().tensors {
         if let taskpack::format::TensorStorage::Merged { base, .. } = &t.storage {
             let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-            let want = if large(&dims) { DType::F16 } else { DType::F32 };
-            assert_eq!(base.dtype, want, "{}", t.name);
-            rounded += usize::from(want == DType::F16);
-            expected_base_bytes += t.shape.iter().product::<u64>() * want.size() as u64;
+            let (want, size) = if large(&dims) {
+                (Encoding::F16, 2)
+            } else {
+                (Encoding::F32, 4)
+            };
+            assert_eq!(base.encoding, want, "{}", t.name);
+            rounded += usize::from(want == Encoding::F16);
+            expected_base_bytes += t.shape.iter().product::<u64>() * size;
         }
     }
     assert_eq!(rounded, 1, "fc.weight is the demo's one large matrix");
@@ -161,13 +166,108 @@ fn tall_with_an_f16_base_is_the_rounded_base_plus_masked_sum_bit_for_bit() {
     }
 }
 
+/// Block quantization as docs/FORMAT.md §3 states it, written out here independently of
+/// `src/encoding.rs`: blocks of `block` values, `s = max|x| / q_max`, codes
+/// `round(x / s)` ties to even; returns the decoded values `f32(q) · s`.
+fn quantized(x: &[f32], block: usize, q_max: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for b in x.chunks(block) {
+        let max = b.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+        let s = max / q_max;
+        for v in b {
+            out.push(if s == 0.0 {
+                0.0
+            } else {
+                // The code is an integer: a negative value that rounds to 0 decodes to +0.
+                f32::from((v / s).round_ties_even().clamp(-q_max, q_max) as i8) * s
+            });
+        }
+    }
+    out
+}
+
+/// `base_dtype: q8`, `delta_dtype: q4`: the demo's one large matrix (`fc.weight`) gets a q8
+/// base (blocks of 64) and a q4 delta (blocks of 32); the small tensors keep an f32 base and
+/// store an f16 delta. The TALL export is computed by hand from those rules, bit for bit, and
+/// the base bytes are whole blocks (68 bytes per 64 values).
+#[test]
+fn tall_with_a_q8_base_and_q4_delta_is_quantized_by_the_spec_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tall-q8-q4.tpk");
+    let tasks = demo_tasks();
+    let opts = CompileOptions {
+        base_dtype: Some(Encoding::Q8),
+        delta_dtype: Encoding::Q4,
+        ..options(Method::Tall, &tasks, &out)
+    };
+    let lambda = opts.params.lambda[0];
+    let bundle = compile(&opts, &mut |_| {}).unwrap();
+    let large = |dims: &[i64]| dims.len() >= 2 && dims.iter().product::<i64>() >= 4096;
+
+    let mut expected_base_bytes = 0u64;
+    for t in &bundle.manifest().tensors {
+        if let taskpack::format::TensorStorage::Merged { base, delta } = &t.storage {
+            let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            let n = t.shape.iter().product::<u64>();
+            let (want_base, want_delta, bytes) = if large(&dims) {
+                (Encoding::Q8, Encoding::Q4, n.div_ceil(64) * 68)
+            } else {
+                (Encoding::F32, Encoding::F16, n * 4)
+            };
+            assert_eq!(base.encoding, want_base, "{}", t.name);
+            assert_eq!(delta.map(|d| d.encoding), Some(want_delta), "{}", t.name);
+            expected_base_bytes += bytes;
+        }
+    }
+    assert_eq!(bundle.sizes().base, expected_base_bytes);
+
+    let base = weights(&demo().join("base.onnx"));
+    let thetas: Vec<Weights> = tasks.iter().map(|(_, p)| weights(p)).collect();
+    for (t, (name, _)) in tasks.iter().enumerate() {
+        let got = export(&bundle, name);
+        for (tensor, (dims, b)) in &base {
+            if expected_private(tensor, &thetas, &base) {
+                continue;
+            }
+            let b = if large(dims) {
+                quantized(b, 64, 127.0)
+            } else {
+                b.clone()
+            };
+            let taus: Vec<Vec<f32>> = thetas
+                .iter()
+                .map(|w| w[tensor].1.iter().zip(&b).map(|(x, y)| x - y).collect())
+                .collect();
+            let sum: Vec<f32> = (0..b.len())
+                .map(|i| taus.iter().fold(0.0f32, |acc, tau| acc + tau[i]))
+                .collect();
+            let delta = if large(dims) {
+                quantized(&sum, 32, 7.0)
+            } else {
+                sum.iter()
+                    .map(|&v| half::f16::from_f32(v).to_f32())
+                    .collect()
+            };
+            for i in 0..b.len() {
+                let keep = taus[t][i].abs() > lambda * (sum[i] - taus[t][i]).abs();
+                let expected = if keep { b[i] + delta[i] } else { b[i] };
+                assert_eq!(
+                    got[tensor].1[i].to_bits(),
+                    expected.to_bits(),
+                    "{name}/{tensor}[{i}]"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn emr_with_f16_delta_is_within_f16_rounding() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("emr.tpk");
     let tasks = demo_tasks();
     let mut opts = options(Method::Emr, &tasks, &out);
-    opts.delta_dtype = DType::F16;
+    opts.delta_dtype = Encoding::F16;
     let bundle = compile(&opts, &mut |_| {}).unwrap();
     let base = weights(&demo().join("base.onnx"));
     let thetas: Vec<Weights> = tasks.iter().map(|(_, p)| weights(p)).collect();

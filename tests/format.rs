@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use taskpack::dtype::DType;
+use taskpack::encoding::Encoding;
 use taskpack::format::{
     self, parse, BundleWriter, CalibrationReport, CandidateScore, CompileReport, FormatError,
     GraphEntry, Header, InputRecord, Manifest, MergeParams, Method, Provenance, Scale, ScaleMode,
@@ -78,7 +79,10 @@ fn merged(mask: Option<SectionId>, scale: Scale) -> TaskTensor {
 
 fn private(section: SectionId, dtype: DType, shape: &[u64]) -> TaskTensor {
     TaskTensor::Private {
-        stored: Stored { section, dtype },
+        stored: Stored {
+            section,
+            encoding: dtype.into(),
+        },
         shape: shape.to_vec(),
     }
 }
@@ -176,11 +180,11 @@ fn sample() -> (Manifest, Vec<(SectionKind, Vec<u8>)>) {
             TensorStorage::Merged {
                 base: Stored {
                     section: W_BASE,
-                    dtype: DType::F32,
+                    encoding: Encoding::F32,
                 },
                 delta: Some(Stored {
                     section: W_DELTA,
-                    dtype: DType::F16,
+                    encoding: Encoding::F16,
                 }),
             },
         ),
@@ -190,7 +194,7 @@ fn sample() -> (Manifest, Vec<(SectionKind, Vec<u8>)>) {
             TensorStorage::Merged {
                 base: Stored {
                     section: B_BASE,
-                    dtype: DType::BF16,
+                    encoding: Encoding::BF16,
                 },
                 delta: None,
             },
@@ -563,13 +567,18 @@ fn r02_magic() {
 #[test]
 fn r03_version() {
     // Version 1 (the first pre-release format) and any future version are rejected.
-    for version in [1, 3] {
+    for version in [1, 4] {
         let bytes = patch_header(&valid(), |h| h.version = version);
         assert_err!(
             parse_err(&bytes),
-            FormatError::UnsupportedVersion { found, known: 2 } if found == version
+            FormatError::UnsupportedVersion { found, known: 3 } if found == version
         );
     }
+    // The writer writes version 3; version 2 (the same manifest schema without q8 / q4) opens.
+    let bytes = valid();
+    assert_eq!(bytes[8..12], 3u32.to_le_bytes());
+    let v2 = patch_header(&bytes, |h| h.version = 2);
+    parse(&v2).unwrap().verify(&v2).unwrap();
     let bytes = patch_header(&valid(), |h| h.version = 0);
     assert_err!(
         parse_err(&bytes),
@@ -1033,7 +1042,7 @@ fn r26_section_lengths_match_references() {
     // Base declared f16 but stored as 15 f32.
     let t = remanifest(&bytes, |m| {
         if let TensorStorage::Merged { base, .. } = &mut m.tensors[W].storage {
-            base.dtype = DType::F16;
+            base.encoding = Encoding::F16;
         }
     });
     assert_err!(
@@ -1094,11 +1103,11 @@ fn r26_row_scales_need_rank_one() {
         TensorStorage::Merged {
             base: Stored {
                 section: 1,
-                dtype: DType::F32,
+                encoding: Encoding::F32,
             },
             delta: Some(Stored {
                 section: 2,
-                dtype: DType::F32,
+                encoding: Encoding::F32,
             }),
         },
     )];
@@ -1624,7 +1633,7 @@ fn a_bundle_read_into_memory_ignores_later_changes_to_the_file() {
     let (m, sections) = sample();
     let (path, _) = write_bundle(dir.path(), "r.tpk", m, &sections).unwrap();
     let p = path.to_str().unwrap();
-    // The sample's graphs are placeholders: verify reads the whole bundle (rules 1–35, V1–V6)
+    // The sample's graphs are placeholders: verify reads the whole bundle (rules 1–36, V1–V7)
     // and stops at the graph rules, which shows it got that far with the flag in either place.
     for args in [["--no-mmap", "verify", p], ["verify", p, "--no-mmap"]] {
         let (ok, _, err) = crate::common::cli(&args);
@@ -1657,8 +1666,16 @@ fn corrupting_any_single_byte_never_panics() {
             let mut t = bytes.clone();
             t[i] ^= x;
             if let Ok(b) = parse(&t) {
-                // Only data bytes may pass open; verify catches every one of them.
-                assert!(i >= 64, "header byte {i} corrupted yet parsed");
+                // Only data bytes may pass open, and the version turned from 3 into 2: the
+                // sample stores no q8 / q4 section, so it is a valid version-2 bundle too.
+                let to_version_2 = i == 8 && t[8] == 2;
+                assert!(
+                    i >= 64 || to_version_2,
+                    "header byte {i} corrupted yet parsed"
+                );
+                if to_version_2 {
+                    continue;
+                }
                 assert!(b.verify(&t).is_err(), "byte {i} ^ {x:#x} undetected");
             }
         }
@@ -1806,7 +1823,95 @@ fn writer_rejects_a_path_without_file_name() {
 #[test]
 fn public_constants() {
     assert_eq!(format::ALIGNMENT, 64);
-    assert_eq!(VERSION, 2);
+    assert_eq!(VERSION, 3);
     assert_eq!(MAX_RANK, 8);
     assert_eq!(Header::LEN, 64);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version 3: block-quantized sections (rules 26 and 36, V7).
+// ---------------------------------------------------------------------------------------------
+
+/// The sample with `w`'s delta stored as `q8` (its 15 values in one 68-byte block).
+fn q8_sample() -> (Manifest, Vec<(SectionKind, Vec<u8>)>) {
+    let (mut m, mut sections) = sample();
+    let w_delta: Vec<f32> = (0..15).map(|i| (i as f32 - 7.0) * 0.25).collect();
+    let mut bytes = Vec::new();
+    Encoding::Q8.encode(&w_delta, &mut bytes);
+    sections[W_DELTA as usize].1 = bytes;
+    if let TensorStorage::Merged { delta: Some(d), .. } = &mut m.tensors[W].storage {
+        d.encoding = Encoding::Q8;
+    }
+    (m, sections)
+}
+
+fn q8_valid() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, sections) = q8_sample();
+    let (path, _) = write_bundle(dir.path(), "q8.tpk", m, &sections).unwrap();
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn q8_delta_decodes_to_codes_times_scale() {
+    let bytes = q8_valid();
+    let b = parse(&bytes).unwrap();
+    b.verify(&bytes).unwrap();
+    let mut out = Vec::new();
+    b.decode_f32(&bytes, W_DELTA, &mut out).unwrap();
+    // δ_i = (i − 7) / 4, max 1.75: s = 1.75 / 127, codes round((i − 7) · 127 / 7) by hand.
+    let codes = [
+        -127.0f32, -109.0, -91.0, -73.0, -54.0, -36.0, -18.0, 0.0, 18.0, 36.0, 54.0, 73.0, 91.0,
+        109.0, 127.0,
+    ];
+    let s = 1.75f32 / 127.0;
+    assert_eq!(out, codes.map(|q| q * s).to_vec());
+}
+
+#[test]
+fn r26_q8_length_is_whole_blocks() {
+    // 15 elements of q8 are one block of 68 bytes; the 30 bytes of an f16 delta are not.
+    let (mut m, sections) = sample();
+    if let TensorStorage::Merged { delta: Some(d), .. } = &mut m.tensors[W].storage {
+        d.encoding = Encoding::Q8;
+    }
+    assert_err!(
+        parse_err(&assemble(&sections, m)),
+        FormatError::SectionLengthMismatch {
+            section: W_DELTA,
+            expected: 68,
+            found: 30
+        }
+    );
+}
+
+#[test]
+fn r36_version_2_has_no_quantized_sections() {
+    let bytes = q8_valid();
+    parse(&bytes).unwrap();
+    let v2 = patch_header(&bytes, |h| h.version = 2);
+    assert_err!(
+        parse_err(&v2),
+        FormatError::EncodingNeedsVersion {
+            section: W_DELTA,
+            encoding: Encoding::Q8,
+            version: 2
+        }
+    );
+}
+
+#[test]
+fn v7_finite_block_scales() {
+    for bad in [f32::NAN, f32::INFINITY] {
+        let t = patch_section(&q8_valid(), W_DELTA, true, |d| {
+            d[..4].copy_from_slice(&bad.to_le_bytes());
+        });
+        assert_err!(
+            verify_err(&t),
+            FormatError::NonFiniteBlockScale {
+                section: W_DELTA,
+                block: 0
+            }
+        );
+    }
 }

@@ -15,6 +15,7 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use taskpack::compile::{compile, CompileError, CompileOptions};
 use taskpack::dtype::DType;
+use taskpack::encoding::Encoding;
 use taskpack::format::Method;
 use taskpack::format::{
     BundleWriter, Manifest, SectionKind, Stored, TaskTensor, TensorEntry, TensorStorage,
@@ -211,7 +212,7 @@ fn g3_a_tensor_the_graph_never_reads() {
             storage: TensorStorage::Merged {
                 base: Stored {
                     section,
-                    dtype: DType::F32,
+                    encoding: Encoding::F32,
                 },
                 delta: None,
             },
@@ -352,18 +353,18 @@ fn retype(m: &mut Manifest, sections: &mut Sections, k: usize, to: DType) {
     let mut ids = Vec::new();
     match &mut m.tensors[k].storage {
         TensorStorage::Merged { base, delta } => {
-            ids.push((base.section, base.dtype));
-            base.dtype = to;
+            ids.push((base.section, base.encoding));
+            base.encoding = to.into();
             if let Some(d) = delta {
-                ids.push((d.section, d.dtype));
-                d.dtype = to;
+                ids.push((d.section, d.encoding));
+                d.encoding = to.into();
             }
         }
         TensorStorage::Private => {
             for t in &mut m.tasks {
                 if let TaskTensor::Private { stored, .. } = &mut t.tensors[k] {
-                    ids.push((stored.section, stored.dtype));
-                    stored.dtype = to;
+                    ids.push((stored.section, stored.encoding));
+                    stored.encoding = to.into();
                 }
             }
         }
@@ -371,6 +372,7 @@ fn retype(m: &mut Manifest, sections: &mut Sections, k: usize, to: DType) {
     for (id, from) in ids {
         let bytes = &mut sections[id as usize].1;
         let mut values = Vec::new();
+        let from = from.float().expect("the fixture stores floats");
         from.decode_into(bytes, &mut values);
         bytes.clear();
         to.encode(&values, bytes);

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use ndarray_npy::NpzReader;
 use taskpack::compile::{compile, CompileOptions};
-use taskpack::dtype::DType;
+use taskpack::encoding::Encoding;
 use taskpack::format::{Method, ScaleMode};
 use taskpack::runtime::{Bundle, Engine, EngineOptions, Error, IoInfo};
 use tract_onnx::prelude::*;
@@ -38,9 +38,9 @@ fn bundle(method: Method, scale: ScaleMode) -> Arc<Bundle> {
             scale: vec![scale; tasks.len()],
             // The EMR fixture stores its delta in f16 (the compiler's default), TALL in f32.
             delta_dtype: if method == Method::Emr {
-                DType::F16
+                Encoding::F16
             } else {
-                DType::F32
+                Encoding::F32
             },
             ..CompileOptions::new(demo().join("base.onnx"), tasks.clone(), method, &out)
         };

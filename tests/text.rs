@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use taskpack::compile::{compile, CompileError, CompileOptions};
-use taskpack::dtype::DType;
+use taskpack::encoding::Encoding;
 use taskpack::export::export_task;
 use taskpack::format::Method;
 use taskpack::runtime::{Bundle, Engine, EngineOptions, Error, Prediction, TextClassifier};
@@ -101,7 +101,7 @@ fn compile_text(
         // rounding.
         assert_eq!(tasks.len(), 1);
         opts.params.alpha = 1.0;
-        opts.delta_dtype = DType::F32;
+        opts.delta_dtype = Encoding::F32;
     }
     let bundle = compile(&opts, &mut |_| {}).unwrap();
     (path, bundle)

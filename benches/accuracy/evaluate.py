@@ -86,6 +86,16 @@ SETTINGS = [
     Setting("emr --scale tensor", ("--method", "emr", "--scale", "tensor")),
     Setting("tall --scale row", ("--method", "tall", "--scale", "row")),
     Setting("emr --delta-dtype f32", ("--method", "emr", "--delta-dtype", "f32")),
+    # Storage: the base in f16 or q8 (blocks of 64 int8 codes + an f32 scale), the merged delta
+    # in q8 or q4 (docs/FORMAT.md §3); matrices of ≥ 4096 elements only.
+    Setting("emr --base-dtype f16", ("--method", "emr", "--base-dtype", "f16")),
+    Setting("emr --base-dtype q8", ("--method", "emr", "--base-dtype", "q8")),
+    Setting("emr --base-dtype q8 --delta-dtype q8",
+            ("--method", "emr", "--base-dtype", "q8", "--delta-dtype", "q8")),
+    Setting("emr --base-dtype q8 --delta-dtype q4",
+            ("--method", "emr", "--base-dtype", "q8", "--delta-dtype", "q4")),
+    Setting("tall --base-dtype q8 --delta-dtype q4",
+            ("--method", "tall", "--base-dtype", "q8", "--delta-dtype", "q4")),
     Setting("tall --calib", ("--method", "tall"), calib=True),
     Setting("emr --calib", ("--method", "emr"), calib=True),
 ]

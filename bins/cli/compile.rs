@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use taskpack::compile::{compile, compile_calibrated, Calibration, CompileOptions, Progress};
-use taskpack::dtype::DType;
+use taskpack::encoding::Encoding;
 use taskpack::format::{MergeParams, Method, ScaleMode};
 use taskpack::runtime::Bundle;
 
@@ -50,12 +50,15 @@ pub struct CompileArgs {
     /// Do not detect fresh task heads (tensors that changed far more than the rest) automatically.
     #[arg(long)]
     pub no_auto_private: bool,
-    /// Storage type of the merged delta (f16 halves it at no measured accuracy cost).
-    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16"])]
+    /// Storage of the merged delta: f16 halves it at no measured accuracy cost; q8 / q4 store
+    /// blocks of signed 8- / 4-bit codes with one f32 scale (8.5 / 5 bits per weight) for
+    /// matrices of at least 4096 elements, f16 for the rest.
+    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16", "q8", "q4"])]
     pub delta_dtype: String,
-    /// Storage type of the base weights of merged matrices (default: the checkpoint's). Biases,
-    /// normalization weights and tensors under 4096 elements keep their own type.
-    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    /// Storage of the base weights of merged matrices (default: the checkpoint's type): f16,
+    /// bf16, or q8 (blocks of 64 signed 8-bit codes and one f32 scale, 8.5 bits per weight).
+    /// Biases, normalization weights and tensors under 4096 elements keep their own type.
+    #[arg(long, value_parser = ["f32", "f16", "bf16", "q8"])]
     pub base_dtype: Option<String>,
     /// ONNX graph whose initializers safetensors checkpoints fill.
     #[arg(long, value_name = "G.onnx")]
@@ -144,12 +147,12 @@ impl CompileArgs {
             private,
             delta_dtype: self
                 .delta_dtype
-                .parse::<DType>()
+                .parse::<Encoding>()
                 .map_err(anyhow::Error::msg)?,
             base_dtype: self
                 .base_dtype
                 .as_deref()
-                .map(str::parse::<DType>)
+                .map(str::parse::<Encoding>)
                 .transpose()
                 .map_err(anyhow::Error::msg)?,
             auto_private: !self.no_auto_private,

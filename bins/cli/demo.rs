@@ -36,11 +36,11 @@ pub struct DemoArgs {
     /// TALL / Consensus mask threshold λ.
     #[arg(long)]
     pub lambda: Option<f32>,
-    /// Storage type of the merged delta.
-    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16"])]
+    /// Storage of the merged delta (as for `compile`).
+    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16", "q8", "q4"])]
     pub delta_dtype: String,
-    /// Storage type of the base weights of merged matrices (default: the checkpoint's).
-    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    /// Storage of the base weights of merged matrices (default: the checkpoint's).
+    #[arg(long, value_parser = ["f32", "f16", "bf16", "q8"])]
     pub base_dtype: Option<String>,
     /// Where to write the bundle.
     #[arg(short, long, default_value = "target/demo.tpk")]

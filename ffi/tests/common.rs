@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use ndarray_npy::NpzReader;
 use taskpack::{tp_last_error, TpStatus};
 use taskpack_core::compile::{compile, CompileOptions};
-use taskpack_core::dtype::DType;
+use taskpack_core::encoding::Encoding;
 use taskpack_core::format::Method;
 use taskpack_core::runtime::Bundle;
 use tract_onnx::prelude::*;
@@ -51,7 +51,7 @@ impl Demo {
         let path = dir.path().join("demo.tpk");
         let tasks = demo_tasks();
         let opts = CompileOptions {
-            delta_dtype: DType::F32,
+            delta_dtype: Encoding::F32,
             ..CompileOptions::new(
                 demo_models().join("base.onnx"),
                 tasks.clone(),

@@ -10,7 +10,7 @@ use std::ptr::{null, null_mut};
 use taskpack::TpStatus::*;
 use taskpack::*;
 use taskpack_core::compile::{compile, CompileOptions};
-use taskpack_core::dtype::DType;
+use taskpack_core::encoding::Encoding;
 use taskpack_core::format::Method;
 
 use crate::common::{build_c, expect, last_error};
@@ -51,7 +51,7 @@ pub fn compile_task(dir: &Path, task: &str, tokenizer: bool) -> CString {
         &path,
     );
     opts.params.alpha = 1.0;
-    opts.delta_dtype = DType::F32;
+    opts.delta_dtype = Encoding::F32;
     opts.tokenizer = tokenizer.then(|| std::fs::read(models().join("tokenizer.json")).unwrap());
     let labels = std::fs::read_to_string(models().join(format!("{task}.labels"))).unwrap();
     opts.labels = vec![labels.lines().map(String::from).collect()];

@@ -20,4 +20,6 @@ pub use crate::merge::MergeError;
 pub use calibrate::{compile_calibrated, Calibration};
 pub use checkpoint::Checkpoint;
 pub use error::CompileError;
-pub use pipeline::{base_dtype_of, compile, CompileOptions, Progress, BASE_DTYPE_MIN_ELEMENTS};
+pub use pipeline::{
+    base_encoding_of, compile, delta_encoding_of, CompileOptions, Progress, BASE_DTYPE_MIN_ELEMENTS,
+};

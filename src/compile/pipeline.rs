@@ -18,6 +18,7 @@ use crate::compile::checkpoint::Checkpoint;
 use crate::compile::error::CompileError;
 use crate::compile::fidelity::Fidelity;
 use crate::dtype::DType;
+use crate::encoding::Encoding;
 use crate::format::manifest::{
     CalibrationReport, CompileReport, GraphEntry, InputRecord, Manifest, Provenance, Scale,
     SectionKind, Stored, TaskEntry, TaskReport, TaskTensor, TensorEntry, TensorStorage,
@@ -42,12 +43,14 @@ pub struct CompileOptions {
     pub scale: Vec<ScaleMode>,
     /// Tensors matching this pattern are stored privately per task.
     pub private: Option<Regex>,
-    /// Storage type of the merged delta.
-    pub delta_dtype: DType,
-    /// Storage type of the base weights of merged tensors (`None`: each tensor's own type). Only
+    /// Storage of the merged delta. A block-quantized one (`q8`, `q4`) applies to large tensors
+    /// only; the others store their delta as `f16` (see [`delta_encoding_of`]).
+    pub delta_dtype: Encoding,
+    /// Storage of the base weights of merged tensors (`None`: each tensor's own type). Only
     /// tensors of rank ≥ 2 with at least [`BASE_DTYPE_MIN_ELEMENTS`] elements take it; biases,
-    /// normalization weights and other small tensors keep their own type (see [`base_dtype_of`]).
-    pub base_dtype: Option<DType>,
+    /// normalization weights and other small tensors keep their own type (see
+    /// [`base_encoding_of`]).
+    pub base_dtype: Option<Encoding>,
     /// Keep tensors whose relative change dwarfs the rest of the model (fresh heads) private.
     pub auto_private: bool,
     /// Output bundle path.
@@ -75,7 +78,7 @@ impl CompileOptions {
             params: MergeParams::defaults(method, n),
             scale: vec![ScaleMode::None; n],
             private: None,
-            delta_dtype: DType::F16,
+            delta_dtype: Encoding::F16,
             base_dtype: None,
             auto_private: true,
             output: output.into(),
@@ -90,19 +93,35 @@ impl CompileOptions {
     }
 }
 
-/// Fewest elements a tensor needs for `CompileOptions::base_dtype` to apply to it.
+/// Fewest elements a tensor needs for `CompileOptions::base_dtype` (and a block-quantized
+/// `delta_dtype`) to apply to it.
 pub const BASE_DTYPE_MIN_ELEMENTS: u64 = 4096;
 
-/// The type the base of a merged tensor is stored in: `base_dtype` for matrices and larger
-/// tensors of at least [`BASE_DTYPE_MIN_ELEMENTS`] elements (where the bytes are), the tensor's
-/// own type for the rest (biases, LayerNorm and BatchNorm weights: few bytes, and a rounding
-/// there moves every activation of a channel).
-pub fn base_dtype_of(info: &InitializerInfo, base_dtype: Option<DType>) -> DType {
-    let large = info.shape.len() >= 2
-        && crate::format::layout::numel(&info.shape).is_ok_and(|n| n >= BASE_DTYPE_MIN_ELEMENTS);
+/// Whether `info` is a matrix (or larger) of at least [`BASE_DTYPE_MIN_ELEMENTS`] elements:
+/// where the bytes are. The rest — biases, LayerNorm and BatchNorm weights — are few bytes, and
+/// a rounding there moves every activation of a channel.
+fn is_large(info: &InitializerInfo) -> bool {
+    info.shape.len() >= 2
+        && crate::format::layout::numel(&info.shape).is_ok_and(|n| n >= BASE_DTYPE_MIN_ELEMENTS)
+}
+
+/// The storage of the base of a merged tensor: `base_dtype` for matrices and larger tensors of
+/// at least [`BASE_DTYPE_MIN_ELEMENTS`] elements, the tensor's own type for the rest.
+pub fn base_encoding_of(info: &InitializerInfo, base_dtype: Option<Encoding>) -> Encoding {
     match base_dtype {
-        Some(dtype) if large => dtype,
-        _ => info.dtype,
+        Some(encoding) if is_large(info) => encoding,
+        _ => info.dtype.into(),
+    }
+}
+
+/// The storage of the merged delta of a tensor: `delta_dtype`, except that a block-quantized one
+/// applies to matrices of at least [`BASE_DTYPE_MIN_ELEMENTS`] elements only and the rest store
+/// `f16`.
+pub fn delta_encoding_of(info: &InitializerInfo, delta_dtype: Encoding) -> Encoding {
+    if delta_dtype.is_quantized() && !is_large(info) {
+        Encoding::F16
+    } else {
+        delta_dtype
     }
 }
 
@@ -411,7 +430,7 @@ fn write_private(
         module.push(TaskTensor::Private {
             stored: Stored {
                 section,
-                dtype: info.dtype,
+                encoding: info.dtype.into(),
             },
             shape,
         });
@@ -439,9 +458,9 @@ fn write_merged(
 ) -> Result<TensorEntry, CompileError> {
     // The base as stored (rounded to its storage type): task vectors are taken from it, so the
     // merge, the masks and the fidelity all see what a reader will reconstruct from.
-    let base_dtype = base_dtype_of(info, opts.base_dtype);
+    let base_encoding = base_encoding_of(info, opts.base_dtype);
     let mut b = base.read_f32(&info.name)?;
-    b.iter_mut().for_each(|v| *v = base_dtype.round(*v));
+    base_encoding.round_slice(&mut b);
     let task_vectors = tasks
         .iter()
         .map(|t| {
@@ -456,22 +475,20 @@ fn write_merged(
     })?;
 
     encoded.clear();
-    base_dtype.encode(&b, encoded);
+    base_encoding.encode(&b, encoded);
     let base_section = writer.add_section(SectionKind::Base, encoded)?;
 
     // What a reader will see after storage rounding.
-    let delta: Vec<f32> = merged
-        .delta
-        .iter()
-        .map(|&d| opts.delta_dtype.round(d))
-        .collect();
+    let delta_encoding = delta_encoding_of(info, opts.delta_dtype);
+    let mut delta = merged.delta;
+    delta_encoding.round_slice(&mut delta);
     let has_delta = delta.iter().any(|&d| d != 0.0);
     let delta_stored = if has_delta {
         encoded.clear();
-        opts.delta_dtype.encode(&delta, encoded);
+        delta_encoding.encode(&delta, encoded);
         Some(Stored {
             section: writer.add_section(SectionKind::Delta, encoded)?,
-            dtype: opts.delta_dtype,
+            encoding: delta_encoding,
         })
     } else {
         None
@@ -515,7 +532,7 @@ fn write_merged(
         storage: TensorStorage::Merged {
             base: Stored {
                 section: base_section,
-                dtype: base_dtype,
+                encoding: base_encoding,
             },
             delta: delta_stored,
         },

@@ -26,11 +26,14 @@ pub enum FormatError {
         found: [u8; 8],
     },
     /// Rule 3: the format version is not one this reader knows.
-    #[error("unsupported bundle format version {found} (this reader knows version {known})")]
+    #[error(
+        "unsupported bundle format version {found} (this reader knows versions {oldest} to {known})",
+        oldest = super::header::MIN_VERSION
+    )]
     UnsupportedVersion {
         /// Version in the header.
         found: u32,
-        /// The version this reader implements.
+        /// The newest version this reader implements.
         known: u32,
     },
     /// Rule 4: the header sets flags this reader does not know.
@@ -454,6 +457,24 @@ pub enum FormatError {
         recorded: String,
         /// SHA-256 of the section's bytes.
         actual: String,
+    },
+    /// Rule 36: a block-quantized section in a bundle of a version before 3.
+    #[error("section {section} is stored as {encoding}, which format version {version} does not have (version 3 and later)")]
+    EncodingNeedsVersion {
+        /// Section id.
+        section: SectionId,
+        /// Its encoding.
+        encoding: crate::encoding::Encoding,
+        /// The bundle's version.
+        version: u32,
+    },
+    /// V7: a block of a `q8` or `q4` section has a NaN or infinite scale.
+    #[error("section {section} has a non-finite scale in block {block}")]
+    NonFiniteBlockScale {
+        /// Section id.
+        section: SectionId,
+        /// First offending block.
+        block: u64,
     },
     /// `decode_f32`: the section holds a graph or a mask, not numbers.
     #[error("section {section} holds {kind:?}, which does not decode to f32")]

@@ -9,9 +9,12 @@ use super::layout::{self, HEADER_LEN, MAX_MANIFEST_LEN};
 
 /// The first 8 bytes of every bundle.
 pub const MAGIC: [u8; 8] = *b"TASKPACK";
-/// The format version this crate reads and writes.
-pub const VERSION: u32 = 2;
-/// The header flags this crate knows (none in version 2).
+/// The format version this crate writes.
+pub const VERSION: u32 = 3;
+/// The oldest format version this crate reads (a version-2 bundle is a version-3 bundle without
+/// block-quantized sections; rule 36).
+pub const MIN_VERSION: u32 = 2;
+/// The header flags this crate knows (none in versions 2 and 3).
 pub(crate) const KNOWN_FLAGS: u32 = 0;
 
 /// The decoded header. Field order is the on-disk order; see docs/FORMAT.md §2.
@@ -19,7 +22,7 @@ pub(crate) const KNOWN_FLAGS: u32 = 0;
 pub struct Header {
     /// Format version (offset 8).
     pub version: u32,
-    /// Flags, 0 in version 2 (offset 12).
+    /// Flags, 0 in versions 2 and 3 (offset 12).
     pub flags: u32,
     /// File offset of the data region, always 64 (offset 16).
     pub data_offset: u64,
@@ -108,7 +111,7 @@ impl Header {
             manifest_checksum: u64_at(48),
             file_length: u64_at(56),
         };
-        if header.version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&header.version) {
             return Err(FormatError::UnsupportedVersion {
                 found: header.version,
                 known: VERSION,

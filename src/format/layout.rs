@@ -7,7 +7,7 @@
 //! or panicking. The reader, the writer, the runtime and the exporter call these; none of them
 //! multiplies or adds sizes on its own (docs/FORMAT.md §8).
 
-use crate::dtype::DType;
+use crate::encoding::Encoding;
 
 use super::error::FormatError;
 
@@ -73,10 +73,13 @@ pub(crate) fn checked_numel(
     Ok(n)
 }
 
-/// Bytes of a dense tensor of `numel` elements of `dtype`.
-pub(crate) fn dense_bytes(numel: u64, dtype: DType) -> Result<u64, FormatError> {
+/// Bytes of a dense tensor of `numel` elements stored in `encoding`: whole blocks,
+/// `⌈numel / block elements⌉ · block bytes` (for a float type, `numel · size`).
+pub fn encoded_bytes(numel: u64, encoding: Encoding) -> Result<u64, FormatError> {
+    let (elements, bytes) = encoding.block();
     numel
-        .checked_mul(dtype.size() as u64)
+        .div_ceil(elements)
+        .checked_mul(bytes)
         .ok_or(FormatError::Overflow {
             what: "byte length of a dense tensor",
         })
@@ -185,9 +188,18 @@ mod tests {
         assert_eq!(mask_bytes(0), 0);
         assert_eq!(mask_bytes(9), 2);
         assert_eq!(mask_bytes(u64::MAX), u64::MAX / 8 + 1);
-        assert_eq!(dense_bytes(3, DType::BF16).ok(), Some(6));
+        assert_eq!(encoded_bytes(3, Encoding::BF16).ok(), Some(6));
+        // Whole blocks: 65 elements are two q8 blocks of 68 bytes, 33 two q4 blocks of 20.
+        assert_eq!(encoded_bytes(65, Encoding::Q8).ok(), Some(136));
+        assert_eq!(encoded_bytes(64, Encoding::Q8).ok(), Some(68));
+        assert_eq!(encoded_bytes(33, Encoding::Q4).ok(), Some(40));
+        assert_eq!(encoded_bytes(0, Encoding::Q4).ok(), Some(0));
         assert!(matches!(
-            dense_bytes(u64::MAX / 2, DType::F32),
+            encoded_bytes(u64::MAX, Encoding::Q8),
+            Err(FormatError::Overflow { .. })
+        ));
+        assert!(matches!(
+            encoded_bytes(u64::MAX / 2, Encoding::F32),
             Err(FormatError::Overflow { .. })
         ));
         assert!(matches!(

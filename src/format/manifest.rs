@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
+use crate::encoding::Encoding;
 use crate::format::{MergeParams, ScaleMode};
 
 /// Index into [`Manifest::sections`].
@@ -110,13 +111,13 @@ pub enum TensorStorage {
     Private,
 }
 
-/// A section holding a dense tensor of a given element type.
+/// A section holding a dense tensor in a given encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stored {
     /// The section.
     pub section: SectionId,
-    /// Element type of the stored bytes.
-    pub dtype: DType,
+    /// How the values are stored: a float type, or block-quantized (version 3).
+    pub encoding: Encoding,
 }
 
 /// One task.

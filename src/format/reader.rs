@@ -6,7 +6,7 @@
 //! [`ParsedBundle`] that owns the manifest and the validated byte ranges of every section. Later
 //! accesses slice the caller's bytes through those ranges and never re-read offsets from the
 //! file. The checks that need the bulk bytes (checksums, zero padding, mask pad bits, finite row
-//! scales, UTF-8 tokenizer, graph hashes: V1–V6) are [`ParsedBundle::verify_section`] and
+//! scales, UTF-8 tokenizer, graph hashes, finite block scales: V1–V7) are [`ParsedBundle::verify_section`] and
 //! [`ParsedBundle::verify`].
 //!
 //! The writer runs the same code: the structural checks before it writes a manifest, then
@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::dtype::DType;
+use crate::encoding::Encoding;
 use crate::format::{MergeParams, Method, ScaleMode};
 
 use super::budget;
@@ -39,7 +39,7 @@ enum Content {
     /// The graph of this index in `Manifest::graphs` (V6 compares its hash).
     Graph(usize),
     Tokenizer,
-    Dense(DType),
+    Dense(Encoding),
     Mask,
     RowScale,
 }
@@ -77,7 +77,7 @@ pub struct ParsedBundle {
     tensors: HashMap<String, usize>,
 }
 
-/// Parses and validates a whole bundle (rules 1–35 of docs/FORMAT.md), in time independent of
+/// Parses and validates a whole bundle (rules 1–36 of docs/FORMAT.md), in time independent of
 /// the size of the data region.
 pub fn parse(bytes: &[u8]) -> Result<ParsedBundle, FormatError> {
     let header = Header::decode(bytes)?;
@@ -97,6 +97,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedBundle, FormatError> {
         tasks,
         tensors,
     } = check_manifest(&manifest, header.data_length)?;
+    check_version_features(header.version, &sections)?;
     for s in &mut sections {
         s.start = layout::end(header.data_offset, s.start)?;
         s.end = layout::end(header.data_offset, s.end)?;
@@ -109,6 +110,28 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedBundle, FormatError> {
         tasks,
         tensors,
     })
+}
+
+/// Rule 36: block-quantized sections exist from version 3 on; a version-2 bundle has none.
+fn check_version_features(version: u32, sections: &[SectionMeta]) -> Result<(), FormatError> {
+    if version >= 3 {
+        return Ok(());
+    }
+    let quantized = sections
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| match s.content {
+            Content::Dense(e) if e.is_quantized() => Some((i, e)),
+            _ => None,
+        });
+    match quantized {
+        Some((section, encoding)) => Err(FormatError::EncodingNeedsVersion {
+            section: section as SectionId,
+            encoding,
+            version,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Rules 11, 12 and 35: decodes the manifest bytes, allocating at most
@@ -669,12 +692,12 @@ impl<'a> Claims<'a> {
         kind: SectionKind,
         numel: u64,
     ) -> Result<(), FormatError> {
-        let bytes = layout::dense_bytes(numel, stored.dtype)?;
+        let bytes = layout::encoded_bytes(numel, stored.encoding)?;
         self.claim(
             stored.section,
             kind,
             Some(bytes),
-            Content::Dense(stored.dtype),
+            Content::Dense(stored.encoding),
             Some(numel),
         )
     }
@@ -769,9 +792,10 @@ impl ParsedBundle {
         id: SectionId,
         out: &mut Vec<f32>,
     ) -> Result<(), FormatError> {
-        let dtype = match self.meta(id)?.content {
-            Content::Dense(dtype) => dtype,
-            Content::RowScale => DType::F32,
+        let meta = self.meta(id)?;
+        let encoding = match meta.content {
+            Content::Dense(encoding) => encoding,
+            Content::RowScale => Encoding::F32,
             Content::Graph(_) | Content::Tokenizer | Content::Mask => {
                 return Err(FormatError::NotNumeric {
                     section: id,
@@ -779,7 +803,10 @@ impl ParsedBundle {
                 })
             }
         };
-        dtype.decode_into(self.section(bytes, id)?, out);
+        // The length was checked against `elements` by rule 26.
+        out.clear();
+        out.resize(layout::to_usize(meta.elements)?, 0.0);
+        encoding.decode_slice(self.section(bytes, id)?, out);
         Ok(())
     }
 
@@ -794,9 +821,10 @@ impl ParsedBundle {
             })
     }
 
-    /// Checks rules V1–V6 for section `id`: its checksum, the zero padding after it, and for a
+    /// Checks rules V1–V7 for section `id`: its checksum, the zero padding after it, and for a
     /// mask its zero pad bits, for row scales that they are finite, for a tokenizer that it is
-    /// UTF-8, for a graph that its SHA-256 is the one the manifest records.
+    /// UTF-8, for a graph that its SHA-256 is the one the manifest records, for a `q8` / `q4`
+    /// tensor that its block scales are finite.
     pub fn verify_section(&self, bytes: &[u8], id: SectionId) -> Result<(), FormatError> {
         let data = self.section(bytes, id)?;
         let m = self.meta(id)?;
@@ -851,13 +879,17 @@ impl ParsedBundle {
                     });
                 }
             }
-            Content::Dense(_) => {}
+            Content::Dense(encoding) => {
+                if let Some(block) = encoding.first_bad_scale(data) {
+                    return Err(FormatError::NonFiniteBlockScale { section: id, block });
+                }
+            }
         }
         Ok(())
     }
 
     /// Checks everything: that the header and manifest are still those parsed, then rules
-    /// V1–V6 for every section. Reads every byte of the file.
+    /// V1–V7 for every section. Reads every byte of the file.
     pub fn verify(&self, bytes: &[u8]) -> Result<(), FormatError> {
         self.check_buffer(bytes)?;
         if bytes.get(..Header::LEN) != Some(&self.header.to_bytes()[..]) {

@@ -33,7 +33,7 @@ impl InitializerInfo {
     /// Size of the data in bytes, `None` if it overflows.
     pub fn byte_len(&self) -> Option<usize> {
         let n = crate::format::layout::numel(&self.shape).ok()?;
-        let bytes = crate::format::layout::dense_bytes(n, self.dtype).ok()?;
+        let bytes = crate::format::layout::encoded_bytes(n, self.dtype.into()).ok()?;
         crate::format::layout::to_usize(bytes).ok()
     }
 }

@@ -8,7 +8,7 @@
 //! buffer, tested bit for bit against [`task_tensor`]; so an exported ONNX model and the runtime's
 //! bound weights are bit-identical.
 
-use crate::dtype::DType;
+use crate::encoding::{Encoding, Q4_BLOCK, Q8_BLOCK};
 use crate::format::manifest::{Scale, Stored, TaskEntry, TaskTensor, TensorEntry, TensorStorage};
 use crate::format::{layout, FormatError, SectionId};
 use crate::mask::Mask;
@@ -115,8 +115,10 @@ fn mismatch(t: &TaskEntry, entry: &TensorEntry) -> Error {
 }
 
 /// Elements per step of [`task_tensor_into`]: one chunk of the output, of the decoded delta and
-/// of the factors (12 KiB together) stays in L1 cache from decoding to the masked add.
+/// of the factors (12 KiB together) stays in L1 cache from decoding to the masked add. A whole
+/// number of blocks of every encoding, so each chunk decodes on its own.
 const CHUNK: usize = 1024;
+const _: () = assert!(CHUNK.is_multiple_of(Q8_BLOCK) && CHUNK.is_multiple_of(Q4_BLOCK));
 
 /// Reconstructs tensor `tensor` of task `task` straight into `out`, which must hold exactly its
 /// number of elements (else an error, and `out` is left as it was): bit for bit what
@@ -134,13 +136,15 @@ pub fn task_tensor_into(
     let len = out.len();
     match (module, &entry.storage) {
         (TaskTensor::Private { stored, .. }, _) => {
-            stored.dtype.decode_slice(dense(bundle, *stored, len)?, out);
+            stored
+                .encoding
+                .decode_slice(dense(bundle, *stored, len)?, out);
             Ok(())
         }
         (TaskTensor::Merged { mask, scale }, TensorStorage::Merged { base, delta }) => {
             let base_bytes = dense(bundle, *base, len)?;
             let Some(delta) = delta else {
-                base.dtype.decode_slice(base_bytes, out);
+                base.encoding.decode_slice(base_bytes, out);
                 return Ok(());
             };
             let delta_bytes = dense(bundle, *delta, len)?;
@@ -171,8 +175,8 @@ pub fn task_tensor_into(
             };
             fused(
                 out,
-                (base.dtype, base_bytes),
-                (delta.dtype, delta_bytes),
+                (base.encoding, base_bytes),
+                (delta.encoding, delta_bytes),
                 mask,
                 &factor,
             );
@@ -202,10 +206,8 @@ fn sized(bundle: &Bundle, id: SectionId, bytes: usize) -> Result<&[u8], Error> {
 
 /// The bytes of a dense section of `len` elements.
 fn dense(bundle: &Bundle, stored: Stored, len: usize) -> Result<&[u8], Error> {
-    let bytes = layout::tensor_bytes(stored.dtype.size(), &[len]).ok_or(FormatError::Overflow {
-        what: "byte length of a dense tensor",
-    })?;
-    sized(bundle, stored.section, bytes)
+    let bytes = layout::encoded_bytes(len as u64, stored.encoding)?;
+    sized(bundle, stored.section, layout::to_usize(bytes)?)
 }
 
 /// The factor `g · s_r` of every element.
@@ -226,19 +228,26 @@ enum Factor<'a> {
 /// `⌈out.len() / 8⌉` bytes.
 fn fused(
     out: &mut [f32],
-    base: (DType, &[u8]),
-    delta: (DType, &[u8]),
+    base: (Encoding, &[u8]),
+    delta: (Encoding, &[u8]),
     mask: Option<&[u8]>,
     factor: &Factor<'_>,
 ) {
     let mut d = [0f32; CHUNK];
     let mut f = [0f32; CHUNK];
     let mut masks = mask.map(|m| m.chunks(CHUNK / 8));
-    let f32_base = base.0 == DType::F32;
+    let f32_base = base.0 == Encoding::F32;
+    // Bytes of CHUNK elements (whole blocks); cannot fail for so few elements.
+    let chunk_bytes = |e: Encoding| {
+        layout::encoded_bytes(CHUNK as u64, e)
+            .ok()
+            .and_then(|b| layout::to_usize(b).ok())
+            .unwrap_or(usize::MAX)
+    };
     let chunks = out
         .chunks_mut(CHUNK)
-        .zip(base.1.chunks(CHUNK * base.0.size()))
-        .zip(delta.1.chunks(CHUNK * delta.0.size()));
+        .zip(base.1.chunks(chunk_bytes(base.0)))
+        .zip(delta.1.chunks(chunk_bytes(delta.0)));
     for (c, ((o, b), dl)) in chunks.enumerate() {
         let n = o.len();
         let Some(d) = d.get_mut(..n) else { return };
@@ -432,8 +441,8 @@ mod tests {
     #[allow(clippy::too_many_arguments)]
     fn check(
         len: usize,
-        base_dt: DType,
-        delta_dt: DType,
+        base_dt: Encoding,
+        delta_dt: Encoding,
         masked: bool,
         rows: Option<usize>,
         g: f32,
@@ -453,12 +462,12 @@ mod tests {
             .map(|_| 0.5 + (r.next() % 100) as f32 / 64.0)
             .collect();
         let mut scale_bytes = Vec::new();
-        DType::F32.encode(&scales, &mut scale_bytes);
+        Encoding::F32.encode(&scales, &mut scale_bytes);
 
-        let mut expected = Vec::new();
-        base_dt.decode_into(&base_bytes, &mut expected);
-        let mut d = Vec::new();
-        delta_dt.decode_into(&delta_bytes, &mut d);
+        let mut expected = vec![0.0; len];
+        base_dt.decode_slice(&base_bytes, &mut expected);
+        let mut d = vec![0.0; len];
+        delta_dt.decode_slice(&delta_bytes, &mut d);
         let factor = match rows {
             None => Factor::Uniform(g),
             Some(n) => Factor::Rows {
@@ -495,9 +504,12 @@ mod tests {
 
     #[test]
     fn fused_pass_is_bit_identical_to_the_normative_one() {
-        // Lengths around the mask byte, the chunk and the f16 decode buffer.
-        let lens = [0, 1, 7, 8, 9, 255, 256, 257, 1023, 1024, 1025, 2048, 3001];
-        let dtypes = [DType::F32, DType::F16, DType::BF16];
+        // Lengths around the mask byte, the q4 and q8 blocks, the chunk and the f16 decode
+        // buffer.
+        let lens = [
+            0, 1, 7, 8, 9, 31, 33, 63, 65, 255, 256, 257, 1023, 1024, 1025, 2048, 3001,
+        ];
+        let dtypes = Encoding::ALL;
         let mut seed = 0x9e37_79b9_7f4a_7c15;
         for len in lens {
             for base_dt in dtypes {
@@ -525,16 +537,12 @@ mod tests {
             (4096, 2),
         ] {
             for masked in [false, true] {
-                for delta_dt in [DType::F32, DType::F16] {
-                    check(
-                        len,
-                        DType::F32,
-                        delta_dt,
-                        masked,
-                        Some(rows),
-                        0.9,
-                        len as u64,
-                    );
+                for (base_dt, delta_dt) in [
+                    (Encoding::F32, Encoding::F32),
+                    (Encoding::F32, Encoding::F16),
+                    (Encoding::Q8, Encoding::Q4),
+                ] {
+                    check(len, base_dt, delta_dt, masked, Some(rows), 0.9, len as u64);
                 }
             }
         }
@@ -560,12 +568,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut checked = (0, 0);
         for (k, method) in Method::ALL.into_iter().enumerate() {
-            let delta_dtype = [DType::F16, DType::F32, DType::BF16][k % 3];
+            let delta_dtype = [
+                Encoding::F16,
+                Encoding::F32,
+                Encoding::BF16,
+                Encoding::Q8,
+                Encoding::Q4,
+            ][k % 5];
             let out = dir.path().join(format!("{}.tpk", method.name()));
             let opts = CompileOptions {
                 scale: (0..tasks.len()).map(|t| modes[(t + k) % 3]).collect(),
                 delta_dtype,
-                base_dtype: [None, Some(DType::BF16), Some(DType::F16)][k % 3],
+                base_dtype: [
+                    None,
+                    Some(Encoding::BF16),
+                    Some(Encoding::F16),
+                    Some(Encoding::Q8),
+                ][k % 4],
                 ..CompileOptions::new(demo.join("base.onnx"), tasks.clone(), method, &out)
             };
             drop(compile(&opts, &mut |_| {}).unwrap());

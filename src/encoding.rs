@@ -1,0 +1,344 @@
+//! How a dense tensor's values are stored in a section: a float element type, or a
+//! block-quantized integer code (`q8`, `q4`) with one `f32` scale per block.
+//!
+//! Block quantization is what lets a bundle be smaller than one int8 model per task: the base at
+//! 8.5 bits per weight, the shared merged delta at 8.5 or 5. Each block of `B` consecutive
+//! elements (flat row-major order, so a block may span two rows) stores its scale `s` and `B`
+//! signed codes `q`; a reader decodes element `i` to `f32(q_i) · s`, one `f32` multiplication,
+//! so every implementation gets the same bits (docs/FORMAT.md §3). Groups of 64 (`q8`) and 32
+//! (`q4`) are what measured best on MiniLM's real weights and fine-tuned deltas (docs/METHODS.md,
+//! "Storage types"): per-row scales err 35–50% more at the same size.
+//!
+//! The encoder is the compiler's choice and not normative: symmetric, `s = max|x| / Q` with
+//! `Q = 127` (`q8`) or `7` (`q4`), `q = round(x / s)` ties to even, clamped to `±Q`.
+//! [`Encoding::round_slice`] is exactly decode ∘ encode, so the compiler can take task vectors
+//! from the base a reader will see.
+
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::DType;
+
+/// Storage of a dense tensor in a bundle section. The first three variants are the float
+/// element types of [`DType`], with the same wire encoding; `Q8` and `Q4` are block-quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Encoding {
+    /// 32-bit float.
+    F32,
+    /// IEEE 754 half precision.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// Blocks of 64 elements: an `f32` scale, then 64 signed 8-bit codes (68 bytes).
+    Q8,
+    /// Blocks of 32 elements: an `f32` scale, then 16 bytes of signed 4-bit codes, element `2k`
+    /// in the low nibble of byte `k` (20 bytes).
+    Q4,
+}
+
+/// Elements per `q8` block.
+pub const Q8_BLOCK: usize = 64;
+/// Elements per `q4` block.
+pub const Q4_BLOCK: usize = 32;
+
+impl Encoding {
+    /// Every encoding, in wire order.
+    pub const ALL: [Encoding; 5] = [
+        Encoding::F32,
+        Encoding::F16,
+        Encoding::BF16,
+        Encoding::Q8,
+        Encoding::Q4,
+    ];
+
+    /// The float element type, for the first three variants.
+    pub const fn float(self) -> Option<DType> {
+        match self {
+            Encoding::F32 => Some(DType::F32),
+            Encoding::F16 => Some(DType::F16),
+            Encoding::BF16 => Some(DType::BF16),
+            Encoding::Q8 | Encoding::Q4 => None,
+        }
+    }
+
+    /// Whether this is a block-quantized encoding.
+    pub const fn is_quantized(self) -> bool {
+        self.float().is_none()
+    }
+
+    /// `(elements, bytes)` of one block: `(1, size)` for a float type. Byte lengths are computed
+    /// from this by `format::layout::encoded_bytes` only.
+    pub const fn block(self) -> (u64, u64) {
+        match self {
+            Encoding::F32 => (1, 4),
+            Encoding::F16 | Encoding::BF16 => (1, 2),
+            Encoding::Q8 => (Q8_BLOCK as u64, 4 + Q8_BLOCK as u64),
+            Encoding::Q4 => (Q4_BLOCK as u64, 4 + Q4_BLOCK as u64 / 2),
+        }
+    }
+
+    /// Lower-case name, as used on the command line and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Encoding::F32 => "f32",
+            Encoding::F16 => "f16",
+            Encoding::BF16 => "bf16",
+            Encoding::Q8 => "q8",
+            Encoding::Q4 => "q4",
+        }
+    }
+
+    /// Appends `values` in this encoding to `out`; a partial last block is padded with zero codes.
+    pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        match (self.float(), self) {
+            (Some(dtype), _) => dtype.encode(values, out),
+            (None, Encoding::Q4) => {
+                for block in values.chunks(Q4_BLOCK) {
+                    let (s, codes) = quantize::<Q4_BLOCK>(block, 7.0);
+                    out.extend_from_slice(&s.to_le_bytes());
+                    out.extend(
+                        codes
+                            .chunks_exact(2)
+                            .map(|p| (p[0] as u8 & 0x0f) | ((p[1] as u8) << 4)),
+                    );
+                }
+            }
+            (None, _) => {
+                for block in values.chunks(Q8_BLOCK) {
+                    let (s, codes) = quantize::<Q8_BLOCK>(block, 127.0);
+                    out.extend_from_slice(&s.to_le_bytes());
+                    out.extend(codes.iter().map(|&q| q as u8));
+                }
+            }
+        }
+    }
+
+    /// Decodes `out.len()` elements from `bytes`, which hold at least as many (whole blocks;
+    /// callers check lengths with `format::layout::encoded_bytes`). Elements past the end of
+    /// `bytes` are left as they are.
+    pub(crate) fn decode_slice(self, bytes: &[u8], out: &mut [f32]) {
+        match (self.float(), self) {
+            (Some(dtype), _) => dtype.decode_slice(bytes, out),
+            (None, Encoding::Q4) => {
+                for (o, b) in out.chunks_mut(Q4_BLOCK).zip(bytes.chunks(4 + Q4_BLOCK / 2)) {
+                    let Some((s, codes)) = split_scale(b) else {
+                        return;
+                    };
+                    for (pair, &c) in o.chunks_mut(2).zip(codes) {
+                        // Sign-extend each nibble: shift it to the top of an i8, then back.
+                        let lo = ((c << 4) as i8) >> 4;
+                        let hi = (c as i8) >> 4;
+                        for (o, q) in pair.iter_mut().zip([lo, hi]) {
+                            *o = f32::from(q) * s;
+                        }
+                    }
+                }
+            }
+            (None, _) => {
+                for (o, b) in out.chunks_mut(Q8_BLOCK).zip(bytes.chunks(4 + Q8_BLOCK)) {
+                    let Some((s, codes)) = split_scale(b) else {
+                        return;
+                    };
+                    for (o, &c) in o.iter_mut().zip(codes) {
+                        *o = f32::from(c as i8) * s;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Replaces every value by what a reader decodes after [`Encoding::encode`]: the rounding of
+    /// storage, applied in place.
+    pub fn round_slice(self, values: &mut [f32]) {
+        match (self.float(), self) {
+            (Some(dtype), _) => values.iter_mut().for_each(|v| *v = dtype.round(*v)),
+            (None, Encoding::Q4) => {
+                for block in values.chunks_mut(Q4_BLOCK) {
+                    let (s, codes) = quantize::<Q4_BLOCK>(block, 7.0);
+                    // Decoding sign-extends a nibble; codes are within ±7, so that is `q` itself.
+                    block
+                        .iter_mut()
+                        .zip(codes)
+                        .for_each(|(v, q)| *v = f32::from(q) * s);
+                }
+            }
+            (None, _) => {
+                for block in values.chunks_mut(Q8_BLOCK) {
+                    let (s, codes) = quantize::<Q8_BLOCK>(block, 127.0);
+                    block
+                        .iter_mut()
+                        .zip(codes)
+                        .for_each(|(v, q)| *v = f32::from(q) * s);
+                }
+            }
+        }
+    }
+
+    /// Index of the first block whose scale is not finite, if any (rule V7). Float encodings
+    /// have no scales.
+    pub(crate) fn first_bad_scale(self, bytes: &[u8]) -> Option<u64> {
+        let (_, block_bytes) = self.block();
+        if !self.is_quantized() {
+            return None;
+        }
+        bytes
+            .chunks(block_bytes as usize)
+            .position(|b| split_scale(b).is_some_and(|(s, _)| !s.is_finite()))
+            .map(|i| i as u64)
+    }
+}
+
+impl From<DType> for Encoding {
+    fn from(dtype: DType) -> Encoding {
+        match dtype {
+            DType::F32 => Encoding::F32,
+            DType::F16 => Encoding::F16,
+            DType::BF16 => Encoding::BF16,
+        }
+    }
+}
+
+/// A block's scale (its first four bytes, `f32` little-endian) and its code bytes.
+fn split_scale(block: &[u8]) -> Option<(f32, &[u8])> {
+    let (s, codes) = block.split_first_chunk::<4>()?;
+    Some((f32::from_le_bytes(*s), codes))
+}
+
+/// The encoder's choice for one block of at most `B` values: `s = max|x| / q_max` and
+/// `q = round(x / s)` (ties to even) clamped to `±q_max`; codes past the block's values are 0.
+/// A block of zeros (or with a non-finite maximum, which compile never produces) gets `s = 0`.
+fn quantize<const B: usize>(block: &[f32], q_max: f32) -> (f32, [i8; B]) {
+    let mut codes = [0i8; B];
+    let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let s = max / q_max;
+    if s == 0.0 || !s.is_finite() {
+        return (0.0, codes);
+    }
+    for (q, v) in codes.iter_mut().zip(block) {
+        // In range by construction (|x| ≤ max); the clamp only guards rounding at the edge.
+        *q = (v / s).round_ties_even().clamp(-q_max, q_max) as i8;
+    }
+    (s, codes)
+}
+
+impl std::fmt::Display for Encoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Encoding {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Encoding::ALL
+            .into_iter()
+            .find(|e| e.name() == s)
+            .ok_or_else(|| {
+                format!("unknown storage type {s:?} (expected f32, f16, bf16, q8 or q4)")
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(e: Encoding, bytes: &[u8], n: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; n];
+        e.decode_slice(bytes, &mut out);
+        out
+    }
+
+    #[test]
+    fn q8_block_worked_by_hand() {
+        // Binary fractions, so every step is exact: max |x| = 127/128, s = 1/128, codes x · 128.
+        let x = [
+            127.0f32 / 128.0,
+            -63.5 / 128.0,
+            1.5 / 128.0,
+            0.5 / 128.0,
+            0.0,
+        ];
+        let s = 1.0f32 / 128.0;
+        let mut bytes = Vec::new();
+        Encoding::Q8.encode(&x, &mut bytes);
+        assert_eq!(bytes.len(), 68, "one block, padded to 64 codes");
+        assert_eq!(bytes[..4], s.to_le_bytes());
+        // -63.5 → -64, 1.5 → 2, 0.5 → 0 (ties to even).
+        assert_eq!(bytes[4..9], [127, (-64i8) as u8, 2, 0, 0]);
+        assert!(bytes[9..].iter().all(|&b| b == 0), "padding codes are zero");
+        assert_eq!(
+            decode(Encoding::Q8, &bytes, 5),
+            vec![127.0 * s, -64.0 * s, 2.0 * s, 0.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn q4_nibbles_and_sign_extension_by_hand() {
+        // max |x| = 7/8, s = 1/8: codes 7, -7, 3, -1, then padding zeros.
+        let x = [0.875f32, -0.875, 0.375, -0.125];
+        let s = 0.125f32;
+        let mut bytes = Vec::new();
+        Encoding::Q4.encode(&x, &mut bytes);
+        assert_eq!(bytes.len(), 20);
+        assert_eq!(bytes[..4], s.to_le_bytes());
+        // byte 0: low nibble 7 (0x7), high nibble -7 (0x9); byte 1: 3 (0x3) and -1 (0xf).
+        assert_eq!(bytes[4..6], [0x97, 0xf3]);
+        assert_eq!(
+            decode(Encoding::Q4, &bytes, 4),
+            vec![7.0 * s, -7.0 * s, 3.0 * s, -s]
+        );
+        // A reader decodes -8 (0x8), which this encoder never writes, as -8 · s.
+        let hostile = [s.to_le_bytes().as_slice(), &[0x08; 16]].concat();
+        assert_eq!(decode(Encoding::Q4, &hostile, 2), vec![-8.0 * s, 0.0]);
+    }
+
+    #[test]
+    fn round_slice_is_decode_of_encode_across_blocks() {
+        // 200 values: three full q8 blocks and a partial one; six full q4 blocks and a partial.
+        let x: Vec<f32> = (0..200)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3 * (1 + i / 64) as f32)
+            .collect();
+        for e in Encoding::ALL {
+            let mut bytes = Vec::new();
+            e.encode(&x, &mut bytes);
+            let (b, bb) = e.block();
+            assert_eq!(bytes.len() as u64, (x.len() as u64).div_ceil(b) * bb, "{e}");
+            let mut rounded = x.clone();
+            e.round_slice(&mut rounded);
+            assert_eq!(decode(e, &bytes, x.len()), rounded, "{e}");
+        }
+    }
+
+    #[test]
+    fn quantization_error_is_within_half_a_step() {
+        let x: Vec<f32> = (0..128).map(|i| (i as f32 * 0.37).sin()).collect();
+        for (e, q_max, block) in [
+            (Encoding::Q8, 127.0, Q8_BLOCK),
+            (Encoding::Q4, 7.0, Q4_BLOCK),
+        ] {
+            let mut r = x.clone();
+            e.round_slice(&mut r);
+            for (xb, rb) in x.chunks(block).zip(r.chunks(block)) {
+                let step = xb.iter().fold(0f32, |m, v| m.max(v.abs())) / q_max;
+                for (a, b) in xb.iter().zip(rb) {
+                    assert!((a - b).abs() <= step * 0.5 + 1e-7, "{e}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_blocks_and_names() {
+        let mut bytes = Vec::new();
+        Encoding::Q8.encode(&[0.0; 3], &mut bytes);
+        assert_eq!(decode(Encoding::Q8, &bytes, 3), vec![0.0; 3]);
+        assert_eq!(Encoding::Q8.first_bad_scale(&bytes), None);
+        let mut nan = bytes.clone();
+        nan[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert_eq!(Encoding::Q8.first_bad_scale(&nan), Some(0));
+        for e in Encoding::ALL {
+            assert_eq!(e.name().parse::<Encoding>(), Ok(e));
+        }
+        assert!("int8".parse::<Encoding>().is_err());
+    }
+}
