@@ -127,6 +127,69 @@ fn every_task_matches_its_exported_onnx_tall() {
     check_against_exported_onnx(tall());
 }
 
+/// `shared: ^fc\.weight$` with TALL (the demo's one large matrix): no task masks it, so every
+/// task's exported `fc.weight` has the same bits; the engine binds it once, in the template,
+/// so each task's task-dependent bytes are those of the unshared TALL bundle minus its
+/// 32 × 784 × 4 bytes; and every task still matches its exported ONNX.
+#[test]
+fn shared_tensors_are_bound_once_and_match_the_exported_onnx() {
+    use prost::Message;
+    use taskpack::format::TaskTensor;
+
+    let tasks = demo_tasks();
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("runtime-shared-{}.tpk", std::process::id()));
+    let opts = CompileOptions {
+        delta_dtype: Encoding::F32,
+        shared: Some(regex::Regex::new(r"^fc\.weight$").unwrap()),
+        ..CompileOptions::new(demo().join("base.onnx"), tasks.clone(), Method::Tall, &out)
+    };
+    drop(compile(&opts, &mut |_| {}).unwrap());
+    let shared = Arc::new(Bundle::read(&out).unwrap());
+    std::fs::remove_file(&out).unwrap();
+
+    let m = shared.manifest();
+    let fc = m
+        .tensors
+        .iter()
+        .position(|t| t.name == "fc.weight")
+        .unwrap();
+    for t in &m.tasks {
+        assert!(
+            matches!(t.tensors[fc], TaskTensor::Merged { mask: None, .. }),
+            "{}",
+            t.name
+        );
+    }
+    let fc_bits = |task: &str| -> Vec<u8> {
+        let onnx = taskpack::export::export_task(&shared, task).unwrap();
+        let model = tract_onnx::pb::ModelProto::decode(&onnx[..]).unwrap();
+        let graph = model.graph.unwrap();
+        let t = graph
+            .initializer
+            .iter()
+            .find(|t| t.name == "fc.weight")
+            .unwrap();
+        t.raw_data.clone()
+    };
+    let first = fc_bits(&tasks[0].0);
+    assert_eq!(first.len(), 32 * 784 * 4);
+    for (name, _) in &tasks[1..] {
+        assert_eq!(fc_bits(name), first, "{name}");
+    }
+
+    let masked = Engine::new(tall(), EngineOptions::default()).unwrap();
+    let engine = Engine::new(Arc::clone(&shared), EngineOptions::default()).unwrap();
+    for task in 0..engine.task_count() {
+        assert_eq!(
+            engine.task_weight_bytes(task).unwrap() + 32 * 784 * 4,
+            masked.task_weight_bytes(task).unwrap(),
+            "task {task}"
+        );
+    }
+    check_against_exported_onnx(shared);
+}
+
 #[test]
 fn every_task_matches_its_exported_onnx_emr_row_scales_f16_delta() {
     check_against_exported_onnx(bundle(Method::Emr, ScaleMode::Row));

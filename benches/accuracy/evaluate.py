@@ -72,9 +72,24 @@ SETTINGS = [
     # (--no-auto-private: else tiny tensors that moved a lot, e.g. the attention key biases,
     # stay private per task and the encoder is not exactly the base's).
     Setting("base + heads", ("--method", "task-arithmetic", "--alpha", "0", "--no-auto-private")),
-    Setting("task-arithmetic", ("--method", "task-arithmetic")),
     Setting("tall", ("--method", "tall")),
     Setting("emr", ("--method", "emr")),
+    # Storage: the base in q8 (blocks of 64 int8 codes + an f32 scale), the merged delta in q8
+    # or q4 (blocks of 32 int4 codes), docs/FORMAT.md §3; matrices of ≥ 4096 elements only.
+    Setting("tall --base-dtype q8", ("--method", "tall", "--base-dtype", "q8")),
+    Setting("tall --base-dtype q8 --delta-dtype q8",
+            ("--method", "tall", "--base-dtype", "q8", "--delta-dtype", "q8")),
+    Setting("tall --base-dtype q8 --delta-dtype q4",
+            ("--method", "tall", "--base-dtype", "q8", "--delta-dtype", "q4")),
+    Setting("emr --base-dtype q8 --delta-dtype q4",
+            ("--method", "emr", "--base-dtype", "q8", "--delta-dtype", "q4")),
+    # The word embeddings (half of MiniLM) without per-task masks: bound once, not per switch
+    # (docs/PERFORMANCE.md). The vision family has no such tensor: there it is plain TALL.
+    Setting("tall --shared word_embeddings", ("--method", "tall", "--shared", "word_embeddings")),
+    Setting("tall --base-dtype q8 --delta-dtype q4 --shared word_embeddings",
+            ("--method", "tall", "--base-dtype", "q8", "--delta-dtype", "q4",
+             "--shared", "word_embeddings")),
+    Setting("task-arithmetic", ("--method", "task-arithmetic")),
     Setting("ties", ("--method", "ties")),
     Setting("dare", ("--method", "dare")),
     Setting("breadcrumbs", ("--method", "breadcrumbs")),
@@ -86,16 +101,7 @@ SETTINGS = [
     Setting("emr --scale tensor", ("--method", "emr", "--scale", "tensor")),
     Setting("tall --scale row", ("--method", "tall", "--scale", "row")),
     Setting("emr --delta-dtype f32", ("--method", "emr", "--delta-dtype", "f32")),
-    # Storage: the base in f16 or q8 (blocks of 64 int8 codes + an f32 scale), the merged delta
-    # in q8 or q4 (docs/FORMAT.md §3); matrices of ≥ 4096 elements only.
     Setting("emr --base-dtype f16", ("--method", "emr", "--base-dtype", "f16")),
-    Setting("emr --base-dtype q8", ("--method", "emr", "--base-dtype", "q8")),
-    Setting("emr --base-dtype q8 --delta-dtype q8",
-            ("--method", "emr", "--base-dtype", "q8", "--delta-dtype", "q8")),
-    Setting("emr --base-dtype q8 --delta-dtype q4",
-            ("--method", "emr", "--base-dtype", "q8", "--delta-dtype", "q4")),
-    Setting("tall --base-dtype q8 --delta-dtype q4",
-            ("--method", "tall", "--base-dtype", "q8", "--delta-dtype", "q4")),
     Setting("tall --calib", ("--method", "tall"), calib=True),
     Setting("emr --calib", ("--method", "emr"), calib=True),
 ]

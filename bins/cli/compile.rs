@@ -47,6 +47,12 @@ pub struct CompileArgs {
     /// Regular expression: matching tensors are stored privately per task.
     #[arg(long, value_name = "REGEX")]
     pub private: Option<String>,
+    /// Regular expression: matching merged tensors get the merged delta without per-task masks,
+    /// the same weights for every task, bound once instead of at every switch (e.g.
+    /// '^embeddings\.': faster switches, at an accuracy cost to measure). Not with EMR, whose
+    /// per-task rescaler keeps them apart.
+    #[arg(long, value_name = "REGEX")]
+    pub shared: Option<String>,
     /// Do not detect fresh task heads (tensors that changed far more than the rest) automatically.
     #[arg(long)]
     pub no_auto_private: bool,
@@ -120,12 +126,15 @@ impl CompileArgs {
         if let Some(s) = self.seed {
             params.seed = s;
         }
-        let private = match &self.private {
-            Some(p) => Some(
-                regex::Regex::new(p).with_context(|| format!("invalid --private pattern {p:?}"))?,
-            ),
-            None => None,
+        let pattern = |flag: &str, p: &Option<String>| -> Result<Option<regex::Regex>> {
+            p.as_deref()
+                .map(|p| {
+                    regex::Regex::new(p).with_context(|| format!("invalid {flag} pattern {p:?}"))
+                })
+                .transpose()
         };
+        let private = pattern("--private", &self.private)?;
+        let shared = pattern("--shared", &self.shared)?;
         self.check_output()?;
         let scale = self
             .scale
@@ -145,6 +154,7 @@ impl CompileArgs {
             params,
             scale: vec![scale; self.tasks.len()],
             private,
+            shared,
             delta_dtype: self
                 .delta_dtype
                 .parse::<Encoding>()

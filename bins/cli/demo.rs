@@ -123,6 +123,7 @@ fn compile_demo(a: &DemoArgs, tasks: &[(String, PathBuf)]) -> Result<Bundle> {
         seed: None,
         scale: a.scale.clone(),
         private: None,
+        shared: None,
         no_auto_private: false,
         delta_dtype: a.delta_dtype.clone(),
         base_dtype: a.base_dtype.clone(),

@@ -43,6 +43,11 @@ pub struct CompileOptions {
     pub scale: Vec<ScaleMode>,
     /// Tensors matching this pattern are stored privately per task.
     pub private: Option<Regex>,
+    /// Merged tensors matching this pattern get the merged delta without a per-task mask (and
+    /// with the identity of the task's scale mode): the same weights for every task, which the
+    /// runtime binds once per graph instead of at every switch — where the method gives every
+    /// task the same global scale (all but EMR).
+    pub shared: Option<Regex>,
     /// Storage of the merged delta. A block-quantized one (`q8`, `q4`) applies to large tensors
     /// only; the others store their delta as `f16` (see [`delta_encoding_of`]).
     pub delta_dtype: Encoding,
@@ -78,6 +83,7 @@ impl CompileOptions {
             params: MergeParams::defaults(method, n),
             scale: vec![ScaleMode::None; n],
             private: None,
+            shared: None,
             delta_dtype: Encoding::F16,
             base_dtype: None,
             auto_private: true,
@@ -479,6 +485,7 @@ fn write_merged(
     let base_section = writer.add_section(SectionKind::Base, encoded)?;
 
     // What a reader will see after storage rounding.
+    let shared = opts.shared.as_ref().is_some_and(|r| r.is_match(&info.name));
     let delta_encoding = delta_encoding_of(info, opts.delta_dtype);
     let mut delta = merged.delta;
     delta_encoding.round_slice(&mut delta);
@@ -507,8 +514,15 @@ fn write_merged(
             });
             continue;
         }
-        let mask = merged.masks.as_ref().and_then(|masks| masks.get(t));
-        let task_scale = TaskScale::new(opts.scale_of(t), &delta, mask, tau, &shape)?;
+        let mask = match shared {
+            true => None,
+            false => merged.masks.as_ref().and_then(|masks| masks.get(t)),
+        };
+        let task_scale = if shared {
+            TaskScale::identity(opts.scale_of(t), delta.len(), &shape)
+        } else {
+            TaskScale::new(opts.scale_of(t), &delta, mask, tau, &shape)?
+        };
         f.add(&delta, mask, tau, |i| task_scale.factor(i));
         let scale = match task_scale {
             TaskScale::One => Scale::None,
@@ -635,6 +649,19 @@ impl TaskScale {
                 row_len: delta.len().checked_div(rows).unwrap_or(0).max(1),
             },
         })
+    }
+
+    /// The scale of `mode` that leaves `δ` as it is (a `--shared` tensor's): the variant rule 32
+    /// asks for, with value 1.
+    fn identity(mode: ScaleMode, len: usize, shape: &[usize]) -> TaskScale {
+        match (mode, shape.first()) {
+            (ScaleMode::None, _) => TaskScale::One,
+            (ScaleMode::Tensor, _) | (ScaleMode::Row, None) => TaskScale::Tensor(1.0),
+            (ScaleMode::Row, Some(&rows)) => TaskScale::Rows {
+                scales: vec![1.0; rows],
+                row_len: len.checked_div(rows).unwrap_or(0).max(1),
+            },
+        }
     }
 
     /// The factor multiplying `δ[i]`.

@@ -9,7 +9,9 @@
 //! bound weights are bit-identical.
 
 use crate::encoding::{Encoding, Q4_BLOCK, Q8_BLOCK};
-use crate::format::manifest::{Scale, Stored, TaskEntry, TaskTensor, TensorEntry, TensorStorage};
+use crate::format::manifest::{
+    Manifest, Scale, Stored, TaskEntry, TaskTensor, TensorEntry, TensorStorage,
+};
 use crate::format::{layout, FormatError, SectionId};
 use crate::mask::Mask;
 use crate::runtime::{Bundle, Error};
@@ -79,6 +81,33 @@ pub fn task_tensor(
         }
         // Unreachable after validation (rule 28); treated as the base alone would be wrong.
         (TaskTensor::Merged { .. }, TensorStorage::Private) => Err(mismatch(t, entry)),
+    }
+}
+
+/// Whether every task reconstructs tensor `tensor` to the same values, known from the manifest
+/// alone: a merged tensor without delta, or one whose delta every task applies without a mask
+/// and with the same factor `g · s` (bit for bit; `Scale::None` or `Scale::Tensor`). The
+/// runtime then binds it once per graph, as part of the template, instead of at every switch.
+/// Row scales are not compared (they would have to be read): such tensors count as per task.
+pub(crate) fn same_for_every_task(manifest: &Manifest, tensor: usize) -> bool {
+    match manifest.tensors.get(tensor).map(|t| &t.storage) {
+        Some(TensorStorage::Merged { delta: None, .. }) => true,
+        Some(TensorStorage::Merged { delta: Some(_), .. }) => {
+            let mut factors = manifest.tasks.iter().map(|t| match t.tensors.get(tensor) {
+                Some(TaskTensor::Merged {
+                    mask: None,
+                    scale: Scale::None,
+                }) => Some(t.global_scale.to_bits()),
+                Some(TaskTensor::Merged {
+                    mask: None,
+                    scale: Scale::Tensor(s),
+                }) => Some((t.global_scale * s).to_bits()),
+                _ => None,
+            });
+            let first = factors.next().flatten();
+            first.is_some() && factors.all(|f| f == first)
+        }
+        Some(TensorStorage::Private) | None => false,
     }
 }
 

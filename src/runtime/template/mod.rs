@@ -4,7 +4,8 @@
 //! Why: parsing, decluttering and optimizing a model dominate the cost of loading it
 //! (docs/PERFORMANCE.md: `taskpack bench` times both), and none of that work depends on the values of the weights. A template does it once per
 //! graph with every weight some task changes declared as a `TypedSource` of known type and shape,
-//! and every weight no task changes (a merged tensor without delta) as a constant. Binding a task
+//! and every weight that is the same for every task (a merged tensor without delta, or one whose
+//! delta every task applies unmasked with the same factor: `compile --shared`) as a constant. Binding a task
 //! then reconstructs one weight at a time ([`reconstruct::task_tensor_into`]) into a pooled
 //! tensor and at once evaluates what constant propagation would fold into that weight alone: the
 //! chain of single-input nodes after it (the matmul packing, reshapes), while the weight is still
@@ -49,7 +50,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::DimLike;
 
 use crate::dtype::DType;
-use crate::format::manifest::{TaskEntry, TaskTensor, TensorStorage};
+use crate::format::manifest::{TaskEntry, TaskTensor};
 use crate::runtime::engine::IoInfo;
 use crate::runtime::guard::{self, IndexLimit};
 use crate::runtime::reconstruct::{self, DecodeBuffers};
@@ -251,7 +252,7 @@ impl Template {
                 name: entry.name.clone(),
                 dtype: entry.dtype,
                 shape: shape.clone(),
-                dynamic: !matches!(entry.storage, TensorStorage::Merged { delta: None, .. }),
+                dynamic: !reconstruct::same_for_every_task(manifest, i),
             });
         }
         let mut scratch = DecodeBuffers::default();
