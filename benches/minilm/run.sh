@@ -33,11 +33,14 @@ compile() { # NAME [compile options]: target/minilm-NAME.tpk, unless it is newer
 }
 compile f32
 compile q8 --base-dtype q8 --delta-dtype q4
+compile q8-shared --base-dtype q8 --delta-dtype q4 --shared word_embeddings
 
 echo "== taskpack bench, f32 base + f16 delta"
 "$EXE" bench target/minilm-f32.tpk "$@"
 echo "== taskpack bench, q8 base + q4 delta"
 "$EXE" bench target/minilm-q8.tpk "$@"
+echo "== taskpack bench, q8 base + q4 delta, word embeddings shared"
+"$EXE" bench target/minilm-q8-shared.tpk "$@"
 echo "== ONNX Runtime, each task model on its own"
 # shellcheck disable=SC2086  # TASKS is a list
 "$PY" benches/minilm/ort.py --models "$ACC/models" --data "$ACC/data" --tasks $TASKS --out "$OUT"
