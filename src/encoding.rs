@@ -123,12 +123,19 @@ impl Encoding {
                     let Some((s, codes)) = split_scale(b) else {
                         return;
                     };
-                    for (pair, &c) in o.chunks_mut(2).zip(codes) {
-                        // Sign-extend each nibble: shift it to the top of an i8, then back.
-                        let lo = ((c << 4) as i8) >> 4;
-                        let hi = (c as i8) >> 4;
-                        for (o, q) in pair.iter_mut().zip([lo, hi]) {
-                            *o = f32::from(q) * s;
+                    // Whole blocks through fixed-size arrays, which the compiler unrolls and
+                    // vectorizes; the last, partial block element by element.
+                    match (
+                        <&mut [f32; Q4_BLOCK]>::try_from(&mut *o),
+                        codes.first_chunk(),
+                    ) {
+                        (Ok(o), Some(codes)) => decode_q4_block(o, codes, s),
+                        _ => {
+                            for (pair, &c) in o.chunks_mut(2).zip(codes) {
+                                for (o, q) in pair.iter_mut().zip(nibbles(c)) {
+                                    *o = f32::from(q) * s;
+                                }
+                            }
                         }
                     }
                 }
@@ -138,8 +145,16 @@ impl Encoding {
                     let Some((s, codes)) = split_scale(b) else {
                         return;
                     };
-                    for (o, &c) in o.iter_mut().zip(codes) {
-                        *o = f32::from(c as i8) * s;
+                    match (
+                        <&mut [f32; Q8_BLOCK]>::try_from(&mut *o),
+                        codes.first_chunk(),
+                    ) {
+                        (Ok(o), Some(codes)) => decode_q8_block(o, codes, s),
+                        _ => {
+                            for (o, &c) in o.iter_mut().zip(codes) {
+                                *o = f32::from(c as i8) * s;
+                            }
+                        }
                     }
                 }
             }
@@ -194,6 +209,36 @@ impl From<DType> for Encoding {
             DType::F16 => Encoding::F16,
             DType::BF16 => Encoding::BF16,
         }
+    }
+}
+
+/// The two codes of a `q4` byte, low nibble first, sign-extended (shifted to the top of an
+/// `i8`, then arithmetically back).
+#[inline(always)]
+fn nibbles(c: u8) -> [i8; 2] {
+    [((c << 4) as i8) >> 4, (c as i8) >> 4]
+}
+
+/// One whole `q8` block: `o[j] = f32(q_j) · s`.
+#[inline(always)]
+fn decode_q8_block(o: &mut [f32; Q8_BLOCK], codes: &[u8; Q8_BLOCK], s: f32) {
+    for (o, &c) in o.iter_mut().zip(codes) {
+        *o = f32::from(c as i8) * s;
+    }
+}
+
+/// One whole `q4` block: `o[2k], o[2k + 1]` from the nibbles of byte `k`, times `s`.
+#[inline(always)]
+fn decode_q4_block(o: &mut [f32; Q4_BLOCK], codes: &[u8; Q4_BLOCK / 2], s: f32) {
+    let mut q = [0f32; Q4_BLOCK];
+    for (pair, &c) in q.chunks_exact_mut(2).zip(codes) {
+        if let ([a, b], [lo, hi]) = (pair, nibbles(c)) {
+            *a = f32::from(lo);
+            *b = f32::from(hi);
+        }
+    }
+    for (o, q) in o.iter_mut().zip(q) {
+        *o = q * s;
     }
 }
 

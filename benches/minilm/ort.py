@@ -7,7 +7,7 @@ so that its peak RSS is its own:
 - session: `InferenceSession(...)` creation (parse + optimize + weight prepacking);
 - first run: the first `run` on batch 1 after it;
 - inference: the median `run` at batch 1 and batch 8 (the rows of the task's test set, 64 tokens);
-- peak RSS of that process (`ru_maxrss`; an idle process with onnxruntime imported is measured
+- peak RSS of that process (`VmHWM`; an idle process with onnxruntime imported is measured
   too, to subtract), and of a process that keeps every task's session of
   that type resident and runs each once (the "N sessions" way to serve N tasks).
 
@@ -18,7 +18,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import time
 
@@ -36,6 +35,14 @@ def session(path):
 def feeds_for(data_dir, task, batch):
     with np.load(os.path.join(data_dir, f"{task}.test.npz")) as z:
         return {k: z[k][:batch] for k in ("input_ids", "attention_mask")}
+
+
+def peak_rss_mb():
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over exec, so a
+    spawned child would report its parent's peak."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        line = next(l for l in f if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def median_ms(f, millis):
@@ -57,21 +64,21 @@ def measure_one(path, data_dir, task, millis, queue):
     first = (time.perf_counter() - t) * 1e3
     b1 = median_ms(lambda: s.run(None, f1), millis)
     b8 = median_ms(lambda: s.run(None, f8), millis)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mb()
     queue.put({"session_ms": created, "first_run_ms": first, "batch1_ms": b1, "batch8_ms": b8,
                "peak_rss_mb": rss})
 
 
 def measure_idle(queue):
     import onnxruntime  # noqa: F401  (what every measuring process has loaded)
-    queue.put({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    queue.put({"peak_rss_mb": peak_rss_mb()})
 
 
 def measure_resident(paths, data_dir, tasks, queue):
     sessions = [session(p) for p in paths]
     for s, task in zip(sessions, tasks):
         s.run(None, feeds_for(data_dir, task, 1))
-    queue.put({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    queue.put({"peak_rss_mb": peak_rss_mb()})
 
 
 def in_child(target, *args):

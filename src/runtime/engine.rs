@@ -43,7 +43,7 @@ use tract_onnx::tract_hir::internal::DimLike;
 use crate::runtime::cache::Lru;
 use crate::runtime::check;
 use crate::runtime::guard::{catch_panic, check_input_bytes};
-use crate::runtime::template::{Plan, Template, TemplateKey, TypedGraph};
+use crate::runtime::template::{Plan, SharedWeights, Template, TemplateKey, TypedGraph};
 use crate::runtime::{Bundle, Error};
 
 /// Tuning knobs of an [`Engine`].
@@ -216,6 +216,8 @@ pub struct Engine {
     /// Per task: held while binding it for the cache, so that threads missing the same task at
     /// once bind it once.
     binding: Vec<Mutex<()>>,
+    /// The weights every task reconstructs alike (`compile --shared`), once for all templates.
+    shared: SharedWeights,
     templates_built: AtomicUsize,
     binds: AtomicUsize,
     cache_hits: AtomicUsize,
@@ -255,12 +257,12 @@ fn run_plan(plan: &Plan, task: &str, inputs: TVec<TValue>) -> Result<TVec<TValue
 fn bind_template(
     template: &Template,
     bundle: &Bundle,
-    task: usize,
-    name: &str,
+    (task, name): (usize, &str),
+    shared: &SharedWeights,
 ) -> Result<(Plan, crate::runtime::template::BindTimings), Error> {
     catch_panic(
         || format!("bind task {name}"),
-        || template.bind(bundle, task, name),
+        || template.bind(bundle, task, name, shared),
     )
 }
 
@@ -302,6 +304,7 @@ impl Engine {
             cache: Mutex::new(Lru::new(options.cache_bytes)),
             options,
             bundle,
+            shared: SharedWeights::default(),
             templates_built: AtomicUsize::new(0),
             binds: AtomicUsize::new(0),
             cache_hits: AtomicUsize::new(0),
@@ -382,7 +385,7 @@ impl Engine {
     pub fn bind(&self, task: usize) -> Result<BoundTask, Error> {
         let template = self.template(task)?;
         let name = self.name(task)?;
-        let (plan, timings) = bind_template(&template, &self.bundle, task, name)?;
+        let (plan, timings) = bind_template(&template, &self.bundle, (task, name), &self.shared)?;
         self.binds.fetch_add(1, Ordering::Relaxed);
         Ok(BoundTask {
             task,
@@ -504,7 +507,7 @@ impl Engine {
             // they and the new task's weights are all resident at the peak.
             lock(&self.cache).make_room(bytes);
         }
-        let (plan, timings) = bind_template(&template, &self.bundle, task, name)?;
+        let (plan, timings) = bind_template(&template, &self.bundle, (task, name), &self.shared)?;
         self.binds.fetch_add(1, Ordering::Relaxed);
         log::debug!(
             "bound task {name} ({bytes} weight bytes): materialize {:?}, bind {:?}",

@@ -12,18 +12,21 @@ use tract_onnx::tract_core::optim::CONST_FOLD_MEM_BUDGET;
 
 use super::batchnorm::batchnorm_affine;
 use super::{
-    tract_err, BatchNormSource, BindTimings, Buffers, Plan, Template, WeightSource, WEIGHT_ALIGN,
+    tract_err, BatchNormSource, BindTimings, Buffers, Folded, Plan, SharedWeights, Template,
+    WeightSource, WEIGHT_ALIGN,
 };
 use crate::runtime::reconstruct;
 use crate::runtime::{Bundle, Error};
 
 impl Template {
-    /// Materializes task `task`'s weights and binds them into a copy of the template.
+    /// Materializes task `task`'s weights and binds them into a copy of the template; the
+    /// weights every task reconstructs alike come from `shared`.
     pub(crate) fn bind(
         &self,
         bundle: &Bundle,
         task: usize,
         task_name: &str,
+        shared: &SharedWeights,
     ) -> Result<(Plan, BindTimings), Error> {
         let mut buffers = self
             .pool
@@ -31,7 +34,7 @@ impl Template {
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
             .unwrap_or_default();
-        let result = self.bind_with(bundle, task, task_name, &mut buffers, true);
+        let result = self.bind_with(bundle, (task, task_name), shared, &mut buffers, true);
         self.pool
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -44,8 +47,8 @@ impl Template {
     fn bind_with(
         &self,
         bundle: &Bundle,
-        task: usize,
-        task_name: &str,
+        (task, task_name): (usize, &str),
+        shared: &SharedWeights,
         buffers: &mut Buffers,
         eager: bool,
     ) -> Result<(Plan, BindTimings), Error> {
@@ -70,6 +73,29 @@ impl Template {
                     dt,
                     shape,
                     fold,
+                    shared: true,
+                } => {
+                    let fold = if eager { fold.as_slice() } else { &[] };
+                    let reconstructing = Instant::now();
+                    let (last, value, complete) = self.shared_weight(
+                        bundle,
+                        task,
+                        (*tensor, *dt, shape),
+                        *node,
+                        fold,
+                        shared,
+                    )?;
+                    materialize += reconstructing.elapsed();
+                    prop_consts |= !complete;
+                    replace_by_const(&mut model, last, value, &action)?;
+                }
+                WeightSource::Weight {
+                    tensor,
+                    node,
+                    dt,
+                    shape,
+                    fold,
+                    shared: false,
                 } => {
                     let reconstructing = Instant::now();
                     let weight =
@@ -116,6 +142,49 @@ impl Template {
             bind: started.elapsed().saturating_sub(materialize),
         };
         Ok((plan, timings))
+    }
+
+    /// A weight every task reconstructs alike, folded through `fold`: this template's earlier
+    /// result, or the engine's reconstruction (made now by task `task` if it is the first)
+    /// folded and kept. Locks are not held while reconstructing or folding; two threads racing
+    /// on the first binding both compute the same values, and one result is kept.
+    fn shared_weight(
+        &self,
+        bundle: &Bundle,
+        task: usize,
+        (tensor, dt, shape): (usize, DatumType, &[usize]),
+        node: usize,
+        fold: &[usize],
+        shared: &SharedWeights,
+    ) -> Result<Folded, Error> {
+        // Without a chain the value is the engine's tensor itself: nothing to keep per template.
+        let chained = !fold.is_empty();
+        let folded = || self.folded.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(hit) = folded().get(&tensor).filter(|_| chained) {
+            return Ok(hit.clone());
+        }
+        let cached = shared
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(tensor, dt))
+            .cloned();
+        let raw = match cached {
+            Some(raw) => raw,
+            None => {
+                let (mut fresh, mut values) = (HashMap::new(), Vec::new());
+                let t =
+                    self.reconstruct(bundle, task, tensor, dt, shape, &mut fresh, &mut values)?;
+                let t = Arc::new(t);
+                let mut map = shared.0.lock().unwrap_or_else(PoisonError::into_inner);
+                Arc::clone(map.entry((tensor, dt)).or_insert(t))
+            }
+        };
+        let result = self.fold(&raw, node, fold);
+        if chained {
+            folded().insert(tensor, result.clone());
+        }
+        Ok(result)
     }
 
     /// The slope and intercept of a rewritten BatchNorm for task `task`, from its four
@@ -427,7 +496,13 @@ mod tests {
             for eager in [true, false] {
                 let mut buffers = Buffers::default();
                 let (plan, _) = template
-                    .bind_with(&bundle, task, &entry.name, &mut buffers, eager)
+                    .bind_with(
+                        &bundle,
+                        (task, &entry.name),
+                        &SharedWeights::default(),
+                        &mut buffers,
+                        eager,
+                    )
                     .unwrap();
                 let out = plan.run(tvec![input.clone().into_tvalue()]).unwrap();
                 let bits: Vec<u32> = out[0]

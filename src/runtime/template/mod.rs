@@ -4,8 +4,11 @@
 //! Why: parsing, decluttering and optimizing a model dominate the cost of loading it
 //! (docs/PERFORMANCE.md: `taskpack bench` times both), and none of that work depends on the values of the weights. A template does it once per
 //! graph with every weight some task changes declared as a `TypedSource` of known type and shape,
-//! and every weight that is the same for every task (a merged tensor without delta, or one whose
-//! delta every task applies unmasked with the same factor: `compile --shared`) as a constant. Binding a task
+//! and every weight no task changes (a merged tensor without delta) as a constant. Weights every
+//! task reconstructs alike although they have a delta (`compile --shared`) stay inputs, but are
+//! reconstructed once per engine ([`SharedWeights`]) and folded once per template: a switch
+//! only puts them back, and every graph's plan holds the same tensor where nothing is folded
+//! into it (an embedding table read by a `Gather`). Binding a task
 //! then reconstructs one weight at a time ([`reconstruct::task_tensor_into`]) into a pooled
 //! tensor and at once evaluates what constant propagation would fold into that weight alone: the
 //! chain of single-input nodes after it (the matmul packing, reshapes), while the weight is still
@@ -50,7 +53,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::DimLike;
 
 use crate::dtype::DType;
-use crate::format::manifest::{TaskEntry, TaskTensor};
+use crate::format::manifest::{TaskEntry, TaskTensor, TensorStorage};
 use crate::runtime::engine::IoInfo;
 use crate::runtime::guard::{self, IndexLimit};
 use crate::runtime::reconstruct::{self, DecodeBuffers};
@@ -106,6 +109,9 @@ enum WeightSource {
         /// the matmul packing), in order: binding evaluates them right after reconstructing
         /// the weight, while it is in cache (see [`fold_chain`]).
         fold: Vec<usize>,
+        /// The same for every task ([`reconstruct::same_for_every_task`]): taken from the
+        /// engine's [`SharedWeights`] and folded once per template.
+        shared: bool,
     },
     /// The slope and intercept replacing a `BatchNormalization` node.
     BatchNorm(BatchNormSource),
@@ -124,6 +130,15 @@ struct BatchNormSource {
     slope: usize,
     intercept: usize,
 }
+
+/// The weights every task reconstructs alike, reconstructed once per engine at their first
+/// binding and kept for the engine's lifetime (like its templates), by tensor and type.
+#[derive(Debug, Default)]
+pub(crate) struct SharedWeights(Mutex<HashMap<(usize, DatumType), Arc<Tensor>>>);
+
+/// A shared weight folded through one template's chain: `(last node, value, complete)` as
+/// `Template::fold` returns it.
+type Folded = (usize, Arc<Tensor>, bool);
 
 /// Reused memory for binding. Weight tensors the bound plan does not reference (typically the
 /// matmul weights, which the plan keeps packed) come back here by type and shape, so the next
@@ -155,6 +170,8 @@ pub(crate) struct Template {
     /// convolution); see [`needs_prop_consts`].
     prop_consts: bool,
     pool: Mutex<Vec<Buffers>>,
+    /// The shared weights as this template's chains fold them, by tensor index.
+    folded: Mutex<HashMap<usize, Folded>>,
 }
 
 impl std::fmt::Debug for Template {
@@ -252,7 +269,7 @@ impl Template {
                 name: entry.name.clone(),
                 dtype: entry.dtype,
                 shape: shape.clone(),
-                dynamic: !reconstruct::same_for_every_task(manifest, i),
+                dynamic: !matches!(entry.storage, TensorStorage::Merged { delta: None, .. }),
             });
         }
         let mut scratch = DecodeBuffers::default();
@@ -261,7 +278,13 @@ impl Template {
             reconstruct::task_tensor(bundle, task, i, &mut values, &mut scratch)?;
             Ok(values)
         };
-        type_graph(proto, key.graph, &decls, &mut constant, symbol_values)
+        let mut typed = type_graph(proto, key.graph, &decls, &mut constant, symbol_values)?;
+        typed.shared = used
+            .iter()
+            .copied()
+            .filter(|&i| reconstruct::same_for_every_task(manifest, i))
+            .collect();
+        Ok(typed)
     }
 
     /// Completes a template from its typed graph: declutter, optimize, and find the weight
@@ -275,6 +298,7 @@ impl Template {
             weights,
             bns,
             bn_facts,
+            shared,
             parse,
             typing,
         } = typed;
@@ -318,6 +342,7 @@ impl Template {
                 dt: *dt,
                 shape: shape.clone(),
                 fold: fold_chain(&typed, node),
+                shared: shared.contains(i),
             });
         }
         for (bn, (dt, shape, channels)) in bns.iter().zip(bn_facts) {
@@ -371,6 +396,7 @@ impl Template {
         let weight_bytes = slots
             .iter()
             .map(|s| match s {
+                WeightSource::Weight { shared: true, .. } => 0,
                 WeightSource::Weight { dt, shape, .. } => {
                     byte_len(*dt, shape).unwrap_or(usize::MAX)
                 }
@@ -403,6 +429,7 @@ impl Template {
             weight_bytes,
             prop_consts,
             pool: Mutex::new(Vec::new()),
+            folded: Mutex::new(HashMap::new()),
         })
     }
 
@@ -416,7 +443,8 @@ impl Template {
         &self.outputs
     }
 
-    /// Bytes of the weights a task of this template materializes.
+    /// Bytes of the weights a task of this template materializes (shared weights excluded:
+    /// they are materialized once).
     pub(crate) fn weight_bytes(&self) -> usize {
         self.weight_bytes
     }

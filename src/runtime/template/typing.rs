@@ -48,6 +48,9 @@ pub(crate) struct TypedGraph {
     pub(super) bns: Vec<BnRewrite>,
     /// Per rewritten BatchNorm: type and shape of its slope and intercept, and its channels.
     pub(super) bn_facts: Vec<(DatumType, Vec<usize>, usize)>,
+    /// Tensor indices of the input weights every task reconstructs alike (filled by
+    /// `Template::type_graph`, which has the manifest).
+    pub(super) shared: HashSet<usize>,
     pub(super) parse: Duration,
     pub(super) typing: Duration,
 }
@@ -136,6 +139,7 @@ pub(crate) fn type_graph(
         weights,
         bns,
         bn_facts,
+        shared: HashSet::new(),
         parse,
         typing: started.elapsed().saturating_sub(parse),
     })
