@@ -707,3 +707,37 @@ fn cli_compile_inspect_verify_export() {
     let (ok, _, err) = cli(&["verify", &bad.display().to_string()]);
     assert!(!ok && err.contains("checksum"), "{err}");
 }
+
+/// `--base-dtype q8 --delta-dtype q4` on the command line: the demo's one large matrix is
+/// stored block-quantized (`inspect` counts one q8 base and one q4 delta, the small tensors
+/// keep f32 / f16), and the bundle verifies.
+#[test]
+fn cli_quantized_storage_is_what_inspect_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q.tpk");
+    let (task, path) = demo_tasks().remove(0);
+    let (ok, _, err) = crate::common::cli_compile(
+        &demo().join("base.onnx"),
+        (&task, &path),
+        &["--base-dtype", "q8", "--delta-dtype", "q4"],
+        &out,
+    );
+    assert!(ok, "{err}");
+    let out_s = out.display().to_string();
+    let (ok, stdout, err) = cli(&["inspect", &out_s]);
+    assert!(ok, "{err}");
+    let storage = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("storage:"))
+        .unwrap_or_else(|| panic!("no storage line: {stdout}"));
+    assert!(
+        storage.contains("q8 ×1;") && storage.contains("q4 ×1"),
+        "{storage}"
+    );
+    assert!(
+        storage.contains("base f32 ×") && storage.contains("delta f16 ×"),
+        "{storage}"
+    );
+    let (ok, stdout, _) = cli(&["verify", &out_s]);
+    assert!(ok && stdout.contains("OK"), "{stdout}");
+}

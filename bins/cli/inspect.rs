@@ -37,6 +37,7 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
         m.tensors.len() - merged,
         m.graphs.len()
     );
+    println!("  storage: {}", storage_summary(m));
     print_tasks(m);
     println!("  sizes (bytes): base {}  delta {}  masks {}  scales {}  private {}  graphs {}  tokenizer {}  overhead {}  total {}",
         sizes.base, sizes.delta, sizes.masks, sizes.scales, sizes.private, sizes.graphs, sizes.tokenizer, sizes.overhead, sizes.total);
@@ -107,4 +108,28 @@ fn print_tasks(m: &Manifest) {
             t.labels.join(", "),
         );
     }
+}
+
+/// How the merged tensors are stored, counted by encoding: `base q8 ×73, f32 ×22; delta q4 ×73,
+/// f16 ×22` (a merged tensor without delta has no delta entry).
+fn storage_summary(m: &taskpack::format::Manifest) -> String {
+    use std::collections::BTreeMap;
+    let (mut base, mut delta) = (BTreeMap::new(), BTreeMap::new());
+    for t in &m.tensors {
+        if let TensorStorage::Merged { base: b, delta: d } = &t.storage {
+            *base.entry(b.encoding.name()).or_insert(0usize) += 1;
+            if let Some(d) = d {
+                *delta.entry(d.encoding.name()).or_insert(0usize) += 1;
+            }
+        }
+    }
+    let list = |counts: &BTreeMap<&str, usize>| {
+        let parts: Vec<String> = counts.iter().map(|(e, n)| format!("{e} ×{n}")).collect();
+        if parts.is_empty() {
+            "none".to_string()
+        } else {
+            parts.join(", ")
+        }
+    };
+    format!("base {}; delta {}", list(&base), list(&delta))
 }
