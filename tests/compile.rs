@@ -741,3 +741,65 @@ fn cli_quantized_storage_is_what_inspect_reports() {
     let (ok, stdout, _) = cli(&["verify", &out_s]);
     assert!(ok && stdout.contains("OK"), "{stdout}");
 }
+
+/// `--max-size` between the sizes of two rungs of the storage ladder picks the first rung that
+/// fits: the sizes are measured here by compiling each rung with the library, the choice is
+/// the CLI's. A budget below every rung is refused and leaves no file.
+#[test]
+fn cli_max_size_picks_the_most_faithful_storage_that_fits() {
+    use taskpack::compile::size_budget::{storage_name, STORAGE_LADDER};
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = demo_tasks();
+    let sizes: Vec<u64> = STORAGE_LADDER
+        .iter()
+        .enumerate()
+        .map(|(i, &(base, delta))| {
+            let out = dir.path().join(format!("rung{i}.tpk"));
+            let opts = CompileOptions {
+                base_dtype: base,
+                delta_dtype: delta,
+                ..CompileOptions::new(demo().join("base.onnx"), tasks.clone(), Method::Emr, &out)
+            };
+            compile(&opts, &mut |_| {}).unwrap().bytes().len() as u64
+        })
+        .collect();
+    assert!(sizes.windows(2).all(|w| w[1] < w[0]), "{sizes:?}");
+    let budget = (sizes[2] + sizes[3]) / 2;
+    let out = dir.path().join("budget.tpk");
+    let mut args = vec![
+        "compile".to_string(),
+        "--base".into(),
+        demo().join("base.onnx").display().to_string(),
+        "--max-size".into(),
+        budget.to_string(),
+    ];
+    for (n, p) in &tasks {
+        args.extend(["--task".into(), format!("{n}={}", p.display())]);
+    }
+    args.extend(["-o".into(), out.display().to_string()]);
+    let (ok, stdout, err) = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let chosen = stdout
+        .lines()
+        .find(|l| l.contains("chosen"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        chosen.contains(&storage_name(STORAGE_LADDER[3])),
+        "{stdout}"
+    );
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), sizes[3]);
+
+    let small = dir.path().join("small.tpk");
+    let n = args.len();
+    args[n - 1] = small.display().to_string();
+    args[4] = (sizes[4] - 1).to_string();
+    let (ok, _, err) = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("no storage setting fits"), "{err}");
+    assert!(!small.exists());
+    let scratch: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(scratch.is_empty(), "scratch bundles left behind: {scratch:?}");
+}

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use taskpack::compile::{compile, compile_calibrated, Calibration, CompileOptions, Progress};
+use taskpack::compile::{
+    compile, compile_calibrated, compile_within, BudgetChoice, Calibration, CompileOptions,
+    Progress,
+};
 use taskpack::encoding::Encoding;
 use taskpack::format::{MergeParams, Method, ScaleMode};
 use taskpack::runtime::Bundle;
@@ -61,6 +64,12 @@ pub struct CompileArgs {
     /// matrices of at least 4096 elements, f16 for the rest.
     #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16", "q8", "q4"])]
     pub delta_dtype: String,
+    /// A size budget for the bundle (e.g. 60MB, 1.5GB, 500MiB, or bytes): the compiler picks the
+    /// most faithful storage of base and delta whose bundle fits (f32/f16, f16/f16, q8/f16,
+    /// q8/q8, q8/q4, in that order), trying each, and says what it picked. Replaces
+    /// --base-dtype and --delta-dtype.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "base_dtype")]
+    pub max_size: Option<u64>,
     /// Storage of the base weights of merged matrices (default: the checkpoint's type): f16,
     /// bf16, or q8 (blocks of 64 signed 8-bit codes and one f32 scale, 8.5 bits per weight).
     /// Biases, normalization weights and tensors under 4096 elements keep their own type.
@@ -217,7 +226,10 @@ impl CompileArgs {
 pub fn run(args: &CompileArgs) -> Result<()> {
     let opts = args.options()?;
     let calibration = args.calibration()?;
-    let bundle = compile_with_progress(&opts, calibration.as_ref())?;
+    if args.max_size.is_some() && args.delta_dtype != "f16" {
+        bail!("--max-size chooses the storage itself: leave out --delta-dtype");
+    }
+    let bundle = compile_with_progress(&opts, calibration.as_ref(), args.max_size)?;
     print_report(&bundle, &opts.output);
     Ok(())
 }
@@ -250,6 +262,7 @@ impl CompileArgs {
 pub fn compile_with_progress(
     opts: &CompileOptions,
     calibration: Option<&Calibration>,
+    max_size: Option<u64>,
 ) -> Result<Bundle> {
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -268,12 +281,62 @@ pub fn compile_with_progress(
             bar.inc(1);
         }
     };
-    let bundle = match calibration {
-        Some(c) => compile_calibrated(opts, c, &mut report),
-        None => compile(opts, &mut report),
+    let bundle = match (max_size, calibration) {
+        (Some(max), c) => compile_within(opts, max, c, &mut report).map(|(bundle, choice)| {
+            bar.finish_and_clear();
+            print_budget(&choice);
+            bundle
+        }),
+        (None, Some(c)) => compile_calibrated(opts, c, &mut report),
+        (None, None) => compile(opts, &mut report),
     };
     bar.finish_and_clear();
     bundle.with_context(|| format!("cannot compile {}", opts.output.display()))
+}
+
+/// What a size budget tried and picked.
+fn print_budget(choice: &BudgetChoice) {
+    println!("size budget {} bytes:", choice.max_bytes);
+    for (i, (name, bytes)) in choice.tried.iter().enumerate() {
+        let verdict = if i == choice.chosen {
+            "fits: chosen (the most faithful that fits)"
+        } else {
+            "over"
+        };
+        println!("  {name:<42} {bytes:>12} bytes  {verdict}");
+    }
+}
+
+/// A size with an optional unit: bytes, or kB / MB / GB (powers of 1000; K, M, G too) or
+/// KiB / MiB / GiB (powers of 1024); a decimal point is allowed (`1.5GB`).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "k" | "K" | "kB" | "KB" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, kB, MB, GB, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 60MB, 1.5GB, 500MiB)"))?;
+    let bytes = value * factor as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} is not a usable size"));
+    }
+    Ok(bytes as u64)
 }
 
 /// Prints the size report and per-task fidelity of a freshly written bundle.
@@ -362,5 +425,22 @@ pub fn ratio(a: f64, b: f64) -> f64 {
         0.0
     } else {
         a / b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_with_units() {
+        assert_eq!(parse_size("60MB"), Ok(60_000_000));
+        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_size("500MiB"), Ok(500 << 20));
+        assert_eq!(parse_size("12345"), Ok(12_345));
+        assert_eq!(parse_size("2 kB"), Ok(2_000));
+        assert!(parse_size("60 parsecs").is_err());
+        assert!(parse_size("MB").is_err());
+        assert!(parse_size("0").is_err());
     }
 }

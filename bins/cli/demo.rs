@@ -124,6 +124,7 @@ fn compile_demo(a: &DemoArgs, tasks: &[(String, PathBuf)]) -> Result<Bundle> {
         scale: a.scale.clone(),
         private: None,
         shared: None,
+        max_size: None,
         no_auto_private: false,
         delta_dtype: a.delta_dtype.clone(),
         base_dtype: a.base_dtype.clone(),
@@ -136,7 +137,7 @@ fn compile_demo(a: &DemoArgs, tasks: &[(String, PathBuf)]) -> Result<Bundle> {
         calib_scales: Vec::new(),
         output: a.output.clone(),
     };
-    let bundle = compile_cmd::compile_with_progress(&args.options()?, None)?;
+    let bundle = compile_cmd::compile_with_progress(&args.options()?, None, None)?;
     compile_cmd::print_report(&bundle, &a.output);
     Ok(bundle)
 }

@@ -383,9 +383,9 @@ fn evaluate(
     if !todo.contains(&true) {
         return Ok(());
     }
-    let round_bundle = RoundBundle::new(&opts.output)?;
+    let round_bundle = RoundBundle::new(&opts.output, "calibrating")?;
     let mut round = opts.clone();
-    round.output = round_bundle.0.path().to_path_buf();
+    round.output = round_bundle.path().to_path_buf();
     round.tokenizer = None;
     for (t, s) in settings.iter().enumerate() {
         if let (Some(l), Some(slot)) = (s.lambda, round.params.lambda.get_mut(t)) {
@@ -585,18 +585,25 @@ fn run_chunks(
     Ok(out)
 }
 
-/// The path of a calibration round's bundle, next to the output, removed when dropped (or by
-/// [`crate::files::remove_temporary_files`] when the process is terminated).
-struct RoundBundle(crate::files::TempPath);
+/// The path of a scratch bundle (a calibration round's, a size budget's candidate), next to the
+/// output, removed when dropped (or by [`crate::files::remove_temporary_files`] when the
+/// process is terminated).
+pub(crate) struct RoundBundle(crate::files::TempPath);
 
 impl RoundBundle {
-    fn new(output: &Path) -> Result<RoundBundle, CompileError> {
+    /// `.{output name}.{purpose}.{pid}` next to `output`.
+    pub(crate) fn new(output: &Path, purpose: &str) -> Result<RoundBundle, CompileError> {
         let name = output
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "bundle".into());
-        let path = output.with_file_name(format!(".{name}.calibrating.{}", std::process::id()));
+        let path = output.with_file_name(format!(".{name}.{purpose}.{}", std::process::id()));
         Ok(RoundBundle(crate::files::TempPath::register(path)?))
+    }
+
+    /// The scratch path.
+    pub(crate) fn path(&self) -> &Path {
+        self.0.path()
     }
 }
 

@@ -164,6 +164,17 @@ pub enum CompileError {
         /// Number of tasks.
         tasks: usize,
     },
+    /// A size budget (`compile_within`) that no storage setting meets.
+    #[error(
+        "no storage setting fits in {max_bytes} bytes: the smallest bundle tried is {smallest} \
+         bytes; raise the budget, or keep fewer tasks"
+    )]
+    OverBudget {
+        /// The budget.
+        max_bytes: u64,
+        /// Size of the smallest bundle tried (or of the calibrated one, if calibration grew it).
+        smallest: u64,
+    },
     /// Calibration cannot run: bad inputs, or a model tract cannot run.
     #[error("calibration: {0}")]
     Calibration(String),

@@ -15,6 +15,7 @@ mod memory;
 mod onnx_reader;
 mod pipeline;
 mod safetensors_reader;
+pub mod size_budget;
 
 pub use crate::merge::MergeError;
 pub use calibrate::{compile_calibrated, Calibration};
@@ -23,3 +24,4 @@ pub use error::CompileError;
 pub use pipeline::{
     base_encoding_of, compile, delta_encoding_of, CompileOptions, Progress, BASE_DTYPE_MIN_ELEMENTS,
 };
+pub use size_budget::{compile_within, BudgetChoice};
