@@ -13,6 +13,7 @@ $tp compile --base $m/base.onnx --task mood=$m/mood.onnx --task topic=$m/topic.o
 d=models/demo
 $tp compile --base $d/base.onnx --task digits=$d/digits.onnx --task fashion3=$d/fashion3.onnx \
     --task footwear=$d/footwear.onnx --task mnist=$d/mnist.onnx --task parity=$d/parity.onnx \
+    --base-dtype q8 --delta-dtype q4 \
     -o fuzz/bundles/demo.tpk > /dev/null
 cd fuzz
 cargo +nightly fuzz run seeds -- -runs=1 > /dev/null 2>&1
