@@ -279,6 +279,13 @@ fn check_options(opts: &CompileOptions) -> Result<(), CompileError> {
         .chain(opts.tasks.iter().map(|(_, p)| p.as_path()))
         .chain(opts.graph.as_deref());
     crate::files::check_not_input(&opts.output, given)?;
+    if opts.shared.is_some() && opts.params.method == Method::Emr {
+        log::warn!(
+            "--shared with EMR: each task rescales the shared delta by its own factor, so the \
+             shared tensors differ between tasks and are bound at every switch as before \
+             (they only lose their masks); use another method (e.g. tall) to bind them once"
+        );
+    }
     Ok(())
 }
 
