@@ -413,7 +413,8 @@ impl Engine {
     /// binding that ran concurrently: one tensor per distinct weight shape when every weight is
     /// packed as it is reconstructed (transformers), up to [`Engine::task_weight_bytes`] when
     /// constant propagation needs all of them at once (e.g. BatchNorm folded into convolutions).
-    /// Templates stay.
+    /// Templates stay, and so do the weights every task shares (`compile --shared`), which are
+    /// reconstructed once per engine and not counted in `cache_bytes`.
     pub fn clear_cache(&self) {
         lock(&self.cache).clear();
         for template in self.slots.iter().filter_map(|s| s.built.get()) {
