@@ -16,5 +16,5 @@ $tp compile --base $d/base.onnx --task digits=$d/digits.onnx --task fashion3=$d/
     --base-dtype q8 --delta-dtype q4 \
     -o fuzz/bundles/demo.tpk > /dev/null
 cd fuzz
-cargo +nightly fuzz run seeds -- -runs=1 > /dev/null 2>&1
+cargo +nightly fuzz run --codegen-units 16 seeds -- -runs=1 > /dev/null 2>&1
 ls corpus/*
