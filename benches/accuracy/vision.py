@@ -29,7 +29,8 @@ Fine-tuning reuses finetune.py's loop (early stopping on validation accuracy, ca
 steps and CPU time; the best weights kept), in fp32, BatchNorm in training mode (its running
 statistics are part of the fine-tuned checkpoint). Export: torch.onnx.export in eval mode with
 constant folding off, so the BatchNormalization nodes stay (checked: an export without them is
-an error), opset 17, dynamic batch, checked against torch with onnxruntime (<= 1e-4).
+an error), opset 17, dynamic batch, checked against torch with onnxruntime (<= 1e-4 times the
+largest logit, at least 1e-4).
 """
 
 import argparse
@@ -238,14 +239,17 @@ def export(model, path, sample):
     if bn == 0:
         sys.exit(f"{path}: the export folded BatchNorm away")
     sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-    err = 0.0
+    # Relative to the logits' scale: a converged head's logits reach tens, where float32
+    # reassociation alone (49 BatchNorms, depthwise convolutions) moves the last digits.
+    err, scale = 0.0, 1.0
     for rows in (slice(0, 1), slice(0, 4)):
         got = sess.run(None, {"input": x[rows].numpy()})[0]
         with torch.no_grad():
             want = model(x[rows]).numpy()
         err = max(err, float(np.abs(got - want).max()))
-    if err > 1e-4:
-        sys.exit(f"{path}: onnxruntime differs from torch by {err}")
+        scale = max(scale, float(np.abs(want).max()))
+    if err > 1e-4 * scale:
+        sys.exit(f"{path}: onnxruntime differs from torch by {err} (logits up to {scale:.1f})")
     os.replace(tmp, path)
     return err, bn
 
