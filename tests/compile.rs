@@ -801,5 +801,8 @@ fn cli_max_size_picks_the_most_faithful_storage_that_fits() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with('.'))
         .collect();
-    assert!(scratch.is_empty(), "scratch bundles left behind: {scratch:?}");
+    assert!(
+        scratch.is_empty(),
+        "scratch bundles left behind: {scratch:?}"
+    );
 }
