@@ -98,74 +98,6 @@ fn tall_export_is_base_plus_masked_sum_bit_for_bit() {
     }
 }
 
-/// `base_dtype: f16`: the base of each merged matrix of at least 4096 elements (the demo's
-/// `fc.weight`, 32 × 784) is stored rounded to f16 and the task vectors are taken from that
-/// rounded base; biases, BatchNorm weights and the small convolutions keep f32. The TALL export
-/// is then computed by hand from the rounded base (rounding by the `half` crate), bit for bit,
-/// and the base bytes are what those storage types give.
-#[test]
-fn tall_with_an_f16_base_is_the_rounded_base_plus_masked_sum_bit_for_bit() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("tall-f16-base.tpk");
-    let tasks = demo_tasks();
-    let opts = CompileOptions {
-        base_dtype: Some(Encoding::F16),
-        ..options(Method::Tall, &tasks, &out)
-    };
-    let lambda = opts.params.lambda[0];
-    let bundle = compile(&opts, &mut |_| {}).unwrap();
-    let large = |dims: &[i64]| dims.len() >= 2 && dims.iter().product::<i64>() >= 4096;
-
-    let mut expected_base_bytes = 0u64;
-    let mut rounded = 0;
-    for t in &bundle.manifest().tensors {
-        if let taskpack::format::TensorStorage::Merged { base, .. } = &t.storage {
-            let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-            let (want, size) = if large(&dims) {
-                (Encoding::F16, 2)
-            } else {
-                (Encoding::F32, 4)
-            };
-            assert_eq!(base.encoding, want, "{}", t.name);
-            rounded += usize::from(want == Encoding::F16);
-            expected_base_bytes += t.shape.iter().product::<u64>() * size;
-        }
-    }
-    assert_eq!(rounded, 1, "fc.weight is the demo's one large matrix");
-    assert_eq!(bundle.sizes().base, expected_base_bytes);
-
-    let base = weights(&demo().join("base.onnx"));
-    let thetas: Vec<Weights> = tasks.iter().map(|(_, p)| weights(p)).collect();
-    for (t, (name, _)) in tasks.iter().enumerate() {
-        let got = export(&bundle, name);
-        for (tensor, (dims, b)) in &base {
-            if expected_private(tensor, &thetas, &base) {
-                continue;
-            }
-            let round = |v: f32| {
-                if large(dims) {
-                    half::f16::from_f32(v).to_f32()
-                } else {
-                    v
-                }
-            };
-            let got_values = &got[tensor].1;
-            for i in 0..b.len() {
-                let b = round(b[i]);
-                let taus: Vec<f32> = thetas.iter().map(|w| w[tensor].1[i] - b).collect();
-                let sum = taus.iter().fold(0.0f32, |acc, x| acc + x);
-                let keep = taus[t].abs() > lambda * (sum - taus[t]).abs();
-                let expected = if keep { b + sum } else { b };
-                assert_eq!(
-                    got_values[i].to_bits(),
-                    expected.to_bits(),
-                    "{name}/{tensor}[{i}]"
-                );
-            }
-        }
-    }
-}
-
 /// Block quantization as docs/FORMAT.md §3 states it, written out here independently of
 /// `src/encoding.rs`: blocks of `block` values, `s = max|x| / q_max`, codes
 /// `round(x / s)` ties to even; returns the decoded values `f32(q) · s`.
@@ -186,39 +118,66 @@ fn quantized(x: &[f32], block: usize, q_max: f32) -> Vec<f32> {
     out
 }
 
-/// `base_dtype: q8`, `delta_dtype: q4`: the demo's one large matrix (`fc.weight`) gets a q8
-/// base (blocks of 64) and a q4 delta (blocks of 32); the small tensors keep an f32 base and
-/// store an f16 delta. The TALL export is computed by hand from those rules, bit for bit, and
-/// the base bytes are whole blocks (68 bytes per 64 values).
-#[test]
-fn tall_with_a_q8_base_and_q4_delta_is_quantized_by_the_spec_bit_for_bit() {
+/// What a reader decodes after storing `x` in `e`, per docs/FORMAT.md §3: IEEE rounding by
+/// the `half` crate for f16, [`quantized`] for the block codes.
+fn stored(e: Encoding, x: &[f32]) -> Vec<f32> {
+    match e {
+        Encoding::F32 => x.to_vec(),
+        Encoding::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+        Encoding::Q8 => quantized(x, 64, 127.0),
+        Encoding::Q4 => quantized(x, 32, 7.0),
+        other => panic!("no reference for {other}"),
+    }
+}
+
+/// TALL with `base` and `delta` storage on the demo, checked against the rules computed here:
+/// the demo's one large matrix (`fc.weight`, 32 × 784) takes both (the base rounded before task
+/// vectors are taken); the small tensors keep an f32 base and store their delta in `delta`, or
+/// f16 if `delta` is block-quantized. The base bytes are what those storages give, and every
+/// exported weight of every task is `base + Σ τ` where the task's TALL mask keeps it, `base`
+/// elsewhere, bit for bit.
+fn check_tall_storage_by_hand(base_storage: Encoding, delta_storage: Encoding) {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("tall-q8-q4.tpk");
+    let out = dir.path().join("tall-storage.tpk");
     let tasks = demo_tasks();
     let opts = CompileOptions {
-        base_dtype: Some(Encoding::Q8),
-        delta_dtype: Encoding::Q4,
+        base_dtype: Some(base_storage),
+        delta_dtype: delta_storage,
         ..options(Method::Tall, &tasks, &out)
     };
     let lambda = opts.params.lambda[0];
     let bundle = compile(&opts, &mut |_| {}).unwrap();
     let large = |dims: &[i64]| dims.len() >= 2 && dims.iter().product::<i64>() >= 4096;
+    let small_delta = if delta_storage.is_quantized() {
+        Encoding::F16
+    } else {
+        delta_storage
+    };
+    let storage = |dims: &[i64]| {
+        if large(dims) {
+            (base_storage, delta_storage)
+        } else {
+            (Encoding::F32, small_delta)
+        }
+    };
 
-    let mut expected_base_bytes = 0u64;
+    let (mut expected_base_bytes, mut large_tensors) = (0u64, 0);
     for t in &bundle.manifest().tensors {
         if let taskpack::format::TensorStorage::Merged { base, delta } = &t.storage {
             let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-            let n = t.shape.iter().product::<u64>();
-            let (want_base, want_delta, bytes) = if large(&dims) {
-                (Encoding::Q8, Encoding::Q4, n.div_ceil(64) * 68)
-            } else {
-                (Encoding::F32, Encoding::F16, n * 4)
-            };
+            let (want_base, want_delta) = storage(&dims);
             assert_eq!(base.encoding, want_base, "{}", t.name);
             assert_eq!(delta.map(|d| d.encoding), Some(want_delta), "{}", t.name);
-            expected_base_bytes += bytes;
+            let n = t.shape.iter().product::<u64>();
+            expected_base_bytes += match want_base {
+                Encoding::Q8 => n.div_ceil(64) * 68,
+                Encoding::F16 => n * 2,
+                _ => n * 4,
+            };
+            large_tensors += usize::from(large(&dims));
         }
     }
+    assert_eq!(large_tensors, 1, "fc.weight is the demo's one large matrix");
     assert_eq!(bundle.sizes().base, expected_base_bytes);
 
     let base = weights(&demo().join("base.onnx"));
@@ -229,11 +188,8 @@ fn tall_with_a_q8_base_and_q4_delta_is_quantized_by_the_spec_bit_for_bit() {
             if expected_private(tensor, &thetas, &base) {
                 continue;
             }
-            let b = if large(dims) {
-                quantized(b, 64, 127.0)
-            } else {
-                b.clone()
-            };
+            let (base_e, delta_e) = storage(dims);
+            let b = stored(base_e, b);
             let taus: Vec<Vec<f32>> = thetas
                 .iter()
                 .map(|w| w[tensor].1.iter().zip(&b).map(|(x, y)| x - y).collect())
@@ -241,13 +197,7 @@ fn tall_with_a_q8_base_and_q4_delta_is_quantized_by_the_spec_bit_for_bit() {
             let sum: Vec<f32> = (0..b.len())
                 .map(|i| taus.iter().fold(0.0f32, |acc, tau| acc + tau[i]))
                 .collect();
-            let delta = if large(dims) {
-                quantized(&sum, 32, 7.0)
-            } else {
-                sum.iter()
-                    .map(|&v| half::f16::from_f32(v).to_f32())
-                    .collect()
-            };
+            let delta = stored(delta_e, &sum);
             for i in 0..b.len() {
                 let keep = taus[t][i].abs() > lambda * (sum[i] - taus[t][i]).abs();
                 let expected = if keep { b[i] + delta[i] } else { b[i] };
@@ -259,6 +209,16 @@ fn tall_with_a_q8_base_and_q4_delta_is_quantized_by_the_spec_bit_for_bit() {
             }
         }
     }
+}
+
+#[test]
+fn tall_with_an_f16_base_is_the_rounded_base_plus_masked_sum_bit_for_bit() {
+    check_tall_storage_by_hand(Encoding::F16, Encoding::F32);
+}
+
+#[test]
+fn tall_with_a_q8_base_and_q4_delta_is_quantized_by_the_spec_bit_for_bit() {
+    check_tall_storage_by_hand(Encoding::Q8, Encoding::Q4);
 }
 
 #[test]

@@ -521,9 +521,10 @@ fn write_merged(
             });
             continue;
         }
-        let mask = match shared {
-            true => None,
-            false => merged.masks.as_ref().and_then(|masks| masks.get(t)),
+        let mask = if shared {
+            None
+        } else {
+            merged.masks.as_ref().and_then(|masks| masks.get(t))
         };
         let task_scale = if shared {
             TaskScale::identity(opts.scale_of(t), delta.len(), &shape)
