@@ -971,7 +971,10 @@ def write_docs(a, benches, context):
     sections, payload = [], {**context, "families": {}}
     for bench, rows in benches:
         sections.append(family_section(bench, rows, context, docs))
-        payload["families"][bench.family.name] = {"tasks": bench.tasks, "rows": rows}
+        # Per-example predictions stay in the cache's results (CACHE/accuracy/results/): in the
+        # docs they would be megabytes of one number per line.
+        summary = [{k: v for k, v in r.items() if k != "pred"} for r in rows]
+        payload["families"][bench.family.name] = {"tasks": bench.tasks, "rows": summary}
     with open(os.path.join(docs, "accuracy.json"), "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
     missing = "".join(f"\n- {name}: {why}" for name, why in context["skipped"].items())
