@@ -166,25 +166,9 @@ impl Encoding {
     pub fn round_slice(self, values: &mut [f32]) {
         match (self.float(), self) {
             (Some(dtype), _) => values.iter_mut().for_each(|v| *v = dtype.round(*v)),
-            (None, Encoding::Q4) => {
-                for block in values.chunks_mut(Q4_BLOCK) {
-                    let (s, codes) = quantize::<Q4_BLOCK>(block, 7.0);
-                    // Decoding sign-extends a nibble; codes are within ±7, so that is `q` itself.
-                    block
-                        .iter_mut()
-                        .zip(codes)
-                        .for_each(|(v, q)| *v = f32::from(q) * s);
-                }
-            }
-            (None, _) => {
-                for block in values.chunks_mut(Q8_BLOCK) {
-                    let (s, codes) = quantize::<Q8_BLOCK>(block, 127.0);
-                    block
-                        .iter_mut()
-                        .zip(codes)
-                        .for_each(|(v, q)| *v = f32::from(q) * s);
-                }
-            }
+            // Decoding a nibble sign-extends it; q4 codes are within ±7, so that is `q` itself.
+            (None, Encoding::Q4) => round_blocks::<Q4_BLOCK>(values, 7.0),
+            (None, _) => round_blocks::<Q8_BLOCK>(values, 127.0),
         }
     }
 
@@ -246,6 +230,17 @@ fn decode_q4_block(o: &mut [f32; Q4_BLOCK], codes: &[u8; Q4_BLOCK / 2], s: f32) 
 fn split_scale(block: &[u8]) -> Option<(f32, &[u8])> {
     let (s, codes) = block.split_first_chunk::<4>()?;
     Some((f32::from_le_bytes(*s), codes))
+}
+
+/// Every block of `B` values replaced by its decoded codes, `f32(q) · s` ([`quantize`]).
+fn round_blocks<const B: usize>(values: &mut [f32], q_max: f32) {
+    for block in values.chunks_mut(B) {
+        let (s, codes) = quantize::<B>(block, q_max);
+        block
+            .iter_mut()
+            .zip(codes)
+            .for_each(|(v, q)| *v = f32::from(q) * s);
+    }
 }
 
 /// The encoder's choice for one block of at most `B` values: `s = max|x| / q_max` and

@@ -52,7 +52,8 @@ pub struct CompileArgs {
     pub private: Option<String>,
     /// Regular expression: matching merged tensors get the merged delta without per-task masks,
     /// the same weights for every task, bound once instead of at every switch (e.g.
-    /// '^embeddings\.': faster switches, at an accuracy cost to measure). Not with EMR, whose
+    /// 'word_embeddings' for a BERT-style encoder: faster switches, at an accuracy cost to
+    /// measure; docs/ACCURACY.md has it for MiniLM). Not with EMR, whose
     /// per-task rescaler keeps them apart.
     #[arg(long, value_name = "REGEX")]
     pub shared: Option<String>,

@@ -630,6 +630,11 @@ fn input_records(
         .collect()
 }
 
+/// Elements per row of a tensor of `len` elements in `rows` rows (at least 1).
+fn row_len(len: usize, rows: usize) -> usize {
+    len.checked_div(rows).unwrap_or(0).max(1)
+}
+
 /// One task's scale `s_t` for one merged tensor.
 enum TaskScale {
     One,
@@ -654,7 +659,7 @@ impl TaskScale {
             }
             (ScaleMode::Row, Some(&rows)) => TaskScale::Rows {
                 scales: scaling::row_scales(delta, mask, tau, rows)?,
-                row_len: delta.len().checked_div(rows).unwrap_or(0).max(1),
+                row_len: row_len(delta.len(), rows),
             },
         })
     }
@@ -667,7 +672,7 @@ impl TaskScale {
             (ScaleMode::Tensor, _) | (ScaleMode::Row, None) => TaskScale::Tensor(1.0),
             (ScaleMode::Row, Some(&rows)) => TaskScale::Rows {
                 scales: vec![1.0; rows],
-                row_len: len.checked_div(rows).unwrap_or(0).max(1),
+                row_len: row_len(len, rows),
             },
         }
     }

@@ -73,36 +73,28 @@ impl Template {
                     dt,
                     shape,
                     fold,
-                    shared: true,
+                    shared: is_shared,
                 } => {
                     let fold = if eager { fold.as_slice() } else { &[] };
                     let reconstructing = Instant::now();
-                    let (last, value, complete) = self.shared_weight(
-                        bundle,
-                        task,
-                        (*tensor, *dt, shape),
-                        *node,
-                        fold,
-                        shared,
-                    )?;
-                    materialize += reconstructing.elapsed();
-                    prop_consts |= !complete;
-                    replace_by_const(&mut model, last, value, &action)?;
-                }
-                WeightSource::Weight {
-                    tensor,
-                    node,
-                    dt,
-                    shape,
-                    fold,
-                    shared: false,
-                } => {
-                    let reconstructing = Instant::now();
+                    if *is_shared {
+                        let (last, value, complete) = self.shared_weight(
+                            bundle,
+                            task,
+                            (*tensor, *dt, shape),
+                            *node,
+                            fold,
+                            shared,
+                        )?;
+                        materialize += reconstructing.elapsed();
+                        prop_consts |= !complete;
+                        replace_by_const(&mut model, last, value, &action)?;
+                        continue;
+                    }
                     let weight =
                         self.reconstruct(bundle, task, *tensor, *dt, shape, tensors, values)?;
                     materialize += reconstructing.elapsed();
                     let weight = Arc::new(weight);
-                    let fold = if eager { fold.as_slice() } else { &[] };
                     let (last, value, complete) = self.fold(&weight, *node, fold);
                     prop_consts |= !complete;
                     replace_by_const(&mut model, last, value, &action)?;
