@@ -66,3 +66,13 @@ pub fn demo_tasks() -> Vec<(String, PathBuf)> {
     assert!(tasks.len() >= 4, "the demo family has at least 4 tasks");
     tasks
 }
+
+/// A `taskpack` command exits non-zero with one line on stderr, and nothing panicked or aborted.
+#[track_caller]
+pub fn assert_one_line_error(ok: bool, stderr: &str, expected: &str) {
+    assert!(!ok, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains(expected), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -7,7 +7,7 @@
 //! the bundle writer with one thing changed (a graph, a tensor's shape or type, a label list).
 //! Each keeps every format rule (1–30, V1–V5): only the graph rules catch them.
 
-use crate::common::{cli, cli_compile, demo};
+use crate::common::{assert_one_line_error, cli, cli_compile, demo};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -530,9 +530,7 @@ fn compile_refuses_a_tokenizer_that_does_not_load() {
         &["--tokenizer", tokenizer.to_str().unwrap()],
         &out,
     );
-    assert!(!ok);
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("tokenizer"), "{err}");
+    assert_one_line_error(ok, &err, "tokenizer");
     assert_nothing_written(dir.path(), &["tokenizer.json"]);
 }
 

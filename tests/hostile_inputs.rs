@@ -16,7 +16,7 @@ use taskpack::npz::{self, Limits, Npz, NpzError};
 use taskpack::runtime::{Bundle, Engine, EngineOptions, Error, TextClassifier};
 use tract_onnx::prelude::*;
 
-use crate::common::{cli, cli_compile, demo};
+use crate::common::{assert_one_line_error, cli, cli_compile, demo};
 
 fn text_models() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/text")
@@ -88,16 +88,6 @@ fn write_npz(path: &Path, arrays: &[(&str, Tensor)]) {
         }
     }
     npz.finish().unwrap();
-}
-
-/// `taskpack run` exits non-zero with one line on stderr, and nothing panicked or aborted.
-#[track_caller]
-fn assert_one_line_error(ok: bool, stderr: &str, expected: &str) {
-    assert!(!ok, "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    assert!(stderr.contains(expected), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// Item 4: before, `input_ids` = 5000 (61-word vocabulary) and `token_type_ids` = 9 (2 types)
