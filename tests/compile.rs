@@ -755,6 +755,11 @@ fn cli_max_size_picks_the_most_faithful_storage_that_fits() {
     args[4] = (sizes[4] - 1).to_string();
     let (ok, _, err) = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!ok && err.contains("no storage setting fits"), "{err}");
+    // The budget chooses the storage: an explicit one with it is a usage error.
+    let mut explicit = args.clone();
+    explicit.extend(["--delta-dtype".into(), "f16".into()]);
+    let (ok, _, err) = cli(&explicit.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
     assert!(!small.exists());
     let scratch: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

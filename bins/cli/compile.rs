@@ -62,14 +62,19 @@ pub struct CompileArgs {
     pub no_auto_private: bool,
     /// Storage of the merged delta: f16 halves it at no measured accuracy cost; q8 / q4 store
     /// blocks of signed 8- / 4-bit codes with one f32 scale (8.5 / 5 bits per weight) for
-    /// matrices of at least 4096 elements, f16 for the rest.
-    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16", "q8", "q4"])]
-    pub delta_dtype: String,
+    /// matrices of at least 4096 elements, f16 for the rest. Default: f16.
+    #[arg(long, value_parser = ["f32", "f16", "bf16", "q8", "q4"])]
+    pub delta_dtype: Option<String>,
     /// A size budget for the bundle (e.g. 60MB, 1.5GB, 500MiB, or bytes): the compiler picks the
     /// most faithful storage of base and delta whose bundle fits (f32/f16, f16/f16, q8/f16,
     /// q8/q8, q8/q4, in that order), trying each, and says what it picked. Replaces
     /// --base-dtype and --delta-dtype.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "base_dtype")]
+    #[arg(
+        long,
+        value_name = "SIZE",
+        value_parser = parse_size,
+        conflicts_with_all = ["base_dtype", "delta_dtype"]
+    )]
     pub max_size: Option<u64>,
     /// Storage of the base weights of merged matrices (default: the checkpoint's type): f16,
     /// bf16, or q8 (blocks of 64 signed 8-bit codes and one f32 scale, 8.5 bits per weight).
@@ -167,6 +172,8 @@ impl CompileArgs {
             shared,
             delta_dtype: self
                 .delta_dtype
+                .as_deref()
+                .unwrap_or("f16")
                 .parse::<Encoding>()
                 .map_err(anyhow::Error::msg)?,
             base_dtype: self
@@ -227,9 +234,6 @@ impl CompileArgs {
 pub fn run(args: &CompileArgs) -> Result<()> {
     let opts = args.options()?;
     let calibration = args.calibration()?;
-    if args.max_size.is_some() && args.delta_dtype != "f16" {
-        bail!("--max-size chooses the storage itself: leave out --delta-dtype");
-    }
     let bundle = compile_with_progress(&opts, calibration.as_ref(), args.max_size)?;
     print_report(&bundle, &opts.output);
     Ok(())

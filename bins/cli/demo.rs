@@ -126,7 +126,7 @@ fn compile_demo(a: &DemoArgs, tasks: &[(String, PathBuf)]) -> Result<Bundle> {
         shared: None,
         max_size: None,
         no_auto_private: false,
-        delta_dtype: a.delta_dtype.clone(),
+        delta_dtype: Some(a.delta_dtype.clone()),
         base_dtype: a.base_dtype.clone(),
         graph: None,
         tokenizer: None,
