@@ -327,6 +327,17 @@ impl TempPath {
         &self.path
     }
 
+    /// Renames the file at this path over `dest` (checked again: it must still be absent or a
+    /// regular file) and syncs `dest`'s folder; the path is then no longer removed on drop.
+    pub(crate) fn persist_to(self, dest: &Path) -> Result<(), FileError> {
+        self.persist_with(|tmp| {
+            // The destination may have been replaced by a FIFO or a directory meanwhile.
+            check_output(dest)?;
+            fs::rename(tmp, dest).map_err(io_error("rename the temporary file to", dest))
+        })?;
+        sync_dir(parent_dir(dest))
+    }
+
     /// Runs `f` (e.g. renaming the file away) and unregisters the path, under the registry
     /// lock; the path is then no longer removed on drop. Fails, without running `f`, once
     /// [`remove_temporary_files`] has run.
@@ -429,12 +440,7 @@ impl AtomicFile {
         file.sync_all()
             .map_err(io_error("sync temporary file", temp.path()))?;
         drop(file);
-        temp.persist_with(|tmp| {
-            // The destination may have been replaced by a FIFO or a directory meanwhile.
-            check_output(&dest)?;
-            fs::rename(tmp, &dest).map_err(io_error("rename the temporary file to", &dest))
-        })?;
-        sync_dir(parent_dir(&dest))
+        temp.persist_to(&dest)
     }
 }
 

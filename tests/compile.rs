@@ -771,3 +771,24 @@ fn cli_max_size_picks_the_most_faithful_storage_that_fits() {
         "scratch bundles left behind: {scratch:?}"
     );
 }
+
+/// `compile_within` renames its chosen candidate to the output: an output that is one of the
+/// inputs is refused before anything is written, and the input is left as it was.
+#[test]
+fn a_size_budget_refuses_an_input_as_its_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = dir.path().join("mnist.onnx");
+    std::fs::copy(demo().join("mnist.onnx"), &task).unwrap();
+    let before = std::fs::read(&task).unwrap();
+    let opts = CompileOptions::new(
+        demo().join("base.onnx"),
+        vec![("mnist".into(), task.clone())],
+        Method::Emr,
+        &task,
+    );
+    let err = taskpack::compile::compile_within(&opts, u64::MAX, None, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("mnist.onnx"), "{err}");
+    assert_eq!(std::fs::read(&task).unwrap(), before);
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "only the input remains");
+}

@@ -605,6 +605,11 @@ impl RoundBundle {
     pub(crate) fn path(&self) -> &Path {
         self.0.path()
     }
+
+    /// Moves the scratch bundle to `dest` (rename, then a sync of the folder).
+    pub(crate) fn persist_to(self, dest: &Path) -> Result<(), CompileError> {
+        Ok(self.0.persist_to(dest)?)
+    }
 }
 
 #[cfg(test)]

@@ -267,7 +267,7 @@ pub(crate) fn compile_with_reports(
 /// The checks that need no checkpoint: task names, one scale mode and label list per task (or
 /// none), a tokenizer the runtime loads, and an output that is none of the given input paths
 /// (the rename would destroy it).
-fn check_options(opts: &CompileOptions) -> Result<(), CompileError> {
+pub(crate) fn check_options(opts: &CompileOptions) -> Result<(), CompileError> {
     check_task_names(&opts.tasks)?;
     let n_tasks = opts.tasks.len();
     check_per_task("scale", opts.scale.len(), n_tasks)?;
@@ -291,7 +291,9 @@ fn check_options(opts: &CompileOptions) -> Result<(), CompileError> {
 
 /// Opens the base and task checkpoints, and refuses an output that is one of their external
 /// data files.
-fn open_checkpoints(opts: &CompileOptions) -> Result<(Checkpoint, Vec<Checkpoint>), CompileError> {
+pub(crate) fn open_checkpoints(
+    opts: &CompileOptions,
+) -> Result<(Checkpoint, Vec<Checkpoint>), CompileError> {
     let graph = opts.graph.as_deref();
     let base = Checkpoint::open(&opts.base, graph)?;
     let tasks = opts

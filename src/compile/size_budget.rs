@@ -54,6 +54,11 @@ pub fn compile_within(
     calibration: Option<&Calibration>,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(Bundle, BudgetChoice), CompileError> {
+    // The candidates are compiled to a scratch path, and the chosen one renamed to the output:
+    // refuse, before anything is written, an output the compile itself would refuse (an input,
+    // a checkpoint's external data file, not a regular file).
+    super::pipeline::check_options(opts)?;
+    drop(super::pipeline::open_checkpoints(opts)?);
     let scratch = RoundBundle::new(&opts.output, "sizing")?;
     let mut tried = Vec::new();
     let mut chosen = None;
@@ -64,37 +69,45 @@ pub fn compile_within(
             output: scratch.path().to_path_buf(),
             ..opts.clone()
         };
-        let bytes = bundle_len(&compile(&candidate, progress)?);
+        let bundle = compile(&candidate, progress)?;
+        let bytes = bundle_len(&bundle);
         log::info!("{}: {bytes} bytes", storage_name(rung));
         tried.push((storage_name(rung), bytes));
         if bytes <= max_bytes {
-            chosen = Some((i, rung));
+            chosen = Some((i, rung, bundle));
             break;
         }
     }
-    drop(scratch);
-    let Some((index, (base, delta))) = chosen else {
+    let Some((index, (base, delta), candidate)) = chosen else {
         return Err(CompileError::OverBudget {
             max_bytes,
             smallest: tried.last().map_or(0, |(_, b)| *b),
         });
     };
-    let final_opts = CompileOptions {
-        base_dtype: base,
-        delta_dtype: delta,
-        ..opts.clone()
-    };
     let bundle = match calibration {
-        Some(c) => compile_calibrated(&final_opts, c, progress)?,
-        None => compile(&final_opts, progress)?,
+        // The candidate is the bundle: move it into place rather than compile it again.
+        None => {
+            scratch.persist_to(&opts.output)?;
+            candidate
+        }
+        Some(c) => {
+            drop((candidate, scratch));
+            let final_opts = CompileOptions {
+                base_dtype: base,
+                delta_dtype: delta,
+                ..opts.clone()
+            };
+            let bundle = compile_calibrated(&final_opts, c, progress)?;
+            let bytes = bundle_len(&bundle);
+            if bytes > max_bytes {
+                return Err(CompileError::OverBudget {
+                    max_bytes,
+                    smallest: bytes,
+                });
+            }
+            bundle
+        }
     };
-    let bytes = bundle_len(&bundle);
-    if bytes > max_bytes {
-        return Err(CompileError::OverBudget {
-            max_bytes,
-            smallest: bytes,
-        });
-    }
     Ok((
         bundle,
         BudgetChoice {
