@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use taskpack::compile::{compile, CompileOptions};
-use taskpack::encoding::Encoding;
+use taskpack::format::Encoding;
 use taskpack::format::Method;
 use taskpack::runtime::{Bundle, Engine, EngineOptions};
 use tract_onnx::prelude::*;

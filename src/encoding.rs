@@ -36,9 +36,9 @@ pub enum Encoding {
 }
 
 /// Elements per `q8` block.
-pub const Q8_BLOCK: usize = 64;
+pub(crate) const Q8_BLOCK: usize = 64;
 /// Elements per `q4` block.
-pub const Q4_BLOCK: usize = 32;
+pub(crate) const Q4_BLOCK: usize = 32;
 
 impl Encoding {
     /// Every encoding, in wire order.

@@ -1,7 +1,7 @@
 //! `taskpack export`: one task of a bundle as a standalone ONNX model.
 //!
-//! The task's weights are reconstructed with [`crate::runtime::reconstruct`] (the same code the
-//! runtime binds) and put back as initializers of the task's stored graph, so any ONNX runtime
+//! The task's weights are reconstructed by the runtime's reconstruction rule (src/runtime/reconstruct.rs,
+//! the same code the engine binds) and put back as initializers of the task's stored graph, so any ONNX runtime
 //! can check a bundle against the original checkpoints.
 
 use crate::compile::error::CompileError;

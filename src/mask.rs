@@ -7,19 +7,19 @@
 
 /// A bit-packed boolean mask over the flat elements of one tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mask {
+pub(crate) struct Mask {
     len: usize,
     bytes: Vec<u8>,
 }
 
 impl Mask {
     /// Packed length in bytes of a mask over `len` elements.
-    pub const fn packed_len(len: usize) -> usize {
+    pub(crate) const fn packed_len(len: usize) -> usize {
         crate::format::layout::mask_len(len)
     }
 
     /// A mask with bit `i` set where `f(i)` is true.
-    pub fn from_fn(len: usize, mut f: impl FnMut(usize) -> bool) -> Mask {
+    pub(crate) fn from_fn(len: usize, mut f: impl FnMut(usize) -> bool) -> Mask {
         let mut bytes = vec![0u8; Self::packed_len(len)];
         for (i, byte) in bytes.iter_mut().enumerate() {
             let start = i * 8;
@@ -33,23 +33,14 @@ impl Mask {
         Mask { len, bytes }
     }
 
-    /// A mask with every bit set.
-    pub fn ones(len: usize) -> Mask {
-        Mask::from_fn(len, |_| true)
-    }
-
     /// Number of elements the mask covers.
-    pub fn len(&self) -> usize {
+    #[cfg(feature = "compiler")]
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    /// True if the mask covers no element.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Whether element `i` is selected (false past the end).
-    pub fn get(&self, i: usize) -> bool {
+    pub(crate) fn get(&self, i: usize) -> bool {
         i < self.len && self.bytes.get(i / 8).is_some_and(|b| b >> (i % 8) & 1 == 1)
     }
 
@@ -60,7 +51,7 @@ impl Mask {
     }
 
     /// The packed bytes (what a bundle stores).
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }
 }

@@ -8,10 +8,10 @@
 //! is allocated:
 //! - the file is opened without blocking (a named pipe is refused, not waited on) and must be a
 //!   regular file;
-//! - the `.npy` header is read with a bounded length ([`MAX_HEADER_BYTES`]) and its declared size
+//! - the `.npy` header is read with a bounded length (64 KiB) and its declared size
 //!   (shape × element size, checked arithmetic) must equal the bytes that follow it: the rest of
 //!   the `.npy` file, or the uncompressed size the `.npz` (zip) entry declares, itself plausible
-//!   for its compressed size (deflate expands at most [`MAX_DEFLATE_RATIO`]×; a stored entry
+//!   for its compressed size (deflate expands at most 1032×; a stored entry
 //!   not at all);
 //! - the arrays read through one [`Limits`] stay under [`Limits::max_bytes`] in total;
 //! - the data is then read through a reader that stops one byte past the declared size, so an
@@ -31,10 +31,10 @@ use tract_onnx::prelude::{Datum, DatumType, Tensor};
 use zip::{CompressionMethod, ZipArchive};
 
 /// Longest `.npy` header accepted (numpy writes a few hundred bytes; format 1.0 allows 64 KiB).
-pub const MAX_HEADER_BYTES: usize = 1 << 16;
+pub(crate) const MAX_HEADER_BYTES: usize = 1 << 16;
 
 /// Most a deflate stream can expand (≈ 1032:1, plus room for the stream's framing).
-pub const MAX_DEFLATE_RATIO: u64 = 1032;
+pub(crate) const MAX_DEFLATE_RATIO: u64 = 1032;
 
 /// Caps on what a read may allocate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,7 +200,7 @@ impl std::fmt::Display for DeclaredBytes {
 
 /// Opens `path` for reading only if it is a regular file, without ever blocking
 /// ([`crate::files::open_regular`]). Returns the file and its size.
-pub fn open_regular(path: &Path) -> Result<(File, u64), NpzError> {
+pub(crate) fn open_regular(path: &Path) -> Result<(File, u64), NpzError> {
     let file = crate::files::open_regular(path).map_err(|e| match e {
         crate::files::FileError::NotRegular { .. } => NpzError::NotAFile {
             path: path.to_path_buf(),
@@ -265,7 +265,7 @@ impl std::fmt::Debug for Npz {
 }
 
 impl Npz {
-    /// Opens `path` (a regular file, see [`open_regular`]) and reads its zip directory. The
+    /// Opens `path` (a regular file, opened as the module docs say) and reads its zip directory. The
     /// arrays read later count against `limits` together.
     pub fn open(path: &Path, limits: &Limits) -> Result<Npz, NpzError> {
         let (file, _) = open_regular(path)?;

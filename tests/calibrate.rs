@@ -9,8 +9,8 @@ use crate::common::{demo, demo_tasks};
 use std::path::Path;
 
 use taskpack::compile::{compile, compile_calibrated, Calibration, CompileError, CompileOptions};
-use taskpack::encoding::Encoding;
 use taskpack::export::export_task;
+use taskpack::format::Encoding;
 use taskpack::format::{Method, ScaleMode};
 use tract_onnx::prelude::*;
 

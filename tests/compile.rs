@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 use taskpack::compile::{compile, CompileError, CompileOptions};
-use taskpack::dtype::DType;
-use taskpack::encoding::Encoding;
+use taskpack::format::DType;
+use taskpack::format::Encoding;
 use taskpack::format::Method;
 use taskpack::runtime::Bundle;
 use tract_onnx::pb::ModelProto;
@@ -707,7 +707,7 @@ fn cli_quantized_storage_is_what_inspect_reports() {
 /// the CLI's. A budget below every rung is refused and leaves no file.
 #[test]
 fn cli_max_size_picks_the_most_faithful_storage_that_fits() {
-    use taskpack::compile::size_budget::{storage_name, STORAGE_LADDER};
+    use taskpack::compile::{storage_name, STORAGE_LADDER};
     let dir = tempfile::tempdir().unwrap();
     let tasks = demo_tasks();
     let sizes: Vec<u64> = STORAGE_LADDER

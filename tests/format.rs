@@ -7,8 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
-use taskpack::dtype::DType;
-use taskpack::encoding::Encoding;
+use taskpack::format::DType;
+use taskpack::format::Encoding;
 use taskpack::format::{
     self, parse, BundleWriter, CalibrationReport, CandidateScore, CompileReport, FormatError,
     GraphEntry, Header, InputRecord, Manifest, MergeParams, Method, Provenance, Scale, ScaleMode,
@@ -17,7 +17,6 @@ use taskpack::format::{
     MAX_MANIFEST_LEN, MAX_NAME_LEN, MAX_RANK, MAX_SECTIONS, MAX_TASKS, MAX_TASK_NAME_LEN,
     MAX_TENSORS, VERSION,
 };
-use taskpack::mask::Mask;
 use xxhash_rust::xxh3::xxh3_64;
 
 // ---------------------------------------------------------------------------------------------
@@ -142,7 +141,9 @@ fn sample() -> (Manifest, Vec<(SectionKind, Vec<u8>)>) {
     let w_base: Vec<f32> = (0..15).map(|i| i as f32 * 0.5 - 3.0).collect();
     let w_delta: Vec<f32> = (0..15).map(|i| (i as f32 - 7.0) * 0.25).collect();
     let b_base = [0.1, 0.2, 0.3, 0.4, 0.5];
-    let mask = Mask::from_fn(15, |i| i % 3 != 0);
+    // Elements i % 3 != 0 of 15, packed by hand (docs/FORMAT.md: bit i % 8, least significant
+    // first, of byte i / 8): 1 2 4 5 7 | 8 10 11 13 14.
+    let mask = [0b1011_0110u8, 0b0110_1101];
     let rows = [1.0f32, 0.5, 2.0];
     let head_a: Vec<f32> = (0..8).map(|i| i as f32).collect();
     let head_b: Vec<f32> = (0..12).map(|i| -(i as f32)).collect();
@@ -151,7 +152,7 @@ fn sample() -> (Manifest, Vec<(SectionKind, Vec<u8>)>) {
         (SectionKind::Base, encode(DType::F32, &w_base)),
         (SectionKind::Delta, encode(DType::F16, &w_delta)),
         (SectionKind::Base, encode(DType::BF16, &b_base)),
-        (SectionKind::Mask, mask.as_bytes().to_vec()),
+        (SectionKind::Mask, mask.to_vec()),
         (SectionKind::RowScale, encode(DType::F32, &rows)),
         (SectionKind::Private, encode(DType::F32, &head_a)),
         (SectionKind::Graph, b"fake onnx graph b, longer".to_vec()),

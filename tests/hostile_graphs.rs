@@ -14,8 +14,8 @@ use std::sync::{Arc, OnceLock};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use taskpack::compile::{compile, CompileError, CompileOptions};
-use taskpack::dtype::DType;
-use taskpack::encoding::Encoding;
+use taskpack::format::DType;
+use taskpack::format::Encoding;
 use taskpack::format::Method;
 use taskpack::format::{
     BundleWriter, Manifest, SectionKind, Stored, TaskTensor, TensorEntry, TensorStorage,

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 use sha2::{Digest, Sha256};
-use taskpack::compile::{Checkpoint, CompileError};
-use taskpack::dtype::DType;
-use taskpack::onnx::{
+use taskpack::compile::CompileError;
+use taskpack::format::DType;
+use taskpack::internals::Checkpoint;
+use taskpack::internals::{
     decode_model, onnx_data_type, restore_initializers, InitializerInfo, ModelProto, TensorBytes,
 };
 use tract_onnx::pb::tensor_proto::{DataLocation, DataType};
@@ -743,7 +744,7 @@ fn strip_and_restore_round_trip_runs_in_tract() {
     );
     // Stripping the restored model gives the stored graph again.
     assert_eq!(
-        taskpack::onnx::strip_float_initializers(&back),
+        taskpack::internals::strip_float_initializers(&back),
         cp.stripped_graph()
     );
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use ndarray_npy::NpzReader;
 use taskpack::compile::{compile, CompileOptions};
-use taskpack::encoding::Encoding;
+use taskpack::format::Encoding;
 use taskpack::format::{Method, ScaleMode};
 use taskpack::runtime::{Bundle, Engine, EngineOptions, Error, IoInfo};
 use tract_onnx::prelude::*;

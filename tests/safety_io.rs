@@ -11,7 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use taskpack::compile::{Checkpoint, CompileError};
+use taskpack::compile::CompileError;
+use taskpack::internals::Checkpoint;
 use tract_onnx::pb::tensor_proto::{DataLocation, DataType};
 use tract_onnx::pb::{
     GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,

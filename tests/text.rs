@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use taskpack::compile::{compile, CompileError, CompileOptions};
-use taskpack::encoding::Encoding;
 use taskpack::export::export_task;
+use taskpack::format::Encoding;
 use taskpack::format::Method;
 use taskpack::runtime::{Bundle, Engine, EngineOptions, Error, Prediction, TextClassifier};
 use tract_onnx::prelude::*;

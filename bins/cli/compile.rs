@@ -9,7 +9,7 @@ use taskpack::compile::{
     compile, compile_calibrated, compile_within, BudgetChoice, Calibration, CompileOptions,
     Progress,
 };
-use taskpack::encoding::Encoding;
+use taskpack::format::Encoding;
 use taskpack::format::{MergeParams, Method, ScaleMode};
 use taskpack::runtime::Bundle;
 

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use anyhow::Result;
-use taskpack::format::manifest::{TaskTensor, TensorStorage};
 use taskpack::format::Manifest;
+use taskpack::format::{TaskTensor, TensorStorage};
 use taskpack::runtime::Bundle;
 
 /// Prints a bundle's contents.

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use ndarray_npy::NpzReader;
 use taskpack::{tp_last_error, TpStatus};
 use taskpack_core::compile::{compile, CompileOptions};
-use taskpack_core::encoding::Encoding;
+use taskpack_core::format::Encoding;
 use taskpack_core::format::Method;
 use taskpack_core::runtime::Bundle;
 use tract_onnx::prelude::*;

@@ -10,7 +10,7 @@ use std::ptr::{null, null_mut};
 use taskpack::TpStatus::*;
 use taskpack::*;
 use taskpack_core::compile::{compile, CompileOptions};
-use taskpack_core::encoding::Encoding;
+use taskpack_core::format::Encoding;
 use taskpack_core::format::Method;
 
 use crate::common::{build_c, expect, last_error};

@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use taskpack::format::{parse, MAX_ELEMENTS};
-use taskpack::runtime::reconstruct::{task_tensor, DecodeBuffers};
+use taskpack::internals::{task_tensor, DecodeBuffers};
 use taskpack::runtime::Bundle;
 
 /// Reconstruct tensors only up to this many elements in all (the reader accepts tensors of up

@@ -9,8 +9,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use taskpack::dtype::DType;
-use taskpack::onnx::{
+use taskpack::format::DType;
+use taskpack::internals::{
     batchnorm_statistics, decode_model, float_initializers, read_typed_f32, restore_initializers,
     scan_model, strip_float_initializers, TensorBytes, TensorProto, WeightData,
 };
@@ -93,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
                 .graph
                 .iter()
                 .flat_map(|g| g.initializer.iter())
-                .filter(|t| taskpack::onnx::dtype_from_onnx(t.data_type).is_some());
+                .filter(|t| taskpack::internals::dtype_from_onnx(t.data_type).is_some());
             for ((t, w), bytes) in tensors.zip(&scanned.weights).zip(&weights) {
                 if let (Some(bytes), false) = (bytes, w.info.numel() == Some(0)) {
                     assert!(

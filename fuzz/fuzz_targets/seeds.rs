@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use taskpack::format::parse;
-use taskpack::onnx::{decode_model, scan_model, strip_float_initializers, TensorProto};
+use taskpack::internals::{decode_model, scan_model, strip_float_initializers, TensorProto};
 use taskpack_fuzz::{DEMO_BUNDLE, TEXT_BUNDLE};
 
 fn write(dir: &Path, name: &str, parts: &[&[u8]]) {

@@ -99,7 +99,7 @@ pub(crate) struct GraphInfo {
 
 impl GraphInfo {
     /// Builds the derived fields from a skeleton and its weights.
-    pub fn new(path: &Path, skeleton: ModelProto, tensors: Vec<InitializerInfo>) -> Self {
+    pub(crate) fn new(path: &Path, skeleton: ModelProto, tensors: Vec<InitializerInfo>) -> Self {
         let stripped = strip_float_initializers(&skeleton);
         let stripped_sha256 = hex(&Sha256::digest(&stripped));
         let index: HashMap<String, usize> = tensors
@@ -236,6 +236,7 @@ impl Checkpoint {
     }
 
     /// The ONNX file the graph comes from: the checkpoint itself, or the `--graph` file.
+    #[cfg(feature = "internals")]
     pub fn graph_path(&self) -> &Path {
         &self.graph.path
     }
@@ -300,8 +301,8 @@ impl Checkpoint {
         &self.graph.skeleton
     }
 
-    /// [`crate::onnx::strip_float_initializers`] of the graph: the bytes a bundle stores once per
-    /// distinct architecture.
+    /// The graph with its float initializers stripped (weights are stored as sections): the
+    /// bytes a bundle stores once per distinct architecture.
     pub fn stripped_graph(&self) -> &[u8] {
         &self.graph.stripped
     }

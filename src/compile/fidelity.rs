@@ -19,7 +19,7 @@ pub(crate) struct Fidelity {
 
 impl Fidelity {
     /// Adds a tensor whose reconstruction is `factor(i) · m_i · δ_i`.
-    pub fn add(
+    pub(crate) fn add(
         &mut self,
         delta: &[f32],
         mask: Option<&Mask>,
@@ -48,7 +48,7 @@ impl Fidelity {
     }
 
     /// The report for a task whose global scale is `g`.
-    pub fn report(&self, name: &str, g: f32) -> TaskReport {
+    pub(crate) fn report(&self, name: &str, g: f32) -> TaskReport {
         let g = f64::from(g);
         let err = (g * g * self.dd - 2.0 * g * self.dt + self.tt).max(0.0);
         let relative_error = if self.tt > 0.0 {

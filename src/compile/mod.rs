@@ -2,26 +2,24 @@
 //!
 //! Readers ([`Checkpoint`]: ONNX and safetensors) feed the `pipeline`, which merges task
 //! vectors with one of the merge methods (`src/merge/`, docs/METHODS.md) and streams sections to the bundle writer;
-//! `fidelity` measures each task's reconstruction for the report, [`calibrate`] picks each
+//! `fidelity` measures each task's reconstruction for the report, `calibrate` ([`compile_calibrated`]) picks each
 //! task's setting by agreement with its original model on unlabeled inputs. (Turning a task of a
 //! bundle back into a standalone ONNX model is [`crate::export`]: it reads a bundle, it does not
 //! compile one.)
 
-pub mod calibrate;
-pub mod checkpoint;
-pub mod error;
+mod calibrate;
+pub(crate) mod checkpoint;
+pub(crate) mod error;
 pub(crate) mod fidelity;
 mod memory;
 mod onnx_reader;
 mod pipeline;
 mod safetensors_reader;
-pub mod size_budget;
+mod size_budget;
 
 pub use crate::merge::MergeError;
+pub use crate::onnx::OnnxError;
 pub use calibrate::{compile_calibrated, Calibration};
-pub use checkpoint::Checkpoint;
 pub use error::CompileError;
-pub use pipeline::{
-    base_encoding_of, compile, delta_encoding_of, CompileOptions, Progress, BASE_DTYPE_MIN_ELEMENTS,
-};
-pub use size_budget::{compile_within, BudgetChoice};
+pub use pipeline::{compile, CompileOptions, Progress};
+pub use size_budget::{compile_within, storage_name, BudgetChoice, STORAGE_LADDER};

@@ -227,7 +227,7 @@ pub(crate) fn open_graph(path: &Path) -> Result<GraphInfo, CompileError> {
 
 impl OnnxReader {
     /// Opens a mapped ONNX checkpoint.
-    pub fn open(path: &Path, map: Mapped) -> Result<(OnnxReader, GraphInfo), CompileError> {
+    pub(crate) fn open(path: &Path, map: Mapped) -> Result<(OnnxReader, GraphInfo), CompileError> {
         let (graph, sources, externals) = load(path, &map, true)?;
         Ok((
             OnnxReader {
@@ -241,7 +241,7 @@ impl OnnxReader {
     }
 
     /// The input files and their bytes, model first, then external data in first-use order.
-    pub fn inputs(&self) -> impl Iterator<Item = (&Path, &[u8])> {
+    pub(crate) fn inputs(&self) -> impl Iterator<Item = (&Path, &[u8])> {
         std::iter::once((self.path.as_path(), &self.map[..])).chain(
             self.externals
                 .iter()

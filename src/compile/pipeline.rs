@@ -49,12 +49,11 @@ pub struct CompileOptions {
     /// task the same global scale (all but EMR).
     pub shared: Option<Regex>,
     /// Storage of the merged delta. A block-quantized one (`q8`, `q4`) applies to large tensors
-    /// only; the others store their delta as `f16` (see [`delta_encoding_of`]).
+    /// only (as for `base_dtype`); other tensors store their delta as `f16`.
     pub delta_dtype: Encoding,
     /// Storage of the base weights of merged tensors (`None`: each tensor's own type). Only
-    /// tensors of rank ≥ 2 with at least [`BASE_DTYPE_MIN_ELEMENTS`] elements take it; biases,
-    /// normalization weights and other small tensors keep their own type (see
-    /// [`base_encoding_of`]).
+    /// tensors of rank ≥ 2 with at least 4096 elements take it; biases, normalization weights
+    /// and other small tensors keep their own type.
     pub base_dtype: Option<Encoding>,
     /// Keep tensors whose relative change dwarfs the rest of the model (fresh heads) private.
     pub auto_private: bool,
@@ -101,7 +100,7 @@ impl CompileOptions {
 
 /// Fewest elements a tensor needs for `CompileOptions::base_dtype` (and a block-quantized
 /// `delta_dtype`) to apply to it.
-pub const BASE_DTYPE_MIN_ELEMENTS: u64 = 4096;
+pub(crate) const BASE_DTYPE_MIN_ELEMENTS: u64 = 4096;
 
 /// Whether `info` is a matrix (or larger) of at least [`BASE_DTYPE_MIN_ELEMENTS`] elements:
 /// where the bytes are. The rest — biases, LayerNorm and BatchNorm weights — are few bytes, and
@@ -113,7 +112,7 @@ fn is_large(info: &InitializerInfo) -> bool {
 
 /// The storage of the base of a merged tensor: `base_dtype` for matrices and larger tensors of
 /// at least [`BASE_DTYPE_MIN_ELEMENTS`] elements, the tensor's own type for the rest.
-pub fn base_encoding_of(info: &InitializerInfo, base_dtype: Option<Encoding>) -> Encoding {
+pub(crate) fn base_encoding_of(info: &InitializerInfo, base_dtype: Option<Encoding>) -> Encoding {
     match base_dtype {
         Some(encoding) if is_large(info) => encoding,
         _ => info.dtype.into(),
@@ -123,7 +122,7 @@ pub fn base_encoding_of(info: &InitializerInfo, base_dtype: Option<Encoding>) ->
 /// The storage of the merged delta of a tensor: `delta_dtype`, except that a block-quantized one
 /// applies to matrices of at least [`BASE_DTYPE_MIN_ELEMENTS`] elements only and the rest store
 /// `f16`.
-pub fn delta_encoding_of(info: &InitializerInfo, delta_dtype: Encoding) -> Encoding {
+pub(crate) fn delta_encoding_of(info: &InitializerInfo, delta_dtype: Encoding) -> Encoding {
     if delta_dtype.is_quantized() && !is_large(info) {
         Encoding::F16
     } else {
@@ -715,7 +714,7 @@ fn check_tokenizer(bytes: &[u8]) -> Result<(), CompileError> {
     }
     #[cfg(not(feature = "text"))]
     {
-        serde_json::from_str::<serde_json::de::IgnoredAny>(text)
+        serde_json::from_str::<serde::de::IgnoredAny>(text)
             .map(drop)
             .map_err(|e| CompileError::Tokenizer(format!("it is not JSON: {e}")))
     }

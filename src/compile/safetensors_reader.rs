@@ -64,7 +64,7 @@ impl SafetensorsReader {
     /// Parses the header of the mapped file at `path` and matches it against `graph`. (About 85
     /// lines: one pass over the header's tensors, each checked against the graph's weight of
     /// that name for type, shape and byte range, with its error next to its check.)
-    pub fn open(
+    pub(crate) fn open(
         path: &Path,
         map: Mapped,
         graph: &GraphInfo,
@@ -152,7 +152,7 @@ impl SafetensorsReader {
     }
 
     /// The whole file.
-    pub fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         &self.map
     }
 

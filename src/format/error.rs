@@ -91,9 +91,10 @@ pub enum FormatError {
         /// XXH3-64 of the manifest bytes.
         actual: u64,
     },
-    /// Rule 11: the manifest is not a valid postcard `Manifest`.
+    /// Rule 11: the manifest is not a valid postcard `Manifest`; the decoder's message (a
+    /// string, so that no postcard type is part of the API).
     #[error("manifest does not decode: {0}")]
-    ManifestDecode(#[source] postcard::Error),
+    ManifestDecode(String),
     /// Rule 12: bytes are left over after the manifest.
     #[error("{count} trailing bytes after the manifest")]
     ManifestTrailingBytes {
@@ -486,7 +487,7 @@ pub enum FormatError {
     },
     /// Writer: the manifest could not be encoded.
     #[error("manifest does not encode: {0}")]
-    ManifestEncode(#[source] postcard::Error),
+    ManifestEncode(String),
     /// `verify`: the header bytes differ from the ones parsed (the file changed since).
     #[error("the header changed since the bundle was opened")]
     HeaderChanged,

@@ -13,7 +13,7 @@ pub const MAGIC: [u8; 8] = *b"TASKPACK";
 pub const VERSION: u32 = 3;
 /// The oldest format version this crate reads (a version-2 bundle is a version-3 bundle without
 /// block-quantized sections; rule 36).
-pub const MIN_VERSION: u32 = 2;
+pub(super) const MIN_VERSION: u32 = 2;
 /// The header flags this crate knows (none in versions 2 and 3).
 pub(crate) const KNOWN_FLAGS: u32 = 0;
 

@@ -12,7 +12,7 @@ use crate::encoding::Encoding;
 use super::error::FormatError;
 
 /// Length of the fixed header, and the file offset of the data region.
-pub const HEADER_LEN: u64 = 64;
+pub(crate) const HEADER_LEN: u64 = 64;
 /// Alignment of every section in the data region (and in the file).
 pub const ALIGNMENT: u64 = 64;
 /// Cap on the manifest's length in bytes (64 MiB).
@@ -41,7 +41,7 @@ pub const MANIFEST_DECODE_FACTOR: u64 = 16;
 /// Number of elements of `shape` (1 for a scalar), or [`FormatError::Overflow`].
 ///
 /// Does not apply [`MAX_ELEMENTS`]; the reader's `checked_numel` does.
-pub fn numel(shape: &[u64]) -> Result<u64, FormatError> {
+pub(crate) fn numel(shape: &[u64]) -> Result<u64, FormatError> {
     shape.iter().try_fold(1u64, |acc, &d| {
         acc.checked_mul(d).ok_or(FormatError::Overflow {
             what: "element count of a shape",
@@ -75,7 +75,7 @@ pub(crate) fn checked_numel(
 
 /// Bytes of a dense tensor of `numel` elements stored in `encoding`: whole blocks,
 /// `⌈numel / block elements⌉ · block bytes` (for a float type, `numel · size`).
-pub fn encoded_bytes(numel: u64, encoding: Encoding) -> Result<u64, FormatError> {
+pub(crate) fn encoded_bytes(numel: u64, encoding: Encoding) -> Result<u64, FormatError> {
     let (elements, bytes) = encoding.block();
     numel
         .div_ceil(elements)
@@ -86,12 +86,12 @@ pub fn encoded_bytes(numel: u64, encoding: Encoding) -> Result<u64, FormatError>
 }
 
 /// Bytes of a bit-packed mask over `numel` elements: `⌈numel / 8⌉` (cannot overflow).
-pub const fn mask_bytes(numel: u64) -> u64 {
+pub(crate) const fn mask_bytes(numel: u64) -> u64 {
     numel.div_ceil(8)
 }
 
 /// Number of rows (first dimension) of `shape`, `None` for a scalar.
-pub fn rows(shape: &[u64]) -> Option<u64> {
+pub(crate) fn rows(shape: &[u64]) -> Option<u64> {
     shape.first().copied()
 }
 
@@ -111,7 +111,7 @@ pub(crate) fn align_up(x: u64) -> Result<u64, FormatError> {
 }
 
 /// `offset + length`, the end of a range.
-pub fn end(offset: u64, length: u64) -> Result<u64, FormatError> {
+pub(crate) fn end(offset: u64, length: u64) -> Result<u64, FormatError> {
     offset.checked_add(length).ok_or(FormatError::Overflow {
         what: "end of a byte range",
     })
@@ -132,13 +132,13 @@ pub(crate) fn tensor_bytes(elem_size: usize, dims: &[usize]) -> Option<usize> {
 }
 
 /// Bytes of a bit-packed mask over `len` elements in memory: `⌈len / 8⌉`, as [`mask_bytes`].
-pub const fn mask_len(len: usize) -> usize {
+pub(crate) const fn mask_len(len: usize) -> usize {
     len.div_ceil(8)
 }
 
 /// Rows described by a row-scale section of `bytes` bytes (`f32` each), as
 /// `row_scale_bytes` counts them; `None` unless `bytes` is a whole number of scales.
-pub const fn row_scale_count(bytes: usize) -> Option<usize> {
+pub(crate) const fn row_scale_count(bytes: usize) -> Option<usize> {
     if bytes.is_multiple_of(4) {
         Some(bytes / 4)
     } else {

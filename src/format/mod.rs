@@ -10,7 +10,7 @@
 //!   table against every structural rule in time independent of the weights' size; the bulk
 //!   checks (checksums, padding) run on first use of a section or all at once
 //!   ([`ParsedBundle::verify`]). It only borrows `&[u8]`; memory-mapping is the caller's choice.
-//! - **No arithmetic surprises.** All size arithmetic lives in [`layout`], checked; caps bound
+//! - **No arithmetic surprises.** All size arithmetic lives in `layout.rs`, checked; caps bound
 //!   every count and length (GGUF's overflow CVEs came from size arithmetic spread everywhere).
 //! - **Exact cover.** Sections tile the data region with zero padding and no trailing bytes, and
 //!   every section is referenced exactly once by a reference of its kind (safetensors' rule):
@@ -23,13 +23,15 @@ pub(crate) mod budget;
 mod decode_memory;
 mod error;
 mod header;
-pub mod layout;
-pub mod manifest;
+pub(crate) mod layout;
+pub(crate) mod manifest;
 mod params;
 mod reader;
 #[cfg(feature = "compiler")]
 mod writer;
 
+pub use crate::dtype::DType;
+pub use crate::encoding::Encoding;
 pub use error::FormatError;
 pub use header::{Header, MAGIC, VERSION};
 pub use layout::{

@@ -145,7 +145,7 @@ pub(crate) fn decode_manifest(bytes: &[u8]) -> Result<Manifest, FormatError> {
     if exceeded {
         return Err(FormatError::ManifestDecodeBudget { length, budget });
     }
-    let (manifest, rest) = decoded.map_err(FormatError::ManifestDecode)?;
+    let (manifest, rest) = decoded.map_err(|e| FormatError::ManifestDecode(e.to_string()))?;
     if !rest.is_empty() {
         return Err(FormatError::ManifestTrailingBytes {
             count: rest.len() as u64,

@@ -213,7 +213,8 @@ impl BundleWriter {
         }
         manifest.sections = std::mem::take(&mut self.sections);
         check_manifest(&manifest, self.data_end)?;
-        let bytes = postcard::to_stdvec(&manifest).map_err(FormatError::ManifestEncode)?;
+        let bytes = postcard::to_stdvec(&manifest)
+            .map_err(|e| FormatError::ManifestEncode(e.to_string()))?;
         let manifest_length = bytes.len() as u64;
         if manifest_length > MAX_MANIFEST_LEN {
             return Err(FormatError::ManifestTooLarge {

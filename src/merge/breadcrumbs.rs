@@ -21,7 +21,7 @@ use super::{
 /// Model Breadcrumbs: per task keep the magnitude band below the top `gamma` fraction, of size
 /// `density · n`, then task arithmetic.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Breadcrumbs {
+pub(crate) struct Breadcrumbs {
     /// Scale of the summed vector (default 0.3).
     pub alpha: f32,
     /// Fraction of the tensor's entries kept per task (default 0.9).

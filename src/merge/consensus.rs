@@ -18,7 +18,7 @@ use super::{check_alpha, check_view, sum_tasks, MergeError, Merger, TensorMerge,
 
 /// Consensus merging: `δ = α · [Σ_t m_t ≥ k] ⊙ Σ_t τ_t`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Consensus {
+pub(crate) struct Consensus {
     /// Scale of the kept summed vector (default 0.3).
     pub alpha: f32,
     /// TALL threshold `λ_t`, one per task in task order (or one value for all tasks).

@@ -106,7 +106,7 @@ pub(crate) fn drop_and_rescale(
 /// DARE: random drop with probability `1 − density`, rescale by `1 / density`, then task
 /// arithmetic or TIES.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Dare {
+pub(crate) struct Dare {
     /// Scale of the merged vector (default 0.3).
     pub alpha: f32,
     /// Probability of keeping each entry (default 0.5, i.e. drop probability 0.5).

@@ -25,7 +25,7 @@ use crate::mask::Mask;
 
 /// EMR-merging, with whole-model rescaler statistics accumulated across [`Merger::merge`] calls.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Emr {
+pub(crate) struct Emr {
     /// Per task: `Σ|τ_t|` over the tensors merged so far.
     abs_sum: Vec<f64>,
     /// Per task: `Σ|M_t ⊙ τ_uni|` over the tensors merged so far.
@@ -35,7 +35,7 @@ pub struct Emr {
 impl Emr {
     /// A merger for `n_tasks` tasks, with empty rescaler statistics. Every view it merges must
     /// have exactly `n_tasks` task vectors.
-    pub fn new(n_tasks: usize) -> Emr {
+    pub(crate) fn new(n_tasks: usize) -> Emr {
         Emr {
             abs_sum: vec![0.0; n_tasks],
             kept_sum: vec![0.0; n_tasks],

@@ -32,21 +32,21 @@
 use crate::format::{DareBase, MergeParams, Method, TiesReduce};
 use crate::mask::Mask;
 
-pub mod breadcrumbs;
-pub mod consensus;
-pub mod dare;
-pub mod emr;
-pub mod scaling;
-pub mod tall;
-pub mod task_arithmetic;
-pub mod ties;
+pub(crate) mod breadcrumbs;
+pub(crate) mod consensus;
+pub(crate) mod dare;
+pub(crate) mod emr;
+pub(crate) mod scaling;
+pub(crate) mod tall;
+pub(crate) mod task_arithmetic;
+pub(crate) mod ties;
 
 #[cfg(test)]
 mod reference_tests;
 
 /// The task vectors of one tensor, as handed to a [`Merger`].
 #[derive(Debug, Clone, Copy)]
-pub struct TensorView<'a> {
+pub(crate) struct TensorView<'a> {
     /// Position of the tensor in the model (stable across runs): seeds DARE's random drops.
     pub index: u64,
     /// One task vector per task, `τ_t = θ_t − θ_0`, all of the same length.
@@ -55,7 +55,7 @@ pub struct TensorView<'a> {
 
 /// What a method produces for one tensor.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TensorMerge {
+pub(crate) struct TensorMerge {
     /// The shared merged delta `δ` (length = tensor length).
     pub delta: Vec<f32>,
     /// One mask per task, for methods that reconstruct tasks individually; `None` when every task
@@ -93,7 +93,7 @@ pub enum MergeError {
 }
 
 /// A merge method, fed one tensor at a time.
-pub trait Merger {
+pub(crate) trait Merger {
     /// Merges the task vectors of one tensor.
     fn merge(&mut self, view: &TensorView<'_>) -> Result<TensorMerge, MergeError>;
 

@@ -18,7 +18,11 @@ use crate::mask::Mask;
 ///
 /// Errors with [`MergeError::LengthMismatch`] (`δ` length first) when `τ` or the mask does not
 /// have the length of `δ`.
-pub fn tensor_scale(delta: &[f32], mask: Option<&Mask>, tau: &[f32]) -> Result<f32, MergeError> {
+pub(crate) fn tensor_scale(
+    delta: &[f32],
+    mask: Option<&Mask>,
+    tau: &[f32],
+) -> Result<f32, MergeError> {
     check_lengths(delta, mask, tau)?;
     Ok(range_scale(delta, mask, tau, 0))
 }
@@ -31,7 +35,7 @@ pub fn tensor_scale(delta: &[f32], mask: Option<&Mask>, tau: &[f32]) -> Result<f
 /// [`MergeError::LengthMismatch`] as [`tensor_scale`], and with
 /// [`MergeError::InvalidParameter`] (`rows`) when `rows` does not divide the non-zero length
 /// (including `rows = 0`).
-pub fn row_scales(
+pub(crate) fn row_scales(
     delta: &[f32],
     mask: Option<&Mask>,
     tau: &[f32],
@@ -165,7 +169,7 @@ mod tests {
             Err(MergeError::LengthMismatch(6, 5))
         );
         assert_eq!(
-            tensor_scale(&DELTA, Some(&Mask::ones(5)), &TAU),
+            tensor_scale(&DELTA, Some(&Mask::from_fn(5, |_| true)), &TAU),
             Err(MergeError::LengthMismatch(6, 5))
         );
         assert!(matches!(

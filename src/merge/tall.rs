@@ -23,7 +23,7 @@ use crate::mask::Mask;
 
 /// TALL-masks: `δ = α Σ_t τ_t` and one mask per task.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Tall {
+pub(crate) struct Tall {
     /// Scale of the summed task vector (default 1, the paper's unscaled sum).
     pub alpha: f32,
     /// Mask threshold `λ_t`, one per task in task order (or one value for all tasks).

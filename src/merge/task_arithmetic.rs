@@ -8,7 +8,7 @@ use super::{check_alpha, check_view, sum_tasks, MergeError, Merger, TensorMerge,
 
 /// Task arithmetic: `δ = α · Σ_t τ_t`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TaskArithmetic {
+pub(crate) struct TaskArithmetic {
     /// Scale of the summed task vector (default 0.3).
     pub alpha: f32,
 }

@@ -25,7 +25,7 @@ use super::{
 
 /// TIES-merging with per-tensor trimming.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Ties {
+pub(crate) struct Ties {
     /// Scale of the merged vector (default 1).
     pub alpha: f32,
     /// Fraction of entries kept per task and tensor by the trim step (default 0.2).

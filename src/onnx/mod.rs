@@ -33,24 +33,30 @@ mod weights;
 mod wire;
 
 #[cfg(feature = "compiler")]
-pub use scan::{
-    read_typed_f32, scan_model, ExternalRef, GraphExternal, ScannedModel, ScannedWeight, WeightData,
-};
+pub(crate) use scan::ExternalRef;
+#[cfg(feature = "compiler")]
+pub use scan::{read_typed_f32, scan_model, ScannedModel, WeightData};
 #[cfg(feature = "compiler")]
 pub(crate) use weights::checked_shape;
+#[cfg(feature = "internals")]
+pub use weights::float_initializers;
 #[cfg(feature = "compiler")]
 pub use weights::{
-    batchnorm_statistics, float_initializers, restore_initializers, strip_float_initializers,
-    InitializerInfo, TensorBytes,
+    batchnorm_statistics, restore_initializers, strip_float_initializers, InitializerInfo,
+    TensorBytes,
 };
 
 use prost::Message;
-pub use tract_onnx::pb::{GraphProto, ModelProto, NodeProto, TensorProto};
+pub use tract_onnx::pb::ModelProto;
+#[cfg(feature = "internals")]
+pub use tract_onnx::pb::TensorProto;
 
 use crate::dtype::DType;
 use tract_onnx::pb::tensor_proto::DataType;
 
 /// Errors of the ONNX helpers. Each names the offending initializer where there is one.
+// The runtime alone only decodes graphs (`NotOnnx`); the other variants are the compiler's.
+#[cfg_attr(not(feature = "compiler"), allow(dead_code))]
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
     /// The bytes are not an ONNX model: not a protobuf `ModelProto`, or one without a graph or
@@ -119,6 +125,7 @@ pub enum OnnxError {
 }
 
 /// The weight type of an ONNX `TensorProto.data_type`, `None` for non-weight types.
+#[cfg(feature = "compiler")]
 pub fn dtype_from_onnx(data_type: i32) -> Option<DType> {
     match DataType::try_from(data_type).ok()? {
         DataType::Float => Some(DType::F32),
@@ -134,14 +141,6 @@ pub fn onnx_data_type(dtype: DType) -> i32 {
         DType::F32 => DataType::Float as i32,
         DType::F16 => DataType::Float16 as i32,
         DType::BF16 => DataType::Bfloat16 as i32,
-    }
-}
-
-/// The ONNX name of a `data_type` (`"INT64"`, ...), for messages.
-pub fn onnx_type_name(data_type: i32) -> String {
-    match DataType::try_from(data_type) {
-        Ok(t) => t.as_str_name().to_string(),
-        Err(_) => format!("unknown type {data_type}"),
     }
 }
 

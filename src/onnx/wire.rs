@@ -40,7 +40,7 @@ pub(crate) struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     /// A reader over `buf[range]`. Fails if the range is not inside the buffer.
-    pub fn new(buf: &'a [u8], range: Range<usize>) -> Result<Self, String> {
+    pub(crate) fn new(buf: &'a [u8], range: Range<usize>) -> Result<Self, String> {
         if range.start > range.end || range.end > buf.len() {
             return Err(format!(
                 "message range {}..{} outside a buffer of {} bytes",
@@ -112,7 +112,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next field, `None` at the end of the message.
-    pub fn next_field(&mut self) -> Result<Option<Field>, String> {
+    pub(crate) fn next_field(&mut self) -> Result<Option<Field>, String> {
         if self.pos >= self.end {
             return Ok(None);
         }

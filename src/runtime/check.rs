@@ -28,7 +28,9 @@ use tract_onnx::pb::{GraphProto, ModelProto, NodeProto, TensorProto};
 
 use crate::dtype::DType;
 use crate::runtime::engine::IoInfo;
-use crate::runtime::template::{self, Template, TemplateKey, TypedGraph, WeightDecl};
+use crate::runtime::template::{self, Template, TemplateKey};
+#[cfg(feature = "compiler")]
+use crate::runtime::template::{TypedGraph, WeightDecl};
 use crate::runtime::{Bundle, Error};
 
 /// Most elements a `ConstantOfShape` or `Expand` with a constant shape may produce (2^28: 1 GiB
@@ -493,8 +495,9 @@ pub(crate) fn check_labels(
 }
 
 /// One weight of a checkpoint's graph, for [`check_checkpoint_graph`].
+#[cfg(feature = "compiler")]
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WeightInfo {
+pub(crate) struct WeightInfo {
     /// The initializer's name.
     pub name: String,
     /// Its type.
@@ -507,7 +510,8 @@ pub struct WeightInfo {
 /// stored one, with `weights` declared as model inputs: rules G1–G7 (G3: every weight is read).
 /// Returns the graph's outputs. The compiler runs it to refuse a task whose bundle could not
 /// run; errors are [`Error::Graph`] with graph index 0.
-pub fn check_checkpoint_graph(
+#[cfg(feature = "compiler")]
+pub(crate) fn check_checkpoint_graph(
     task: &str,
     model: &ModelProto,
     weights: &[WeightInfo],

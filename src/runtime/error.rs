@@ -72,7 +72,7 @@ pub enum Error {
         reason: String,
     },
     /// The bundle carries no tokenizer, so its tasks cannot take text
-    /// ([`crate::runtime::text`]; feature `text`).
+    /// (`TextClassifier`, feature `text`).
     #[error("the bundle has no tokenizer; compile it with --tokenizer")]
     NoTokenizer,
     /// The bundle's tokenizer (a Hugging Face `tokenizer.json`) does not load.

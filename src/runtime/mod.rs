@@ -6,14 +6,14 @@
 mod argmax;
 mod bundle;
 mod cache;
-pub mod check;
+pub(crate) mod check;
 mod engine;
 mod error;
 mod guard;
-pub mod reconstruct;
+pub(crate) mod reconstruct;
 mod template;
 #[cfg(feature = "text")]
-pub mod text;
+pub(crate) mod text;
 
 pub use argmax::argmax;
 pub use bundle::Bundle;

@@ -13,7 +13,6 @@ use crate::format::manifest::{
     Manifest, Scale, Stored, TaskEntry, TaskTensor, TensorEntry, TensorStorage,
 };
 use crate::format::{layout, FormatError, SectionId};
-use crate::mask::Mask;
 use crate::runtime::{Bundle, Error};
 
 /// Buffers [`task_tensor`] decodes the delta and the row scales into, reused so that
@@ -49,7 +48,7 @@ pub fn task_tensor(
                 Some(id) => {
                     let bits = bundle.section(*id)?;
                     // Validated by `parse` (rule 26) and, on first use, `verify_section` (pad bits).
-                    if bits.len() != Mask::packed_len(out.len()) {
+                    if bits.len() != layout::mask_len(out.len()) {
                         return Err(crate::format::FormatError::MaskPadBits { section: *id }.into());
                     }
                     Some(bits)
@@ -155,7 +154,7 @@ const _: () = assert!(CHUNK.is_multiple_of(Q8_BLOCK) && CHUNK.is_multiple_of(Q4_
 /// chunk, the delta is decoded into a buffer on the stack, and the masked, scaled add reads the
 /// base (an `f32` base straight from the bundle) and writes `out` while the chunk is in L1, mask
 /// bits selecting without branches. Every section read is checksum-verified on first use.
-pub fn task_tensor_into(
+pub(crate) fn task_tensor_into(
     bundle: &Bundle,
     task: usize,
     tensor: usize,
@@ -178,7 +177,7 @@ pub fn task_tensor_into(
             };
             let delta_bytes = dense(bundle, *delta, len)?;
             let mask = match mask {
-                Some(id) => Some(sized(bundle, *id, Mask::packed_len(len))?),
+                Some(id) => Some(sized(bundle, *id, layout::mask_len(len))?),
                 None => None,
             };
             let g = t.global_scale;
@@ -442,6 +441,7 @@ fn apply(out: &mut [f32], delta: &[f32], mask: Option<&[u8]>, factor: impl Fn(us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mask::Mask;
 
     /// Deterministic pseudo-random bits (xorshift).
     struct Bits(u64);

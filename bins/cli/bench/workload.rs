@@ -53,7 +53,7 @@ pub(super) fn tvalues(inputs: &TVec<Tensor>) -> TVec<TValue> {
 pub(super) fn input_symbols(onnx: &[u8]) -> Result<Vec<(String, usize)>> {
     use tract_onnx::pb::tensor_shape_proto::dimension::Value;
     use tract_onnx::pb::type_proto;
-    let model = taskpack::onnx::decode_model(onnx)?;
+    let model = tract_onnx::onnx().proto_model_for_read(&mut &onnx[..])?;
     let mut names = Vec::new();
     for input in model.graph.iter().flat_map(|g| &g.input) {
         let Some(type_proto::Value::TensorType(t)) =

@@ -59,8 +59,12 @@ use crate::runtime::guard::{self, IndexLimit};
 use crate::runtime::reconstruct::{self, DecodeBuffers};
 use crate::runtime::{Bundle, Error};
 
+use batchnorm::BnRewrite;
 use bind::{fold_chain, needs_prop_consts};
-pub(crate) use stored::{decode_graph, read_names, weights_read};
+#[cfg(feature = "compiler")]
+pub(crate) use stored::read_names;
+pub(crate) use stored::{decode_graph, weights_read};
+use typing::WeightFacts;
 pub(crate) use typing::{catch_panic, type_graph, TypedGraph, WeightDecl};
 
 /// Alignment of materialized weight tensors (a cache line, and enough for any SIMD load).
@@ -219,6 +223,148 @@ fn byte_len(dt: DatumType, shape: &[usize]) -> Option<usize> {
     crate::format::layout::tensor_bytes(dt.size_of(), shape)
 }
 
+/// Declutters and optimizes a typed graph (a tract panic is an error, not an abort).
+fn optimize(graph: usize, mut model: TypedModel) -> Result<TypedModel, Error> {
+    catch_panic(graph, "optimizing the graph", || {
+        model
+            .declutter()
+            .map_err(tract_err(format!("declutter graph {graph}")))?;
+        model
+            .optimize()
+            .map_err(tract_err(format!("optimize graph {graph}")))?;
+        Ok(model)
+    })
+}
+
+/// Where binding puts each weight of the optimized model: the node of every weight input
+/// (`sources`: bundle tensors by index and name, with their facts in `weights`; `shared`: the
+/// ones every task reconstructs alike) and of every rewritten BatchNorm's slope and intercept.
+/// A weight that optimization turned into something other than a model input is
+/// [`Error::Unsupported`].
+fn weight_slots(
+    graph: usize,
+    model: &TypedModel,
+    (sources, weights, shared): (&[(usize, String)], &WeightFacts, &HashSet<usize>),
+    bns: &[BnRewrite],
+    bn_facts: Vec<(DatumType, Vec<usize>, usize)>,
+) -> Result<Vec<WeightSource>, Error> {
+    let source_node = |name: &str| -> Result<usize, Error> {
+        let id = model
+            .node_by_name(name)
+            .map_err(tract_err(format!("find weight {name:?}")))?
+            .id;
+        if model.inputs.contains(&OutletId::new(id, 0)) {
+            Ok(id)
+        } else {
+            Err(Error::Unsupported {
+                graph,
+                reason: format!("weight {name:?} is not an input of the optimized model"),
+            })
+        }
+    };
+    let mut slots = Vec::new();
+    for (i, name) in sources {
+        let Some((dt, shape, _)) = weights.get(i) else {
+            continue;
+        };
+        let node = source_node(name)?;
+        slots.push(WeightSource::Weight {
+            tensor: *i,
+            node,
+            dt: *dt,
+            shape: shape.clone(),
+            fold: fold_chain(model, node),
+            shared: shared.contains(i),
+        });
+    }
+    for (bn, (dt, shape, channels)) in bns.iter().zip(bn_facts) {
+        slots.push(WeightSource::BatchNorm(BatchNormSource {
+            params: bn.params,
+            epsilon: bn.epsilon,
+            channels,
+            dt,
+            shape,
+            slope: source_node(&bn.slope)?,
+            intercept: source_node(&bn.intercept)?,
+        }));
+    }
+    Ok(slots)
+}
+
+/// The model inputs that are data (not weights) and the outputs, as the engine reports and
+/// checks them.
+struct DataIo {
+    data_inputs: Vec<OutletId>,
+    inputs: Vec<IoInfo>,
+    input_facts: Vec<TypedFact>,
+    index_limits: Vec<IndexLimit>,
+    outputs: Vec<IoInfo>,
+}
+
+impl DataIo {
+    /// The data inputs of `model` (every input that no slot binds) and its outputs.
+    fn of(model: &TypedModel, slots: &[WeightSource]) -> Result<DataIo, Error> {
+        let weight_nodes: HashSet<usize> = slots
+            .iter()
+            .flat_map(|s| match s {
+                WeightSource::Weight { node, .. } => vec![*node],
+                WeightSource::BatchNorm(bn) => vec![bn.slope, bn.intercept],
+            })
+            .collect();
+        let data_inputs: Vec<OutletId> = model
+            .inputs
+            .iter()
+            .filter(|o| !weight_nodes.contains(&o.node))
+            .copied()
+            .collect();
+        let mut input_facts = Vec::new();
+        let mut inputs = Vec::new();
+        for o in &data_inputs {
+            let fact = model
+                .outlet_fact(*o)
+                .map_err(tract_err("read an input fact"))?
+                .clone();
+            let name = model.node(o.node).name.clone();
+            inputs.push(IoInfo::from_fact(name, &fact));
+            input_facts.push(fact);
+        }
+        let index_limits = guard::index_limits(model, &data_inputs);
+        let mut outputs = Vec::new();
+        for o in &model.outputs {
+            let fact = model
+                .outlet_fact(*o)
+                .map_err(tract_err("read an output fact"))?;
+            let name = model
+                .outlet_label(*o)
+                .map(str::to_string)
+                .unwrap_or_else(|| model.node(o.node).name.clone());
+            outputs.push(IoInfo::from_fact(name, fact));
+        }
+        Ok(DataIo {
+            data_inputs,
+            inputs,
+            input_facts,
+            index_limits,
+            outputs,
+        })
+    }
+}
+
+/// Bytes of the weights a bound task holds (shared weights are the engine's, counted once
+/// there; a BatchNorm has a slope and an intercept).
+fn bound_bytes(slots: &[WeightSource]) -> usize {
+    slots
+        .iter()
+        .map(|s| match s {
+            WeightSource::Weight { shared: true, .. } => 0,
+            WeightSource::Weight { dt, shape, .. } => byte_len(*dt, shape).unwrap_or(usize::MAX),
+            WeightSource::BatchNorm(bn) => {
+                byte_len(bn.dt, &bn.shape).map_or(usize::MAX, |b| b.saturating_mul(2))
+            }
+        })
+        .fold(0usize, usize::saturating_add)
+}
+
 impl Template {
     /// Builds the template of `key` (parse, type, declutter, optimize: once per graph).
     /// `task` is any task using the template (it provides the shapes of private tensors).
@@ -287,13 +433,14 @@ impl Template {
         Ok(typed)
     }
 
-    /// Completes a template from its typed graph: declutter, optimize, and find the weight
-    /// inputs' nodes and fold chains.
+    /// Completes a template from its typed graph, in three steps: declutter and optimize
+    /// ([`optimize`]), find the weight inputs' nodes and fold chains ([`weight_slots`]), and
+    /// describe the data inputs and outputs ([`DataIo::of`]).
     pub(crate) fn from_typed(typed: TypedGraph) -> Result<Template, Error> {
         let started = Instant::now();
         let TypedGraph {
-            graph: graph_index,
-            model: mut typed,
+            graph,
+            model,
             sources,
             weights,
             bns,
@@ -302,114 +449,17 @@ impl Template {
             parse,
             typing,
         } = typed;
-        let unsupported = |reason: String| Error::Unsupported {
-            graph: graph_index,
-            reason,
-        };
-        let typed = catch_panic(graph_index, "optimizing the graph", || {
-            typed
-                .declutter()
-                .map_err(tract_err(format!("declutter graph {graph_index}")))?;
-            typed
-                .optimize()
-                .map_err(tract_err(format!("optimize graph {graph_index}")))?;
-            Ok(typed)
-        })?;
+        let model = optimize(graph, model)?;
         let optimized_at = started.elapsed();
-
-        let source_node = |typed: &TypedModel, name: &str| -> Result<usize, Error> {
-            let id = typed
-                .node_by_name(name)
-                .map_err(tract_err(format!("find weight {name:?}")))?
-                .id;
-            if typed.inputs.contains(&OutletId::new(id, 0)) {
-                Ok(id)
-            } else {
-                Err(unsupported(format!(
-                    "weight {name:?} is not an input of the optimized model"
-                )))
-            }
-        };
-        let mut slots = Vec::new();
-        for (i, name) in &sources {
-            let Some((dt, shape, _)) = weights.get(i) else {
-                continue;
-            };
-            let node = source_node(&typed, name)?;
-            slots.push(WeightSource::Weight {
-                tensor: *i,
-                node,
-                dt: *dt,
-                shape: shape.clone(),
-                fold: fold_chain(&typed, node),
-                shared: shared.contains(i),
-            });
-        }
-        for (bn, (dt, shape, channels)) in bns.iter().zip(bn_facts) {
-            slots.push(WeightSource::BatchNorm(BatchNormSource {
-                params: bn.params,
-                epsilon: bn.epsilon,
-                channels,
-                dt,
-                shape,
-                slope: source_node(&typed, &bn.slope)?,
-                intercept: source_node(&typed, &bn.intercept)?,
-            }));
-        }
-        let weight_nodes: HashSet<usize> = slots
-            .iter()
-            .flat_map(|s| match s {
-                WeightSource::Weight { node, .. } => vec![*node],
-                WeightSource::BatchNorm(bn) => vec![bn.slope, bn.intercept],
-            })
-            .collect();
-        let prop_consts = needs_prop_consts(&typed, &slots);
-        let data_inputs: Vec<OutletId> = typed
-            .inputs
-            .iter()
-            .filter(|o| !weight_nodes.contains(&o.node))
-            .copied()
-            .collect();
-        let mut input_facts = Vec::new();
-        let mut inputs = Vec::new();
-        for o in &data_inputs {
-            let fact = typed
-                .outlet_fact(*o)
-                .map_err(tract_err("read an input fact"))?
-                .clone();
-            let name = typed.node(o.node).name.clone();
-            inputs.push(IoInfo::from_fact(name, &fact));
-            input_facts.push(fact);
-        }
-        let index_limits = guard::index_limits(&typed, &data_inputs);
-        let mut outputs = Vec::new();
-        for o in &typed.outputs {
-            let fact = typed
-                .outlet_fact(*o)
-                .map_err(tract_err("read an output fact"))?;
-            let name = typed
-                .outlet_label(*o)
-                .map(str::to_string)
-                .unwrap_or_else(|| typed.node(o.node).name.clone());
-            outputs.push(IoInfo::from_fact(name, fact));
-        }
-        let weight_bytes = slots
-            .iter()
-            .map(|s| match s {
-                WeightSource::Weight { shared: true, .. } => 0,
-                WeightSource::Weight { dt, shape, .. } => {
-                    byte_len(*dt, shape).unwrap_or(usize::MAX)
-                }
-                WeightSource::BatchNorm(bn) => {
-                    byte_len(bn.dt, &bn.shape).map_or(usize::MAX, |b| b.saturating_mul(2))
-                }
-            })
-            .fold(0usize, usize::saturating_add);
+        let slots = weight_slots(graph, &model, (&sources, &weights, &shared), &bns, bn_facts)?;
+        let io = DataIo::of(&model, &slots)?;
+        let prop_consts = needs_prop_consts(&model, &slots);
+        let weight_bytes = bound_bytes(&slots);
         log::debug!(
-            "template for graph {graph_index}: {} nodes, {} weight inputs ({weight_bytes} bytes), \
+            "template for graph {graph}: {} nodes, {} weight inputs ({weight_bytes} bytes), \
              {} BatchNorm rewritten, constant propagation at binding: {}; parse {:?}, type {:?}, \
              declutter and optimize {:?}",
-            typed.nodes.len(),
+            model.nodes.len(),
             slots.len(),
             bns.len(),
             prop_consts,
@@ -418,14 +468,14 @@ impl Template {
             optimized_at,
         );
         Ok(Template {
-            graph: graph_index,
-            model: typed,
-            data_inputs,
+            graph,
+            model,
+            data_inputs: io.data_inputs,
             slots,
-            inputs,
-            input_facts,
-            index_limits,
-            outputs,
+            inputs: io.inputs,
+            input_facts: io.input_facts,
+            index_limits: io.index_limits,
+            outputs: io.outputs,
             weight_bytes,
             prop_consts,
             pool: Mutex::new(Vec::new()),

@@ -177,7 +177,7 @@ impl Errors {
 }
 
 /// Weights by tensor index: type, shape and whether some task changes it.
-type WeightFacts = BTreeMap<usize, (DatumType, Vec<usize>, bool)>;
+pub(super) type WeightFacts = BTreeMap<usize, (DatumType, Vec<usize>, bool)>;
 
 /// Type, shape and kind of every weight the graph uses, and each one's index by name.
 fn weight_facts(

@@ -1,0 +1,15 @@
+//! Internals for the fuzz targets and the tests of the checkpoint readers — **not a stable API**.
+//!
+//! Built only with the `internals` feature, which no app needs and which only fuzz/ and the
+//! tests of the `taskpack-cli` package enable. The fuzz targets drive the ONNX scanner and the
+//! reconstruction directly; tests/readers.rs and tests/safety_io.rs open checkpoints with
+//! [`Checkpoint`] and check the strip / restore round trip of ONNX initializers. The public
+//! API keeps all of these private; everything here can change in any release.
+
+pub use crate::compile::checkpoint::Checkpoint;
+pub use crate::onnx::{
+    batchnorm_statistics, decode_model, dtype_from_onnx, float_initializers, onnx_data_type,
+    read_typed_f32, restore_initializers, scan_model, strip_float_initializers, InitializerInfo,
+    ModelProto, ScannedModel, TensorBytes, TensorProto, WeightData,
+};
+pub use crate::runtime::reconstruct::{task_tensor, DecodeBuffers};
