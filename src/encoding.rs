@@ -165,7 +165,7 @@ impl Encoding {
     /// storage, applied in place.
     pub fn round_slice(self, values: &mut [f32]) {
         match (self.float(), self) {
-            (Some(dtype), _) => values.iter_mut().for_each(|v| *v = dtype.round(*v)),
+            (Some(dtype), _) => dtype.round_slice(values),
             // Decoding a nibble sign-extends it; q4 codes are within ±7, so that is `q` itself.
             (None, Encoding::Q4) => round_blocks::<Q4_BLOCK>(values, 7.0),
             (None, _) => round_blocks::<Q8_BLOCK>(values, 127.0),

@@ -245,3 +245,58 @@ fn calibration_inputs_are_checked() {
     );
     assert!(!out.exists());
 }
+
+/// `--max-size` with `--calib`: the size budget picks the storage with uncalibrated candidates,
+/// then calibrates at that storage from the checkpoints it already opened. The result must be
+/// what `compile_calibrated` gives at that storage on its own: the same tasks (λ, scale mode,
+/// labels), the same candidates and choices, the same sections.
+#[test]
+fn a_size_budget_with_calibration_calibrates_at_the_storage_it_picked() {
+    use taskpack::compile::{compile_within, STORAGE_LADDER};
+    let dir = tempfile::tempdir().unwrap();
+    let inputs: Vec<(String, Vec<(String, Tensor)>)> = CALIBRATED
+        .iter()
+        .map(|t| (t.to_string(), vec![("image".to_string(), images(t))]))
+        .collect();
+    let calibration = Calibration {
+        lambdas: LAMBDAS.to_vec(),
+        scales: vec![ScaleMode::None, ScaleMode::Row],
+        max_examples: EXAMPLES,
+        ..Calibration::new(inputs)
+    };
+    let at = |rung: usize, out: &Path| CompileOptions {
+        base_dtype: STORAGE_LADDER[rung].0,
+        delta_dtype: STORAGE_LADDER[rung].1,
+        ..options(out)
+    };
+    // The sizes of rungs 1 and 2, uncalibrated; a budget between them picks rung 2. (Row
+    // scales, if calibration picks them, add a few hundred bytes: far below the gap.)
+    let size = |rung: usize| {
+        let out = dir.path().join(format!("rung{rung}.tpk"));
+        compile(&at(rung, &out), &mut |_| {}).unwrap().bytes().len() as u64
+    };
+    let (s1, s2) = (size(1), size(2));
+    assert!(s2 < s1, "{s1} {s2}");
+    let budget = s2 + (s1 - s2) / 2;
+
+    let out = dir.path().join("budget.tpk");
+    let (got, choice) =
+        compile_within(&options(&out), budget, Some(&calibration), &mut |_| {}).unwrap();
+    assert_eq!(choice.chosen, 2, "{choice:?}");
+    let want = compile_calibrated(
+        &at(2, &dir.path().join("direct.tpk")),
+        &calibration,
+        &mut |_| {},
+    )
+    .unwrap();
+    let (g, w) = (got.manifest(), want.manifest());
+    assert_eq!(g.tasks, w.tasks);
+    assert_eq!(g.tensors, w.tensors);
+    for (a, b) in g.report.tasks.iter().zip(&w.report.tasks) {
+        assert_eq!(a.calibration, b.calibration);
+    }
+    assert_eq!(g.sections.len(), w.sections.len());
+    for (a, b) in g.sections.iter().zip(&w.sections) {
+        assert_eq!(a.checksum, b.checksum);
+    }
+}

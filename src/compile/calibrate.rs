@@ -19,17 +19,20 @@
 //! exception — its shared delta depends on every task's λ — so only scale modes are calibrated
 //! there.
 //!
-//! Cost: one compile per round plus, per task and round, one run over its inputs; the reference
-//! model of each task is loaded once. Tasks are evaluated in parallel threads.
+//! Cost: the checkpoints are opened, checked and scanned once ([`Prepared`], which the final
+//! bundle uses too); each round writes one bundle from them (the merge pass and the write) and
+//! runs each calibrated task over its inputs, tasks in parallel threads; the reference model of
+//! each task runs once.
 
 use std::path::Path;
+use std::time::Instant;
 
 use tract_onnx::prelude::*;
 
 use crate::compile::checkpoint::Checkpoint;
 use crate::compile::error::CompileError;
-use crate::compile::pipeline::{compile_with_reports, CompileOptions, Progress};
-use crate::format::{CalibrationReport, CandidateScore, Method, ScaleMode};
+use crate::compile::pipeline::{check_options, CompileOptions, Prepared, Progress};
+use crate::format::{BundleWriter, CalibrationReport, CandidateScore, Method, ScaleMode};
 use crate::onnx::TensorBytes;
 use crate::runtime::{argmax, Bundle, Engine, EngineOptions, IoInfo};
 
@@ -105,13 +108,27 @@ struct Outputs {
 
 /// Compiles like [`crate::compile::compile`], choosing each calibrated task's λ and scale mode
 /// by agreement with its original model (module docs). The report records every candidate's
-/// agreement per task. (About 85 lines: the two rounds of the module docs, in order.)
+/// agreement per task.
 pub fn compile_calibrated(
     opts: &CompileOptions,
     calibration: &Calibration,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Bundle, CompileError> {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
+    check_options(opts)?;
+    let prepared = Prepared::open(opts, progress)?;
+    calibrated(opts, &prepared, calibration, started, progress)
+}
+
+/// [`compile_calibrated`] from checkpoints already opened (the size budget's final compile).
+/// (About 85 lines: the two rounds of the module docs, in order.)
+pub(crate) fn calibrated(
+    opts: &CompileOptions,
+    prepared: &Prepared,
+    calibration: &Calibration,
+    started: Instant,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Bundle, CompileError> {
     let n = opts.tasks.len();
     let has_lambda = opts.params.method == Method::Tall;
     let mut opts = opts.clone();
@@ -149,10 +166,10 @@ pub fn compile_calibrated(
                     ..*d
                 })
                 .collect();
-            evaluate(&opts, &settings, &mut tasks, progress)?;
+            evaluate(&opts, prepared, &settings, &mut tasks, progress)?;
         }
     } else {
-        evaluate(&opts, &defaults, &mut tasks, progress)?;
+        evaluate(&opts, prepared, &defaults, &mut tasks, progress)?;
     }
     // Scale round: every mode at each task's best λ, unless already measured.
     let at_best = winners(&tasks, &defaults);
@@ -161,7 +178,7 @@ pub fn compile_calibrated(
             .iter()
             .map(|s| Setting { scale: mode, ..*s })
             .collect();
-        evaluate(&opts, &settings, &mut tasks, progress)?;
+        evaluate(&opts, prepared, &settings, &mut tasks, progress)?;
     }
 
     // The final bundle, with every task's winner.
@@ -188,7 +205,8 @@ pub fn compile_calibrated(
             });
         }
     }
-    compile_with_reports(&opts, reports, started, progress)
+    let writer = BundleWriter::create(&opts.output)?;
+    prepared.write(&opts, writer, reports, started, progress)
 }
 
 /// Every task's best setting so far (its default if it is not calibrated).
@@ -261,14 +279,16 @@ fn prepare(
         name: "references",
         total: sets.len() as u64,
     });
-    let mut tasks = Vec::with_capacity(sets.len());
-    for set in sets {
+    let references = parallel_map(&sets, |set| {
         let path = opts
             .tasks
             .get(set.index)
             .map(|(_, p)| p.as_path())
             .unwrap_or(Path::new(""));
-        let reference = run_original(path, opts.graph.as_deref(), &set)?;
+        run_original(path, opts.graph.as_deref(), set)
+    })?;
+    let mut tasks = Vec::with_capacity(sets.len());
+    for (set, reference) in sets.into_iter().zip(references) {
         progress(Progress::Step(&set.name));
         tasks.push(Task {
             set,
@@ -277,6 +297,48 @@ fn prepare(
         });
     }
     Ok(tasks)
+}
+
+/// `f` of every item on up to as many scoped threads as the machine has cores (item `i` on
+/// worker `i % workers`), in item order; the first error in item order is the result. A
+/// panicking worker is an error, not an abort.
+fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<R, CompileError> + Sync,
+) -> Result<Vec<R>, CompileError> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, items.len().max(1));
+    let mut done: Vec<(usize, Result<R, CompileError>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let f = &f;
+                s.spawn(move || {
+                    items
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| i % workers == w)
+                        .map(|(i, item)| (i, f(item)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(items.len());
+        for h in handles {
+            match h.join() {
+                Ok(v) => all.extend(v),
+                Err(_) => all.push((
+                    usize::MAX,
+                    Err(CompileError::Calibration(
+                        "a calibration thread panicked".into(),
+                    )),
+                )),
+            }
+        }
+        all
+    });
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Number of examples (first axis) shared by all of a task's arrays.
@@ -371,6 +433,7 @@ fn with_weights(path: &Path, graph: Option<&Path>, task: &str) -> Result<Vec<u8>
 /// the tasks scored on worker threads, joined in task order.)
 fn evaluate(
     opts: &CompileOptions,
+    prepared: &Prepared,
     settings: &[Setting],
     tasks: &mut [Task],
     progress: &mut dyn FnMut(Progress<'_>),
@@ -383,6 +446,7 @@ fn evaluate(
     if !todo.contains(&true) {
         return Ok(());
     }
+    let started = Instant::now();
     let round_bundle = RoundBundle::new(&opts.output, "calibrating")?;
     let mut round = opts.clone();
     round.output = round_bundle.path().to_path_buf();
@@ -395,50 +459,28 @@ fn evaluate(
             *slot = s.scale;
         }
     }
-    let bundle = std::sync::Arc::new(compile_with_reports(
+    let bundle = std::sync::Arc::new(prepared.write(
         &round,
+        BundleWriter::create(round_bundle.path())?,
         vec![None; opts.tasks.len()],
-        std::time::Instant::now(),
+        Instant::now(),
         &mut |_| {},
     )?);
+    let written = started.elapsed();
     let engine = Engine::new(bundle, EngineOptions::default())?;
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, tasks.len().max(1));
-    let scores: Vec<(usize, Result<CandidateScore, CompileError>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                let engine = &engine;
-                let tasks = &*tasks;
-                let todo = &todo;
-                s.spawn(move || {
-                    tasks
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| todo.get(*i) == Some(&true))
-                        .filter(|(i, _)| i % workers == w)
-                        .map(|(i, t)| (i, score(engine, t)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        let mut all: Vec<(usize, Result<CandidateScore, CompileError>)> = Vec::new();
-        for h in handles {
-            match h.join() {
-                Ok(v) => all.extend(v),
-                Err(_) => all.push((
-                    usize::MAX,
-                    Err(CompileError::Calibration(
-                        "a calibration thread panicked".into(),
-                    )),
-                )),
-            }
-        }
-        all.sort_by_key(|(i, _)| *i);
-        all
-    });
-    for (i, score) in scores {
-        let mut score = score?;
+    let pending: Vec<(usize, &Task)> = tasks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| todo.get(*i) == Some(&true))
+        .collect();
+    let scores = parallel_map(&pending, |&(i, t)| Ok((i, score(&engine, t)?)))?;
+    log::info!(
+        "calibration round: bundle written in {:.2} s, {} tasks scored in {:.2} s",
+        written.as_secs_f64(),
+        todo.iter().filter(|&&t| t).count(),
+        (started.elapsed() - written).as_secs_f64(),
+    );
+    for (i, mut score) in scores {
         let Some(t) = tasks.get_mut(i) else { continue };
         let Some(setting) = setting_of(t) else {
             continue;
@@ -636,6 +678,23 @@ mod tests {
         assert_eq!(best(&[s(0.95, 0.5), s(0.95, 0.2), s(0.95, 0.3)]), Some(1));
         // A full tie: the earliest.
         assert_eq!(best(&[s(0.5, 0.2), s(0.5, 0.2)]), Some(0));
+    }
+
+    #[test]
+    fn parallel_map_keeps_item_order_and_reports_the_first_error() {
+        let items: Vec<u32> = (0..9).collect();
+        let squares = parallel_map(&items, |&x| Ok(x * x)).unwrap();
+        assert_eq!(squares, vec![0, 1, 4, 9, 16, 25, 36, 49, 64]);
+        let failing = parallel_map(&items, |&x| {
+            if x % 4 == 3 {
+                Err(CompileError::Calibration(format!("item {x}")))
+            } else {
+                Ok(x)
+            }
+        });
+        assert!(matches!(failing, Err(CompileError::Calibration(m)) if m == "item 3"));
+        let panicking = parallel_map(&items, |&x| if x == 5 { panic!("boom") } else { Ok(x) });
+        assert!(matches!(panicking, Err(CompileError::Calibration(m)) if m.contains("panicked")));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The compiler: checkpoints in, one bundle out (feature `compiler`).
 //!
-//! Readers ([`Checkpoint`]: ONNX and safetensors) feed the `pipeline`, which merges task
+//! Readers (`checkpoint.rs`: ONNX and safetensors) feed the `pipeline`, which merges task
 //! vectors with one of the merge methods (`src/merge/`, docs/METHODS.md) and streams sections to the bundle writer;
 //! `fidelity` measures each task's reconstruction for the report, `calibrate` ([`compile_calibrated`]) picks each
 //! task's setting by agreement with its original model on unlabeled inputs. (Turning a task of a

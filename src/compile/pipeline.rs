@@ -184,8 +184,7 @@ pub fn compile(
 }
 
 /// [`compile`], recording each task's calibration (in task order) in the report, and the time
-/// since `started` as the compile time. The steps, in order: check the options, open and align
-/// the checkpoints, pass 1 (scan), the graphs, pass 2 (merge and write), the manifest.
+/// since `started` as the compile time: [`Prepared::open`], then [`Prepared::write`].
 pub(crate) fn compile_with_reports(
     opts: &CompileOptions,
     calibration: Vec<Option<CalibrationReport>>,
@@ -194,73 +193,123 @@ pub(crate) fn compile_with_reports(
 ) -> Result<Bundle, CompileError> {
     check_options(opts)?;
     // Fail on an unwritable output before any heavy work.
-    let mut writer = BundleWriter::create(&opts.output)?;
-    let (base, tasks) = open_checkpoints(opts)?;
-    let names: Vec<&str> = opts.tasks.iter().map(|(n, _)| n.as_str()).collect();
-    let tensors = read_tensors(align(&base, &tasks, &names)?, &base, &tasks);
-    // Refuse, before anything is written, a task whose bundle could not run.
-    check_task_graphs(opts, &tasks, &tensors)?;
+    let writer = BundleWriter::create(&opts.output)?;
+    let prepared = Prepared::open(opts, progress)?;
+    prepared.write(opts, writer, calibration, started, progress)
+}
 
-    let relative = relative_changes(&base, &tasks, &tensors, progress)?;
-    let private = decide_private(opts, &base, &tasks, &tensors, &relative);
-    for (name, why) in &private {
-        log::info!("{name}: private ({why})");
-    }
-    let (graphs, task_graph) = write_graphs(&mut writer, &tasks)?;
-    let mut merger = opts.params.merger(tasks.len())?;
-    let merged = merge_tensors(
-        opts,
-        &mut writer,
-        merger.as_mut(),
-        (&base, &tasks),
-        &tensors,
-        &private,
-        progress,
-    )?;
+/// What every bundle compiled from the same checkpoints shares, whatever its merge parameters
+/// and storage: the opened checkpoints, their aligned tensors (checked, every value read once)
+/// and the tensors kept private. Calibration and the size budget open it once and write one
+/// bundle per candidate setting from it ([`Prepared::write`]).
+pub(crate) struct Prepared {
+    base: Checkpoint,
+    tasks: Vec<Checkpoint>,
+    tensors: Vec<InitializerInfo>,
+    private: BTreeMap<String, PrivateReason>,
+}
 
-    // With a scaling mode, the closed-form scales replace a method's global rescaler.
-    let task_scales: Vec<f32> = merger
-        .task_scales(tasks.len())
-        .into_iter()
-        .enumerate()
-        .map(|(t, g)| {
-            if opts.scale_of(t) == ScaleMode::None {
-                g
-            } else {
-                1.0
-            }
+impl Prepared {
+    /// The steps that depend only on the inputs, in order: open and align the checkpoints,
+    /// check every task's graph, pass 1 (scan: relative changes, NaN / Inf), decide what stays
+    /// private. `opts` gives the inputs and the privacy options; its merge parameters, storage
+    /// and output are [`Prepared::write`]'s.
+    pub(crate) fn open(
+        opts: &CompileOptions,
+        progress: &mut dyn FnMut(Progress<'_>),
+    ) -> Result<Prepared, CompileError> {
+        let (base, tasks) = open_checkpoints(opts)?;
+        let names: Vec<&str> = opts.tasks.iter().map(|(n, _)| n.as_str()).collect();
+        let tensors = read_tensors(align(&base, &tasks, &names)?, &base, &tasks);
+        // Refuse, before anything is written, a task whose bundle could not run.
+        check_task_graphs(opts, &tasks, &tensors)?;
+        let relative = relative_changes(&base, &tasks, &tensors, progress)?;
+        let private = decide_private(opts, &base, &tasks, &tensors, &relative);
+        for (name, why) in &private {
+            log::info!("{name}: private ({why})");
+        }
+        Ok(Prepared {
+            base,
+            tasks,
+            tensors,
+            private,
         })
-        .collect();
-    let tokenizer = match &opts.tokenizer {
-        Some(bytes) => Some(writer.add_section(SectionKind::Tokenizer, bytes)?),
-        None => None,
-    };
-    let inputs = input_records(opts, &base, &tasks);
-    let report = CompileReport {
-        inputs_bytes: inputs.iter().map(|i| i.bytes).sum(),
-        tasks: task_reports(opts, &merged.fidelity, &task_scales, calibration),
-        private: private
-            .iter()
-            .map(|(n, why)| format!("{n}: {why}"))
-            .collect(),
-        peak_memory_bytes: super::memory::peak_rss_bytes().unwrap_or(0),
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    let manifest = Manifest {
-        graphs,
-        tensors: merged.entries,
-        sections: Vec::new(),
-        tasks: task_entries(opts, merged.modules, &task_graph, &task_scales),
-        tokenizer,
-        merge: opts.params.clone(),
-        provenance: Provenance {
-            compiler: format!("taskpack {}", env!("CARGO_PKG_VERSION")),
-            inputs,
-        },
-        report,
-    };
-    writer.finish(manifest)?;
-    Ok(Bundle::open(&opts.output)?)
+    }
+
+    /// Writes the bundle of `opts` (the inputs [`Prepared::open`] was given; any merge
+    /// parameters and storage) through `writer`, whatever its destination: the graphs, pass 2
+    /// (merge and write), the manifest. Returns the bundle, opened.
+    pub(crate) fn write(
+        &self,
+        opts: &CompileOptions,
+        mut writer: BundleWriter,
+        calibration: Vec<Option<CalibrationReport>>,
+        started: Instant,
+        progress: &mut dyn FnMut(Progress<'_>),
+    ) -> Result<Bundle, CompileError> {
+        let Prepared {
+            base,
+            tasks,
+            tensors,
+            private,
+        } = self;
+        let (graphs, task_graph) = write_graphs(&mut writer, tasks)?;
+        let mut merger = opts.params.merger(tasks.len())?;
+        let merged = merge_tensors(
+            opts,
+            &mut writer,
+            merger.as_mut(),
+            (base, tasks),
+            tensors,
+            private,
+            progress,
+        )?;
+
+        // With a scaling mode, the closed-form scales replace a method's global rescaler.
+        let task_scales: Vec<f32> = merger
+            .task_scales(tasks.len())
+            .into_iter()
+            .enumerate()
+            .map(|(t, g)| {
+                if opts.scale_of(t) == ScaleMode::None {
+                    g
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let tokenizer = match &opts.tokenizer {
+            Some(bytes) => Some(writer.add_section(SectionKind::Tokenizer, bytes)?),
+            None => None,
+        };
+        let inputs = input_records(opts, base, tasks);
+        let report = CompileReport {
+            inputs_bytes: inputs.iter().map(|i| i.bytes).sum(),
+            tasks: task_reports(opts, &merged.fidelity, &task_scales, calibration),
+            private: private
+                .iter()
+                .map(|(n, why)| format!("{n}: {why}"))
+                .collect(),
+            peak_memory_bytes: super::memory::peak_rss_bytes().unwrap_or(0),
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        let manifest = Manifest {
+            graphs,
+            tensors: merged.entries,
+            sections: Vec::new(),
+            tasks: task_entries(opts, merged.modules, &task_graph, &task_scales),
+            tokenizer,
+            merge: opts.params.clone(),
+            provenance: Provenance {
+                compiler: format!("taskpack {}", env!("CARGO_PKG_VERSION")),
+                inputs,
+            },
+            report,
+        };
+        let dest = writer.dest().to_path_buf();
+        writer.finish(manifest)?;
+        Ok(Bundle::open(&dest)?)
+    }
 }
 
 /// The checks that need no checkpoint: task names, one scale mode and label list per task (or
@@ -290,9 +339,7 @@ pub(crate) fn check_options(opts: &CompileOptions) -> Result<(), CompileError> {
 
 /// Opens the base and task checkpoints, and refuses an output that is one of their external
 /// data files.
-pub(crate) fn open_checkpoints(
-    opts: &CompileOptions,
-) -> Result<(Checkpoint, Vec<Checkpoint>), CompileError> {
+fn open_checkpoints(opts: &CompileOptions) -> Result<(Checkpoint, Vec<Checkpoint>), CompileError> {
     let graph = opts.graph.as_deref();
     let base = Checkpoint::open(&opts.base, graph)?;
     let tasks = opts

@@ -5,13 +5,18 @@
 //! is met by walking [`STORAGE_LADDER`] — storage settings from the most faithful to the
 //! smallest, ordered by the quantization error measured on real weights (docs/METHODS.md,
 //! "Block-quantized storage") — and keeping the first whose bundle fits. Each candidate is a
-//! real compile into a scratch file next to the output, so the size is exact, not estimated;
-//! the chosen setting is then compiled to the output (calibrated, if asked). That costs up to
-//! one compile per rung plus the final one, all without calibration but the last.
+//! real bundle written into a scratch file next to the output, so the size is exact, not
+//! estimated; the fitting one is moved into place, or, with calibration, calibrated at its
+//! storage. The checkpoints are opened, checked and scanned once ([`Prepared`]) for every rung
+//! and the calibration: each rung costs only the merge pass and the write.
 
-use crate::compile::calibrate::{compile_calibrated, Calibration, RoundBundle};
-use crate::compile::{compile, CompileError, CompileOptions, Progress};
+use std::time::Instant;
+
+use crate::compile::calibrate::{calibrated, Calibration, RoundBundle};
+use crate::compile::pipeline::{check_options, Prepared};
+use crate::compile::{CompileError, CompileOptions, Progress};
 use crate::encoding::Encoding;
+use crate::format::BundleWriter;
 use crate::runtime::Bundle;
 
 /// `(base storage, delta storage)` from the most faithful to the smallest; `None` keeps each
@@ -57,8 +62,10 @@ pub fn compile_within(
     // The candidates are compiled to a scratch path, and the chosen one renamed to the output:
     // refuse, before anything is written, an output the compile itself would refuse (an input,
     // a checkpoint's external data file, not a regular file).
-    super::pipeline::check_options(opts)?;
-    drop(super::pipeline::open_checkpoints(opts)?);
+    let started = Instant::now();
+    check_options(opts)?;
+    // Opened, checked and scanned once for every rung (and the calibration, if any).
+    let prepared = Prepared::open(opts, progress)?;
     let scratch = RoundBundle::new(&opts.output, "sizing")?;
     let mut tried = Vec::new();
     let mut chosen = None;
@@ -69,7 +76,14 @@ pub fn compile_within(
             output: scratch.path().to_path_buf(),
             ..opts.clone()
         };
-        let bundle = compile(&candidate, progress)?;
+        let writer = BundleWriter::create(scratch.path())?;
+        let bundle = prepared.write(
+            &candidate,
+            writer,
+            vec![None; opts.tasks.len()],
+            started,
+            progress,
+        )?;
         let bytes = bundle_len(&bundle);
         log::info!("{}: {bytes} bytes", storage_name(rung));
         tried.push((storage_name(rung), bytes));
@@ -97,7 +111,7 @@ pub fn compile_within(
                 delta_dtype: delta,
                 ..opts.clone()
             };
-            let bundle = compile_calibrated(&final_opts, c, progress)?;
+            let bundle = calibrated(&final_opts, &prepared, c, started, progress)?;
             let bytes = bundle_len(&bundle);
             if bytes > max_bytes {
                 return Err(CompileError::OverBudget {

@@ -191,6 +191,11 @@ impl BundleWriter {
         Ok(id)
     }
 
+    /// The path the bundle is committed to by [`BundleWriter::finish`].
+    pub(crate) fn dest(&self) -> &Path {
+        &self.out_path
+    }
+
     /// Completes the bundle: fills in `manifest.sections` (which must be empty) with the sections
     /// added, checks the manifest against rules 13–34, appends it, writes the header, validates
     /// the written file exactly as a reader does (rules 1–36 and V1–V7, reading it back through
