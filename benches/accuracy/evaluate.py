@@ -866,7 +866,8 @@ ONNX with the BatchNormalization nodes kept (not folded into the convolutions), 
 carries its own BatchNorm statistics. taskpack keeps those statistics private per task (its
 report lists them as normalization statistics): in every bundle row, "base + heads" included,
 each task runs with its own BatchNorm statistics and head, and only the convolution, BatchNorm
-scale / shift and linear weights are merged.
+scale / shift and linear weights are merged. The network has no word embeddings: the two
+`--shared word_embeddings` rows share nothing and are the plain TALL bundles (same numbers).
 
 Published figures: none are cited. The images are resized to a small resolution to train on a
 CPU, and the training sets are subsets, so published accuracies (at full resolution, on the full
