@@ -9,8 +9,8 @@ use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 /// Elements converted at a time between `f32` and `f16`: `half`'s slice conversions use the
 /// CPU's conversion instructions several lanes at a time (F16C on x86-64) where it has them,
 /// element by element otherwise, with the same results. Converting one value per call was far
-/// slower, and erratically so: 9 ns per value in a plain compile, up to 340 ns in a process that
-/// had run tract (calibration; docs/METHODS.md).
+/// slower: 9 ns per value in a plain compile, up to 340 ns once tract had run on the thread
+/// (it leaves the AVX state dirty, so each F16C call pays a transition; docs/PERFORMANCE.md).
 const HALF_CHUNK: usize = 256;
 use serde::{Deserialize, Serialize};
 

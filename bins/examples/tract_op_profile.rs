@@ -31,7 +31,9 @@ fn main() -> Result<()> {
     let runs: usize = args.next().map_or(Ok(100), |r| r.parse())?;
     // `fixed`: the inputs' shape set to [1, 64] before optimizing (else symbolic, as in the
     // engine's templates).
-    let fixed = args.next().as_deref() == Some("fixed");
+    let rest: Vec<String> = args.collect();
+    let fixed = rest.iter().any(|a| a == "fixed");
+    let zeroupper = rest.iter().any(|a| a == "vzeroupper");
     let mut model = tract_onnx::onnx()
         .model_for_path(&path)
         .with_context(|| format!("tract cannot load {path}"))?;
@@ -67,6 +69,9 @@ fn main() -> Result<()> {
         state.run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
             let t = Instant::now();
             let r = eval(ctx, op_state, node, input);
+            if zeroupper {
+                clear_upper();
+            }
             if let Some(slot) = by_node.get_mut(node.id) {
                 *slot += t.elapsed();
             }
@@ -145,4 +150,19 @@ fn flops_by_node(model: &TypedModel) -> Vec<f64> {
                 .sum()
         })
         .collect()
+}
+
+/// `vzeroupper` where the CPU has AVX (experiment).
+fn clear_upper() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: AVX is present (checked above).
+        unsafe { zeroupper() }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn zeroupper() {
+    std::arch::x86_64::_mm256_zeroupper();
 }

@@ -247,12 +247,17 @@ pub(crate) fn check_input_bytes(task: &str, inputs: &[TValue], limit: usize) -> 
 /// drops. A lock held *around* the call is not poisoned (the panic stops inside); no lock is
 /// taken inside a wrapped call except the template's buffer pool, which is only held to pop or
 /// push a whole entry.
+///
+/// Whatever `f` did, the upper halves of the vector registers are cleared before returning
+/// ([`clear_upper_vector_state`]).
 pub(crate) fn catch_panic<T>(
     action: impl FnOnce() -> String,
     f: impl FnOnce() -> Result<T, Error>,
 ) -> Result<T, Error> {
     // AssertUnwindSafe: see the contract above; what `f` may leave broken is dropped with it.
-    match catch_unwind(AssertUnwindSafe(f)) {
+    let outcome = catch_unwind(AssertUnwindSafe(f));
+    clear_upper_vector_state();
+    match outcome {
         Ok(result) => result,
         Err(payload) => {
             let action = action();
@@ -270,6 +275,34 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
         .map(|s| (*s).to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(a panic without a message)".to_string())
+}
+
+/// Clears the upper halves of the AVX registers (`vzeroupper`) where the CPU has AVX.
+///
+/// tract 0.23.9's x86-64 matrix kernels return without `vzeroupper` (their assembly postamble
+/// has none), leaving the upper register state dirty. Until the next `vzeroupper`, every switch
+/// between AVX-encoded and legacy SSE code on that thread — and on the threads it spawns, which
+/// inherit the state — pays a transition penalty. Measured after one MiniLM run on this
+/// project's machine: glibc's `expf` took 254 ns per call instead of 4.5, and `half`'s
+/// per-value F16C conversion 230–245 ns instead of 4.8 (docs/PERFORMANCE.md,
+/// bins/examples/after_tract.rs). tract's
+/// own operators are not slowed, but the caller's code after an engine call would be, so every
+/// engine call that ran tract ends with this.
+pub(crate) fn clear_upper_vector_state() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX (checked just above), the only requirement of `vzeroupper`.
+        // It zeroes bits 128 and up of the vector registers, which hold no live value across a
+        // function call (they are caller-saved), so no Rust value is affected.
+        unsafe { zeroupper() }
+    }
+}
+
+/// `vzeroupper`. Callers check that the CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn zeroupper() {
+    std::arch::x86_64::_mm256_zeroupper();
 }
 
 #[cfg(test)]
