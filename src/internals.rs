@@ -3,8 +3,10 @@
 //! Built only with the `internals` feature, which no app needs and which only fuzz/ and the
 //! tests of the `taskpack-cli` package enable. The fuzz targets drive the ONNX scanner and the
 //! reconstruction directly; tests/readers.rs and tests/safety_io.rs open checkpoints with
-//! [`Checkpoint`] and check the strip / restore round trip of ONNX initializers. The public
-//! API keeps all of these private; everything here can change in any release.
+//! [`Checkpoint`] and check the strip / restore round trip of ONNX initializers;
+//! bins/examples/tract_op_profile.rs clears the vector state after every node to show that
+//! tract's own operators do not need it. The public API keeps all of these private; everything
+//! here can change in any release.
 
 pub use crate::compile::checkpoint::Checkpoint;
 pub use crate::onnx::{
@@ -12,4 +14,5 @@ pub use crate::onnx::{
     read_typed_f32, restore_initializers, scan_model, strip_float_initializers, InitializerInfo,
     ModelProto, ScannedModel, TensorBytes, TensorProto, WeightData,
 };
+pub use crate::runtime::guard::clear_upper_vector_state;
 pub use crate::runtime::reconstruct::{task_tensor, DecodeBuffers};

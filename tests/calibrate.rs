@@ -97,22 +97,29 @@ fn best(scores: &[(f64, f64)]) -> usize {
     best
 }
 
+/// The calibration both tests use: the first `EXAMPLES` test images of the `CALIBRATED` tasks,
+/// the λs of `LAMBDAS`, no scaling or row scaling.
+fn calibration() -> Calibration {
+    let inputs = CALIBRATED
+        .iter()
+        .map(|t| (t.to_string(), vec![("image".to_string(), images(t))]))
+        .collect();
+    Calibration {
+        lambdas: LAMBDAS.to_vec(),
+        scales: vec![ScaleMode::None, ScaleMode::Row],
+        max_examples: EXAMPLES,
+        ..Calibration::new(inputs)
+    }
+}
+
 #[test]
 fn calibration_picks_the_setting_that_agrees_best_with_the_original() {
     let dir = tempfile::tempdir().unwrap();
     let tasks = demo_tasks();
     let n = tasks.len();
     let index = |name: &str| tasks.iter().position(|(t, _)| t == name).unwrap();
-    let inputs: Vec<(String, Vec<(String, Tensor)>)> = CALIBRATED
-        .iter()
-        .map(|t| (t.to_string(), vec![("image".to_string(), images(t))]))
-        .collect();
-    let calibration = Calibration {
-        lambdas: LAMBDAS.to_vec(),
-        scales: vec![ScaleMode::None, ScaleMode::Row],
-        max_examples: EXAMPLES,
-        ..Calibration::new(inputs.clone())
-    };
+    let calibration = calibration();
+    let inputs = &calibration.inputs;
     let out = dir.path().join("calibrated.tpk");
     let bundle = compile_calibrated(&options(&out), &calibration, &mut |_| {}).unwrap();
     let m = bundle.manifest();
@@ -254,16 +261,7 @@ fn calibration_inputs_are_checked() {
 fn a_size_budget_with_calibration_calibrates_at_the_storage_it_picked() {
     use taskpack::compile::{compile_within, STORAGE_LADDER};
     let dir = tempfile::tempdir().unwrap();
-    let inputs: Vec<(String, Vec<(String, Tensor)>)> = CALIBRATED
-        .iter()
-        .map(|t| (t.to_string(), vec![("image".to_string(), images(t))]))
-        .collect();
-    let calibration = Calibration {
-        lambdas: LAMBDAS.to_vec(),
-        scales: vec![ScaleMode::None, ScaleMode::Row],
-        max_examples: EXAMPLES,
-        ..Calibration::new(inputs)
-    };
+    let calibration = calibration();
     let at = |rung: usize, out: &Path| CompileOptions {
         base_dtype: STORAGE_LADDER[rung].0,
         delta_dtype: STORAGE_LADDER[rung].1,

@@ -15,9 +15,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use taskpack::prelude::*;
-use tract_onnx::prelude::{Framework, InferenceModelExt, IntoRunnable};
+use tract_onnx::prelude::IntoRunnable;
+
+mod common;
 
 const VALUES: usize = 1_000_000;
 
@@ -29,38 +31,16 @@ fn main() -> Result<()> {
     let values: Vec<f32> = (0..VALUES).map(|i| (i as f32).sin() * 1e-3).collect();
     report("before any inference", &values);
 
-    let model = tract_onnx::onnx()
-        .model_for_path(onnx)
-        .and_then(|m| m.into_optimized())
-        .and_then(|m| m.into_runnable())
-        .with_context(|| format!("tract cannot load {onnx}"))?;
-    let facts: Vec<DatumType> = model
-        .model()
-        .input_outlets()?
-        .iter()
-        .map(|o| Ok(model.model().outlet_fact(*o)?.datum_type))
-        .collect::<Result<_>>()?;
-    model.run(ones(&facts)?)?;
+    let model = common::optimized(onnx, false)?.into_runnable()?;
+    model.run(common::input_ones(model.model())?)?;
     report("after a plain tract run", &values);
 
     let engine = Engine::new(Arc::new(Bundle::open(bundle)?), EngineOptions::default())?;
     let index = engine.task_index(task)?;
     let facts: Vec<DatumType> = engine.input_facts(index)?.iter().map(|f| f.dtype).collect();
-    engine.run(index, ones(&facts)?)?;
+    engine.run(index, common::ones(&facts)?)?;
     report("after Engine::run", &values);
     Ok(())
-}
-
-/// 64 ones at batch 1 in each input's type.
-fn ones(types: &[DatumType]) -> Result<TVec<TValue>> {
-    types
-        .iter()
-        .map(|&dt| {
-            let ones = tract_onnx::prelude::tract_ndarray::Array2::<i64>::ones((1, 64));
-            let t: Tensor = ones.into();
-            Ok(t.cast_to_dt(dt)?.into_owned().into())
-        })
-        .collect()
 }
 
 /// Prints the time per value of `f32::exp` and of a scalar f32 → f16 → f32 round trip.

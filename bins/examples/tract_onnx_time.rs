@@ -10,30 +10,19 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tract_onnx::prelude::*;
+
+mod common;
 
 fn main() -> Result<()> {
     let paths: Vec<String> = std::env::args().skip(1).collect();
     anyhow::ensure!(!paths.is_empty(), "usage: tract_onnx_time MODEL.onnx ...");
     for path in &paths {
         let started = Instant::now();
-        let model = tract_onnx::onnx()
-            .model_for_path(path)
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
-            .with_context(|| format!("tract cannot load {path}"))?;
+        let model = common::optimized(path, false)?.into_runnable()?;
         let load = started.elapsed();
-        let inputs: TVec<TValue> = model
-            .model()
-            .input_outlets()?
-            .iter()
-            .map(|o| {
-                let dt = model.model().outlet_fact(*o)?.datum_type;
-                let ones = tract_ndarray::Array2::<i64>::ones((1, 64)).into_tensor();
-                Ok(ones.cast_to_dt(dt)?.into_owned().into_tvalue())
-            })
-            .collect::<Result<_>>()?;
+        let inputs = common::input_ones(model.model())?;
         model.run(inputs.clone())?;
         let mut runs: Vec<f64> = (0..30)
             .map(|_| {

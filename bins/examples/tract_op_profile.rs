@@ -21,7 +21,8 @@ use anyhow::{Context, Result};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::Cost;
 use tract_onnx::tract_core::plan::{eval, SimpleState};
-use tract_onnx::tract_hir::infer::Factoid;
+
+mod common;
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -34,32 +35,10 @@ fn main() -> Result<()> {
     let rest: Vec<String> = args.collect();
     let fixed = rest.iter().any(|a| a == "fixed");
     let zeroupper = rest.iter().any(|a| a == "vzeroupper");
-    let mut model = tract_onnx::onnx()
-        .model_for_path(&path)
-        .with_context(|| format!("tract cannot load {path}"))?;
-    if fixed {
-        for i in 0..model.input_outlets()?.len() {
-            let dt = model.input_fact(i)?.datum_type;
-            if let Some(dt) = dt.concretize() {
-                model.set_input_fact(i, InferenceFact::dt_shape(dt, [1, 64]))?;
-            }
-        }
-    }
-    let model = model
-        .into_optimized()
-        .with_context(|| format!("tract cannot optimize {path}"))?;
+    let model = common::optimized(&path, fixed)?;
     let flops = flops_by_node(&model);
     let plan = Arc::new(model.into_runnable()?);
-    let inputs: TVec<TValue> = plan
-        .model()
-        .input_outlets()?
-        .iter()
-        .map(|o| {
-            let dt = plan.model().outlet_fact(*o)?.datum_type;
-            let ones = tract_ndarray::Array2::<i64>::ones((1, 64)).into_tensor();
-            Ok(ones.cast_to_dt(dt)?.into_owned().into_tvalue())
-        })
-        .collect::<Result<_>>()?;
+    let inputs = common::input_ones(plan.model())?;
     let mut state = SimpleState::new(&plan)?;
     state.run(inputs.clone())?; // warm-up
 
@@ -70,7 +49,7 @@ fn main() -> Result<()> {
             let t = Instant::now();
             let r = eval(ctx, op_state, node, input);
             if zeroupper {
-                clear_upper();
+                taskpack::internals::clear_upper_vector_state();
             }
             if let Some(slot) = by_node.get_mut(node.id) {
                 *slot += t.elapsed();
@@ -150,19 +129,4 @@ fn flops_by_node(model: &TypedModel) -> Vec<f64> {
                 .sum()
         })
         .collect()
-}
-
-/// `vzeroupper` where the CPU has AVX (experiment).
-fn clear_upper() {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
-        // SAFETY: AVX is present (checked above).
-        unsafe { zeroupper() }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn zeroupper() {
-    std::arch::x86_64::_mm256_zeroupper();
 }

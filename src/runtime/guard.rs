@@ -288,7 +288,7 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
 /// bins/examples/after_tract.rs). tract's
 /// own operators are not slowed, but the caller's code after an engine call would be, so every
 /// engine call that ran tract ends with this.
-pub(crate) fn clear_upper_vector_state() {
+pub fn clear_upper_vector_state() {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx") {
         // SAFETY: the CPU has AVX (checked just above), the only requirement of `vzeroupper`.

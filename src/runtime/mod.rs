@@ -9,7 +9,7 @@ mod cache;
 pub(crate) mod check;
 mod engine;
 mod error;
-mod guard;
+pub(crate) mod guard;
 pub(crate) mod reconstruct;
 mod template;
 #[cfg(feature = "text")]
