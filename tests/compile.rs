@@ -221,6 +221,103 @@ fn tall_with_a_q8_base_and_q4_delta_is_quantized_by_the_spec_bit_for_bit() {
     check_tall_storage_by_hand(Encoding::Q8, Encoding::Q4);
 }
 
+/// Squared error of `approx` against `x`.
+fn sq_err(x: &[f32], approx: &[f32]) -> f64 {
+    x.iter()
+        .zip(approx)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum()
+}
+
+/// `--method tvq` on the demo (q8 base, default q3 residuals): no shared delta and no masks;
+/// every task's exported weight is the stored base plus its own quantized task vector. Checked
+/// against rules computed here: the base bytes are [`stored`]'s q8; on the large matrix, each
+/// block of 64 of the task vector errs no more than the plain symmetric 3-bit rule
+/// (`s = max|τ| / 3`, which the encoder's search includes) and the whole task vector is within
+/// 30% relative error; small tensors carry their task vector in f16.
+#[test]
+fn tvq_is_the_base_plus_each_tasks_quantized_task_vector() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tvq.tpk");
+    let tasks = demo_tasks();
+    let opts = CompileOptions {
+        base_dtype: Some(Encoding::Q8),
+        ..options(Method::Tvq, &tasks, &out)
+    };
+    assert_eq!(opts.residual_dtype, Some(Encoding::Q3), "tvq's default");
+    let bundle = compile(&opts, &mut |_| {}).unwrap();
+    let sizes = bundle.sizes();
+    assert_eq!((sizes.delta, sizes.masks), (0, 0));
+    assert!(sizes.residuals > 0);
+
+    let base = weights(&demo().join("base.onnx"));
+    let thetas: Vec<Weights> = tasks.iter().map(|(_, p)| weights(p)).collect();
+    let (mut large_blocks, mut small_values) = (0, 0);
+    for (t, (name, _)) in tasks.iter().enumerate() {
+        let got = export(&bundle, name);
+        let (mut err, mut norm) = (0f64, 0f64);
+        for (tensor, (dims, b)) in &base {
+            if expected_private(tensor, &thetas, &base) {
+                continue;
+            }
+            let large = dims.len() >= 2 && dims.iter().product::<i64>() >= 4096;
+            let b = stored(if large { Encoding::Q8 } else { Encoding::F32 }, b);
+            let theta = &thetas[t][tensor].1;
+            let tau: Vec<f32> = theta.iter().zip(&b).map(|(x, y)| x - y).collect();
+            let approx: Vec<f32> = got[tensor].1.iter().zip(&b).map(|(x, y)| x - y).collect();
+            if large {
+                let plain = quantized(&tau, 64, 3.0);
+                for ((x, a), p) in tau.chunks(64).zip(approx.chunks(64)).zip(plain.chunks(64)) {
+                    let bound = sq_err(x, p) * (1.0 + 1e-6) + 1e-12;
+                    assert!(sq_err(x, a) <= bound, "{name}/{tensor}: {}", sq_err(x, a));
+                    large_blocks += 1;
+                }
+                err += sq_err(&tau, &approx);
+                norm += sq_err(&tau, &vec![0.0; tau.len()]);
+            } else {
+                // b + f16(τ), up to one f16 step of τ (the compiler rounds θ − b as it computed
+                // it) and the last bits of b.
+                for ((x, g), b) in tau.iter().zip(&got[tensor].1).zip(&b) {
+                    let want = b + half::f16::from_f32(*x).to_f32();
+                    let tol = x.abs() * 1e-3 + b.abs() * 1e-6 + 1e-12;
+                    assert!((g - want).abs() <= tol, "{name}/{tensor}: {g} vs {want}");
+                    small_values += 1;
+                }
+            }
+        }
+        let relative = (err / norm).sqrt();
+        assert!(
+            relative > 0.0 && relative < 0.3,
+            "{name}: relative error {relative}"
+        );
+    }
+    assert!(large_blocks > 0 && small_values > 0);
+}
+
+#[test]
+fn residuals_need_a_method_whose_reconstruction_is_known_per_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r.tpk");
+    let tasks = demo_tasks();
+    let emr = CompileOptions {
+        residual_dtype: Some(Encoding::Q3),
+        ..options(Method::Emr, &tasks, &out)
+    };
+    let tvq = CompileOptions {
+        residual_dtype: None,
+        ..options(Method::Tvq, &tasks, &out)
+    };
+    for (opts, needle) in [
+        (emr, "cannot be combined with emr"),
+        (tvq, "--residual-dtype"),
+    ] {
+        let e = compile(&opts, &mut |_| {}).unwrap_err();
+        assert!(matches!(e, CompileError::Options(_)), "{e:?}");
+        assert!(e.to_string().contains(needle), "{e}");
+        assert!(!out.exists());
+    }
+}
+
 #[test]
 fn emr_with_f16_delta_is_within_f16_rounding() {
     let dir = tempfile::tempdir().unwrap();
@@ -353,7 +450,8 @@ fn bundle_verifies_and_reports_sizes_that_add_up() {
     let s = bundle.sizes();
     assert_eq!(s.total, std::fs::metadata(&out).unwrap().len());
     assert!(s.base > 0 && s.delta > 0 && s.masks > 0 && s.private > 0 && s.graphs > 0);
-    let parts = s.base + s.delta + s.masks + s.scales + s.private + s.graphs + s.overhead;
+    let parts =
+        s.base + s.delta + s.masks + s.scales + s.private + s.residuals + s.graphs + s.overhead;
     assert_eq!(parts, s.total);
     // Three head shapes in the family at most → at most three graphs, at least one.
     let graphs = bundle.manifest().graphs.len();

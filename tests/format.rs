@@ -568,18 +568,21 @@ fn r02_magic() {
 #[test]
 fn r03_version() {
     // Version 1 (the first pre-release format) and any future version are rejected.
-    for version in [1, 4] {
+    for version in [1, 5] {
         let bytes = patch_header(&valid(), |h| h.version = version);
         assert_err!(
             parse_err(&bytes),
-            FormatError::UnsupportedVersion { found, known: 3 } if found == version
+            FormatError::UnsupportedVersion { found, known: 4 } if found == version
         );
     }
-    // The writer writes version 3; version 2 (the same manifest schema without q8 / q4) opens.
+    // The writer writes version 4; versions 2 and 3 (the same manifest schema without what
+    // came later) open.
     let bytes = valid();
-    assert_eq!(bytes[8..12], 3u32.to_le_bytes());
-    let v2 = patch_header(&bytes, |h| h.version = 2);
-    parse(&v2).unwrap().verify(&v2).unwrap();
+    assert_eq!(bytes[8..12], 4u32.to_le_bytes());
+    for old in [2, 3] {
+        let old = patch_header(&bytes, |h| h.version = old);
+        parse(&old).unwrap().verify(&old).unwrap();
+    }
     let bytes = patch_header(&valid(), |h| h.version = 0);
     assert_err!(
         parse_err(&bytes),
@@ -1824,7 +1827,7 @@ fn writer_rejects_a_path_without_file_name() {
 #[test]
 fn public_constants() {
     assert_eq!(format::ALIGNMENT, 64);
-    assert_eq!(VERSION, 3);
+    assert_eq!(VERSION, 4);
     assert_eq!(MAX_RANK, 8);
     assert_eq!(Header::LEN, 64);
 }
@@ -1896,7 +1899,8 @@ fn r36_version_2_has_no_quantized_sections() {
         FormatError::EncodingNeedsVersion {
             section: W_DELTA,
             encoding: Encoding::Q8,
-            version: 2
+            version: 2,
+            since: 3
         }
     );
 }
@@ -1915,4 +1919,208 @@ fn v7_finite_block_scales() {
             }
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version 4: q3 / q2 encodings and per-task residuals (rules 26, 28, 29, 36, 37).
+// ---------------------------------------------------------------------------------------------
+
+// Sections the residual sample appends to the sample's.
+const W_RES_B: SectionId = 10;
+const B_RES_A: SectionId = 11;
+
+/// The sample plus two residuals: task `b` adds a `q2` residual to `w` (over its scaled
+/// delta), task `a` a `q3` residual to `b` (which has no delta: `θ̂ = θ_0 + r`).
+fn residual_sample() -> (Manifest, Vec<(SectionKind, Vec<u8>)>) {
+    let (mut m, mut sections) = sample();
+    // q2: one block (15 of 64 codes); scale -0.125, codes 1, -2, -1, 0, repeated, packed by
+    // hand: fields 01 10 11 00 → 0b00_11_10_01 per byte, the last byte's codes past 15 zero.
+    let mut w_res = (-0.125f32).to_le_bytes().to_vec();
+    w_res.extend([0b0011_1001u8; 3]);
+    w_res.push(0b0011_1001 & 0b0011_1111);
+    w_res.resize(20, 0);
+    // q3: one block (5 of 64 codes); scale 0.25, codes 3, -4, 1, -1, 0 in a 24-bit field.
+    let mut b_res = 0.25f32.to_le_bytes().to_vec();
+    b_res.extend([0x63, 0x0e, 0x00]);
+    b_res.resize(28, 0);
+    sections.push((SectionKind::Residual, w_res));
+    sections.push((SectionKind::Residual, b_res));
+    m.tasks[TASK_B].tensors[W] = TaskTensor::Residual {
+        mask: None,
+        scale: Scale::Tensor(0.5),
+        residual: Stored {
+            section: W_RES_B,
+            encoding: Encoding::Q2,
+        },
+    };
+    m.tasks[TASK_A].tensors[B] = TaskTensor::Residual {
+        mask: None,
+        scale: Scale::None,
+        residual: Stored {
+            section: B_RES_A,
+            encoding: Encoding::Q3,
+        },
+    };
+    (m, sections)
+}
+
+fn residual_valid() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, sections) = residual_sample();
+    let (path, _) = write_bundle(dir.path(), "r.tpk", m, &sections).unwrap();
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn residual_sections_decode_to_codes_times_scale() {
+    let bytes = residual_valid();
+    let b = parse(&bytes).unwrap();
+    b.verify(&bytes).unwrap();
+    assert_eq!(b.sizes().residuals, 20 + 28);
+    let mut out = Vec::new();
+    b.decode_f32(&bytes, W_RES_B, &mut out).unwrap();
+    let codes = [1.0f32, -2.0, -1.0, 0.0];
+    let want: Vec<f32> = (0..15).map(|i| codes[i % 4] * -0.125).collect();
+    assert_eq!(out, want);
+    b.decode_f32(&bytes, B_RES_A, &mut out).unwrap();
+    assert_eq!(out, vec![0.75, -1.0, 0.25, -0.25, 0.0]);
+}
+
+#[test]
+fn r26_residual_length_is_whole_blocks_of_the_tensor() {
+    let (m, mut sections) = residual_sample();
+    sections[W_RES_B as usize].1.truncate(19);
+    assert_err!(
+        parse_err(&assemble(&sections, m)),
+        FormatError::SectionLengthMismatch {
+            section: W_RES_B,
+            expected: 20,
+            found: 19
+        }
+    );
+}
+
+#[test]
+fn r24_residual_must_be_a_residual_section() {
+    let (mut m, sections) = residual_sample();
+    // Task b's `w` residual points at `b`'s base: the kind is checked first (rule 24).
+    if let TaskTensor::Residual { residual, .. } = &mut m.tasks[TASK_B].tensors[W] {
+        residual.section = B_BASE;
+    }
+    assert_err!(
+        parse_err(&assemble(&sections, m)),
+        FormatError::SectionKindMismatch {
+            section: B_BASE,
+            expected: SectionKind::Residual,
+            found: SectionKind::Base
+        }
+    );
+}
+
+#[test]
+fn r28_r29_residual_modules_are_for_merged_tensors_and_carry_no_mask_without_delta() {
+    let (m, sections) = residual_sample();
+    let mut on_private = m.clone();
+    on_private.tasks[TASK_A].tensors[HEAD] = on_private.tasks[TASK_A].tensors[B].clone();
+    on_private.tasks[TASK_A].tensors[B] = merged(None, Scale::None);
+    assert_err!(
+        parse_err(&assemble(&sections, on_private)),
+        FormatError::TaskTensorMismatch { ref tensor, expected: "private", found: "residual", .. }
+            if tensor == "head"
+    );
+    let mut masked = m;
+    if let TaskTensor::Residual { mask, .. } = &mut masked.tasks[TASK_A].tensors[B] {
+        *mask = Some(MASK_A);
+    }
+    // Task a's `w` module gives up its mask, so that only `b` (no delta) has one.
+    masked.tasks[TASK_A].tensors[W] = merged(None, Scale::Rows(ROWS_A));
+    assert_err!(
+        parse_err(&assemble(&sections, masked)),
+        FormatError::ModuleWithoutDelta { ref tensor, .. } if tensor == "b"
+    );
+}
+
+#[test]
+fn r36_r37_version_3_has_no_q3_q2_residuals_or_tvq() {
+    let bytes = residual_valid();
+    assert_eq!(parse(&bytes).unwrap().header().version, 4);
+    // q3 / q2 sections: rule 36, with the version that has them.
+    assert_err!(
+        parse_err(&patch_header(&bytes, |h| h.version = 3)),
+        FormatError::EncodingNeedsVersion {
+            encoding: Encoding::Q2,
+            version: 3,
+            since: 4,
+            ..
+        }
+    );
+    // The same residuals stored as f32 (which version 3 has): rule 37.
+    let (mut m, mut sections) = residual_sample();
+    sections[W_RES_B as usize].1 = encode(DType::F32, &[0.5; 15]);
+    sections[B_RES_A as usize].1 = encode(DType::F32, &[0.5; 5]);
+    for t in &mut m.tasks {
+        for module in &mut t.tensors {
+            if let TaskTensor::Residual { residual, .. } = module {
+                residual.encoding = Encoding::F32;
+            }
+        }
+    }
+    let f32_residuals = assemble(&sections, m.clone());
+    parse(&f32_residuals).unwrap();
+    assert_err!(
+        parse_err(&patch_header(&f32_residuals, |h| h.version = 3)),
+        FormatError::FeatureNeedsVersion { version: 3, ref what } if what.contains("residual")
+    );
+    // Method tvq: rule 37 even without a residual.
+    let (mut m, sections) = sample();
+    m.merge = MergeParams::defaults(Method::Tvq, 2);
+    m.merge.lambda.clear();
+    for t in &mut m.tasks {
+        t.lambda = None;
+    }
+    let tvq = assemble(&sections, m);
+    parse(&tvq).unwrap();
+    assert_err!(
+        parse_err(&patch_header(&tvq, |h| h.version = 3)),
+        FormatError::FeatureNeedsVersion { version: 3, ref what } if what == "method tvq"
+    );
+}
+
+#[test]
+fn residuals_add_to_the_merged_reconstruction() {
+    use taskpack::internals::{task_tensor, DecodeBuffers};
+    let dir = tempfile::tempdir().unwrap();
+    let (m, sections) = residual_sample();
+    let (path, _) = write_bundle(dir.path(), "r.tpk", m, &sections).unwrap();
+    let bundle = taskpack::runtime::Bundle::read(&path).unwrap();
+    let (mut out, mut buffers) = (Vec::new(), DecodeBuffers::default());
+
+    // Task b, `w`: θ_0 + (g · s) · δ + r (§5), with g = 0.8, s = 0.5, δ_i = (i − 7) / 4 (exact
+    // in f16), θ_0,i = i / 2 − 3 and r_i = −0.125 · (1, −2, −1, 0)[i mod 4].
+    let shape = task_tensor(&bundle, TASK_B, W, &mut out, &mut buffers).unwrap();
+    assert_eq!(shape, vec![3, 5]);
+    let codes = [1.0f32, -2.0, -1.0, 0.0];
+    let want: Vec<f32> = (0..15)
+        .map(|i| {
+            let (b, d) = (i as f32 * 0.5 - 3.0, (i as f32 - 7.0) * 0.25);
+            (b + (0.8f32 * 0.5) * d) + codes[i % 4] * -0.125
+        })
+        .collect();
+    assert_eq!(out, want);
+
+    // Task a, `b` (no delta): θ_0 + r, r = 0.25 · (3, −4, 1, −1, 0).
+    task_tensor(&bundle, TASK_A, B, &mut out, &mut buffers).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let mut base = Vec::new();
+    parse(&bytes)
+        .unwrap()
+        .decode_f32(&bytes, B_BASE, &mut base)
+        .unwrap();
+    let r = [0.75f32, -1.0, 0.25, -0.25, 0.0];
+    let want: Vec<f32> = base.iter().zip(r).map(|(b, r)| b + r).collect();
+    assert_eq!(out, want);
+
+    // Task b, `b` has no residual: the base as it is.
+    task_tensor(&bundle, TASK_B, B, &mut out, &mut buffers).unwrap();
+    assert_eq!(out, base);
 }

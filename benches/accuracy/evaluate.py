@@ -60,6 +60,9 @@ class Setting:
     name: str
     flags: tuple = ()
     calib: bool = False
+    # A `taskpack compile` flag the setting needs: where the main binary lacks it, the setting is
+    # made by the --exe-new binary (and marked so in the docs), else skipped.
+    needs: str = ""
 
     @property
     def slug(self):
@@ -104,6 +107,15 @@ SETTINGS = [
     Setting("emr --base-dtype f16", ("--method", "emr", "--base-dtype", "f16")),
     Setting("tall --calib", ("--method", "tall"), calib=True),
     Setting("emr --calib", ("--method", "emr"), calib=True),
+    # Per-task residuals (format version 4): every task's own task vector, quantized (tvq).
+    Setting("tvq --base-dtype q8", ("--method", "tvq", "--base-dtype", "q8"),
+            needs="--residual-dtype"),
+    Setting("tvq --base-dtype q8 --residual-dtype q2",
+            ("--method", "tvq", "--base-dtype", "q8", "--residual-dtype", "q2"),
+            needs="--residual-dtype"),
+    Setting("tvq --base-dtype q8 --residual-dtype q4",
+            ("--method", "tvq", "--base-dtype", "q8", "--residual-dtype", "q4"),
+            needs="--residual-dtype"),
 ]
 INDIVIDUAL = "individual"
 BASELINES = {
@@ -221,9 +233,9 @@ def argmax_list(logits):
 class Cli:
     """The frozen taskpack binary, its version and what `compile` offers."""
 
-    def __init__(self, a, root):
-        self.exe = a.exe or frozen_binary(a.repo, os.path.join(root, "bin"),
-                                          build=not a.no_build)
+    def __init__(self, a, root, exe=None):
+        self.exe = exe or a.exe or frozen_binary(a.repo, os.path.join(root, "bin"),
+                                                 build=not a.no_build)
         self.help = self.run(["compile", "--help"]).stdout
         self.version = self.run(["--version"]).stdout.strip()
         self.sha = sha256_file(self.exe)
@@ -244,10 +256,11 @@ class Cli:
 class Bench:
     """One family: paths, the hashes every cache key is made of, and every row's evaluation."""
 
-    def __init__(self, a, family, cli):
+    def __init__(self, a, family, cli, cli_new=None):
         self.a = a
         self.family = family
         self.cli = cli
+        self.cli_new = cli_new
         self.cache = a.cache
         self.root = os.path.join(a.cache, "accuracy")
         self.tasks = family.tasks()
@@ -287,6 +300,15 @@ class Bench:
         with np.load(self.path(task, "test.npz")) as d:
             return d["label"]
 
+    def cli_for(self, setting):
+        """The binary that makes `setting`: the main one, or --exe-new where only it offers the
+        flag the setting needs (None if neither does)."""
+        if not setting.needs or self.cli.offers(setting.needs):
+            return self.cli
+        if self.cli_new is not None and self.cli_new.offers(setting.needs):
+            return self.cli_new
+        return None
+
     def compile_args(self, setting, out):
         args = ["compile", "--base", self.model("base")]
         for t in self.tasks:
@@ -312,7 +334,8 @@ class Bench:
         inputs = {"models": self.model_sha, "test": self.test_sha}
         if setting.calib:
             inputs["calib"] = self.calib_sha
-        return digest({"exe": self.cli.sha, "args": args, "inputs": inputs, "pred": 1})
+        cli = self.cli_for(setting) or self.cli
+        return digest({"exe": cli.sha, "args": args, "inputs": inputs, "pred": 1})
 
     def cached(self, name, key):
         path = os.path.join(self.results, f"{name}.json")
@@ -429,16 +452,19 @@ class Bench:
         args = self.compile_args(setting, bundle)
         result = {"key": key, "name": setting.name, "runtime": "taskpack",
                   "command": self.shown(args)}
+        cli = self.cli_for(setting)
+        if cli is not self.cli:
+            result["binary"] = f"sha256 {cli.sha[:16]}…, built from commit {cli.origin}"
         print(f"{setting.name}: {result['command']}", flush=True)
         started = time.perf_counter()
-        done = self.cli.run(args, check=False)
+        done = cli.run(args, check=False)
         result["compile_wall_seconds"] = round(time.perf_counter() - started, 2)
         if done.returncode != 0:
             result["error"] = f"compile failed: {done.stderr.strip()}"
             print(f"  {result['error']}", flush=True)
             self.store(setting.slug, result)
             return result
-        manifest = json.loads(self.cli.run(["inspect", "--json", bundle]).stdout)
+        manifest = json.loads(cli.run(["inspect", "--json", bundle]).stdout)
         report = manifest.get("report", {})
         result.update({
             "bytes": manifest.get("file_bytes", os.path.getsize(bundle)),
@@ -450,7 +476,7 @@ class Bench:
             "lambda": {t["name"]: t.get("lambda") for t in manifest.get("tasks", [])},
         })
         with concurrent.futures.ThreadPoolExecutor(self.a.jobs) as pool:
-            runs = dict(zip(self.tasks, pool.map(lambda t: self.run_task(bundle, t),
+            runs = dict(zip(self.tasks, pool.map(lambda t: self.run_task(cli, bundle, t),
                                                  self.tasks)))
         result["accuracy"] = {t: r["accuracy"] for t, r in runs.items() if "accuracy" in r}
         result["pred"] = {t: r["pred"] for t, r in runs.items() if "pred" in r}
@@ -466,11 +492,11 @@ class Bench:
         self.store(setting.slug, result)
         return result
 
-    def run_task(self, bundle, task):
+    def run_task(self, cli, bundle, task):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "out.npz")
             started = time.perf_counter()
-            done = self.cli.run(["run", bundle, "--task", task, "--input", self.inputs_only(task),
+            done = cli.run(["run", bundle, "--task", task, "--input", self.inputs_only(task),
                                  "--output", out, "--rows", "0"], check=False)
             seconds = round(time.perf_counter() - started, 2)
             if done.returncode != 0:
@@ -1038,6 +1064,8 @@ def main():
                     help="only evaluate (and write the interim table); no docs")
     ap.add_argument("--exe", help="use this taskpack binary (no build; e.g. a copy kept in "
                                   "CACHE/accuracy/bin/ to reuse its cached results)")
+    ap.add_argument("--exe-new", help="a newer taskpack binary for the settings whose flags "
+                                      "--exe lacks (Setting.needs); the docs name it on those rows")
     a = ap.parse_args()
     a.docs = a.docs or os.path.join(a.repo, "docs")
 
@@ -1054,13 +1082,14 @@ def main():
     if not ready:
         sys.exit("no family has its models yet: run benches/accuracy/run.sh --prepare first")
     cli = Cli(a, root)
+    cli_new = Cli(a, root, exe=a.exe_new) if a.exe_new else None
 
     def wants(name):
         return not a.only or name in a.only
 
     done = []
     for fam in ready:
-        bench = Bench(a, fam, cli)
+        bench = Bench(a, fam, cli, cli_new)
         print(f"== {fam.name}: {', '.join(bench.tasks)}", flush=True)
         individual = bench.individual()
         results = []
@@ -1071,6 +1100,9 @@ def main():
         for s in SETTINGS:
             if s.calib and not cli.offers("--calib"):
                 skipped[f"{fam.name} `{s.name}`"] = "`taskpack compile` has no `--calib` yet"
+                continue
+            if bench.cli_for(s) is None:
+                skipped[f"{fam.name} `{s.name}`"] = f"`taskpack compile` has no `{s.needs}`"
                 continue
             if not wants(s.name):
                 cached = bench.cached(s.slug, bench.key(s))

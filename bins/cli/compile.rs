@@ -60,11 +60,18 @@ pub struct CompileArgs {
     /// Do not detect fresh task heads (tensors that changed far more than the rest) automatically.
     #[arg(long)]
     pub no_auto_private: bool,
-    /// Storage of the merged delta: f16 halves it at no measured accuracy cost; q8 / q4 store
-    /// blocks of signed 8- / 4-bit codes with one f32 scale (8.5 / 5 bits per weight) for
-    /// matrices of at least 4096 elements, f16 for the rest. Default: f16.
-    #[arg(long, value_parser = ["f32", "f16", "bf16", "q8", "q4"])]
+    /// Storage of the merged delta: f16 halves it at no measured accuracy cost; q8 / q4 / q3 /
+    /// q2 store blocks of signed 8- / 4- / 3- / 2-bit codes with one f32 scale (8.5 / 5 / 3.5 /
+    /// 2.5 bits per weight) for matrices of at least 4096 elements, f16 for the rest. Default:
+    /// f16.
+    #[arg(long, value_parser = ["f32", "f16", "bf16", "q8", "q4", "q3", "q2"])]
     pub delta_dtype: Option<String>,
+    /// Storage of each task's own residual over what the method reconstructs (its task vector,
+    /// with --method tvq): q8 / q4 / q3 / q2 (8.5 / 5 / 3.5 / 2.5 bits per weight) for matrices
+    /// of at least 4096 elements, f16 for the rest; `none` for no residual. Default: q3 with
+    /// tvq, none otherwise (docs/METHODS.md, "Per-task residuals").
+    #[arg(long, value_parser = ["none", "f32", "f16", "bf16", "q8", "q4", "q3", "q2"])]
+    pub residual_dtype: Option<String>,
     /// A size budget for the bundle (e.g. 60MB, 1.5GB, 500MiB, or bytes): the compiler picks the
     /// most faithful storage of base and delta whose bundle fits (f32/f16, f16/f16, q8/f16,
     /// q8/q8, q8/q4, in that order), trying each, and says what it picked. Replaces
@@ -162,6 +169,12 @@ impl CompileArgs {
             ),
             None => None,
         };
+        let defaults = CompileOptions::new(&self.base, Vec::new(), method, &self.output);
+        let residual_dtype = match self.residual_dtype.as_deref() {
+            None => defaults.residual_dtype,
+            Some("none") => None,
+            Some(e) => Some(e.parse::<Encoding>().map_err(anyhow::Error::msg)?),
+        };
         Ok(CompileOptions {
             base: self.base.clone(),
             tasks: self.tasks.clone(),
@@ -176,6 +189,7 @@ impl CompileArgs {
                 .unwrap_or("f16")
                 .parse::<Encoding>()
                 .map_err(anyhow::Error::msg)?,
+            residual_dtype,
             base_dtype: self
                 .base_dtype
                 .as_deref()
@@ -362,6 +376,7 @@ pub fn print_report(bundle: &Bundle, path: &std::path::Path) {
         ("masks", sizes.masks),
         ("scales", sizes.scales),
         ("private", sizes.private),
+        ("residuals", sizes.residuals),
         ("graphs", sizes.graphs),
         ("tokenizer", sizes.tokenizer),
         ("overhead", sizes.overhead),

@@ -127,6 +127,7 @@ fn compile_demo(a: &DemoArgs, tasks: &[(String, PathBuf)]) -> Result<Bundle> {
         max_size: None,
         no_auto_private: false,
         delta_dtype: Some(a.delta_dtype.clone()),
+        residual_dtype: None,
         base_dtype: a.base_dtype.clone(),
         graph: None,
         tokenizer: None,

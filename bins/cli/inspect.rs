@@ -39,8 +39,8 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
     );
     println!("  storage: {}", storage_summary(m));
     print_tasks(m);
-    println!("  sizes (bytes): base {}  delta {}  masks {}  scales {}  private {}  graphs {}  tokenizer {}  overhead {}  total {}",
-        sizes.base, sizes.delta, sizes.masks, sizes.scales, sizes.private, sizes.graphs, sizes.tokenizer, sizes.overhead, sizes.total);
+    println!("  sizes (bytes): base {}  delta {}  masks {}  scales {}  private {}  residuals {}  graphs {}  tokenizer {}  overhead {}  total {}",
+        sizes.base, sizes.delta, sizes.masks, sizes.scales, sizes.private, sizes.residuals, sizes.graphs, sizes.tokenizer, sizes.overhead, sizes.total);
     println!(
         "  inputs: {} bytes; bundle = {:.3}x",
         m.report.inputs_bytes,
@@ -83,7 +83,7 @@ fn print_tasks(m: &Manifest) {
         let masks = t
             .tensors
             .iter()
-            .filter(|x| matches!(x, TaskTensor::Merged { mask: Some(_), .. }))
+            .filter(|x| matches!(x.merged_parts(), Some((Some(_), ..))))
             .count();
         let r = m.report.tasks.get(i);
         let agreement = r
@@ -111,16 +111,22 @@ fn print_tasks(m: &Manifest) {
 }
 
 /// How the merged tensors are stored, counted by encoding: `base q8 ×73, f32 ×22; delta q4 ×73,
-/// f16 ×22` (a merged tensor without delta has no delta entry).
+/// f16 ×22; residuals q3 ×438, f16 ×132` (a merged tensor without delta has no delta entry;
+/// residuals are counted over every task).
 fn storage_summary(m: &taskpack::format::Manifest) -> String {
     use std::collections::BTreeMap;
-    let (mut base, mut delta) = (BTreeMap::new(), BTreeMap::new());
+    let (mut base, mut delta, mut residual) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     for t in &m.tensors {
         if let TensorStorage::Merged { base: b, delta: d } = &t.storage {
             *base.entry(b.encoding.name()).or_insert(0usize) += 1;
             if let Some(d) = d {
                 *delta.entry(d.encoding.name()).or_insert(0usize) += 1;
             }
+        }
+    }
+    for module in m.tasks.iter().flat_map(|t| &t.tensors) {
+        if let TaskTensor::Residual { residual: r, .. } = module {
+            *residual.entry(r.encoding.name()).or_insert(0usize) += 1;
         }
     }
     let list = |counts: &BTreeMap<&str, usize>| {
@@ -131,5 +137,9 @@ fn storage_summary(m: &taskpack::format::Manifest) -> String {
             parts.join(", ")
         }
     };
-    format!("base {}; delta {}", list(&base), list(&delta))
+    let mut summary = format!("base {}; delta {}", list(&base), list(&delta));
+    if !residual.is_empty() {
+        summary += &format!("; residuals {}", list(&residual));
+    }
+    summary
 }

@@ -164,6 +164,9 @@ pub enum CompileError {
         /// Number of tasks.
         tasks: usize,
     },
+    /// Options that cannot be combined.
+    #[error("{0}")]
+    Options(String),
     /// A size budget (`compile_within`) that no storage setting meets.
     #[error(
         "no storage setting fits in {max_bytes} bytes: the smallest bundle tried is {smallest} \

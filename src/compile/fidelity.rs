@@ -38,6 +38,19 @@ impl Fidelity {
         self.total += delta.len() as u64;
     }
 
+    /// Adds a tensor whose reconstructed task vector is `v` (a task scale of 1), of which `kept`
+    /// elements are in the task's mask.
+    pub(crate) fn add_vector(&mut self, v: &[f32], tau: &[f32], kept: u64) {
+        for (&d, &t) in v.iter().zip(tau) {
+            let (d, t) = (f64::from(d), f64::from(t));
+            self.dd += d * d;
+            self.dt += d * t;
+            self.tt += t * t;
+        }
+        self.kept += kept;
+        self.total += v.len() as u64;
+    }
+
     /// Adds a tensor every task reconstructs as the base (no merged delta).
     pub(crate) fn add_unchanged(&mut self, tau: &[f32]) {
         self.tt += tau

@@ -51,6 +51,10 @@ pub struct CompileOptions {
     /// Storage of the merged delta. A block-quantized one (`q8`, `q4`) applies to large tensors
     /// only (as for `base_dtype`); other tensors store their delta as `f16`.
     pub delta_dtype: Encoding,
+    /// Storage of each task's own residual over the merged reconstruction (`None`: no residual;
+    /// `--method tvq` needs one). As for `delta_dtype`, a block-quantized encoding applies to
+    /// large tensors only; the rest store their residual as `f16`.
+    pub residual_dtype: Option<Encoding>,
     /// Storage of the base weights of merged tensors (`None`: each tensor's own type). Only
     /// tensors of rank ≥ 2 with at least 4096 elements take it; biases, normalization weights
     /// and other small tensors keep their own type.
@@ -84,6 +88,7 @@ impl CompileOptions {
             private: None,
             shared: None,
             delta_dtype: Encoding::F16,
+            residual_dtype: (method == Method::Tvq).then_some(DEFAULT_TVQ_RESIDUAL),
             base_dtype: None,
             auto_private: true,
             output: output.into(),
@@ -97,6 +102,10 @@ impl CompileOptions {
         self.scale.get(t).copied().unwrap_or(ScaleMode::None)
     }
 }
+
+/// The residual storage `--method tvq` gets when none is given (docs/METHODS.md, "Per-task
+/// residuals").
+pub(crate) const DEFAULT_TVQ_RESIDUAL: Encoding = Encoding::Q3;
 
 /// Fewest elements a tensor needs for `CompileOptions::base_dtype` (and a block-quantized
 /// `delta_dtype`) to apply to it.
@@ -327,6 +336,24 @@ pub(crate) fn check_options(opts: &CompileOptions) -> Result<(), CompileError> {
         .chain(opts.tasks.iter().map(|(_, p)| p.as_path()))
         .chain(opts.graph.as_deref());
     crate::files::check_not_input(&opts.output, given)?;
+    match (opts.params.method, opts.residual_dtype) {
+        (Method::Tvq, None) => {
+            return Err(CompileError::Options(
+                "--method tvq stores each task's task vector as its residual: give \
+                 --residual-dtype (q2, q3, q4, q8 or f16)"
+                    .into(),
+            ))
+        }
+        (Method::Emr, Some(_)) => {
+            return Err(CompileError::Options(
+                "--residual-dtype cannot be combined with emr: EMR's per-task rescaler is only \
+                 known after the last tensor, and a residual must be computed against the final \
+                 reconstruction (use tall, or tvq)"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
     if opts.shared.is_some() && opts.params.method == Method::Emr {
         log::warn!(
             "--shared with EMR: each task rescales the shared delta by its own factor, so the \
@@ -556,30 +583,53 @@ fn write_merged(
         None
     };
 
+    // A `--shared` tensor is the same for every task: no residual.
+    let residual_encoding = opts
+        .residual_dtype
+        .filter(|_| !shared)
+        .map(|e| delta_encoding_of(info, e));
     for (t, tau) in task_vectors.iter().enumerate() {
         let (Some(f), Some(m)) = (out.fidelity.get_mut(t), out.modules.get_mut(t)) else {
             continue;
         };
-        if !has_delta {
-            // Every task uses the base: no mask, no scale.
-            f.add_unchanged(tau);
-            m.push(TaskTensor::Merged {
-                mask: None,
-                scale: Scale::None,
-            });
-            continue;
-        }
-        let mask = if shared {
+        let mask = if shared || !has_delta {
             None
         } else {
             merged.masks.as_ref().and_then(|masks| masks.get(t))
         };
-        let task_scale = if shared {
+        let task_scale = if !has_delta {
+            // Every task uses the base (and its residual, if any): no mask, no scale.
+            TaskScale::One
+        } else if shared {
             TaskScale::identity(opts.scale_of(t), delta.len(), &shape)
         } else {
             TaskScale::new(opts.scale_of(t), &delta, mask, tau, &shape)?
         };
-        f.add(&delta, mask, tau, |i| task_scale.factor(i));
+        let merged_factor = |i: usize| if has_delta { task_scale.factor(i) } else { 0.0 };
+        let residual = match residual_encoding {
+            Some(encoding) => {
+                let r = residual_of(&b, tau, (&delta, mask, &merged_factor), encoding, f);
+                match r {
+                    Some(r) => {
+                        encoded.clear();
+                        encoding.encode(&r, encoded);
+                        Some(Stored {
+                            section: writer.add_section(SectionKind::Residual, encoded)?,
+                            encoding,
+                        })
+                    }
+                    None => None,
+                }
+            }
+            None if has_delta => {
+                f.add(&delta, mask, tau, merged_factor);
+                None
+            }
+            None => {
+                f.add_unchanged(tau);
+                None
+            }
+        };
         let scale = match task_scale {
             TaskScale::One => Scale::None,
             TaskScale::Tensor(s) => Scale::Tensor(s),
@@ -593,7 +643,14 @@ fn write_merged(
             Some(mask) => Some(writer.add_section(SectionKind::Mask, mask.as_bytes())?),
             None => None,
         };
-        m.push(TaskTensor::Merged { mask, scale });
+        m.push(match residual {
+            Some(residual) => TaskTensor::Residual {
+                mask,
+                scale,
+                residual,
+            },
+            None => TaskTensor::Merged { mask, scale },
+        });
     }
     Ok(TensorEntry {
         name: info.name.clone(),
@@ -607,6 +664,41 @@ fn write_merged(
             delta: delta_stored,
         },
     })
+}
+
+/// A task's residual over its merged reconstruction, rounded to `encoding` (what a reader adds),
+/// or `None` where it rounds to zero everywhere. The reconstruction is what a reader computes
+/// (docs/FORMAT.md §5, `g = 1`: `check_options` keeps residuals away from EMR): `θ_0 + s · δ`
+/// where the mask keeps an element (`factor` gives `s`, 0 without a delta), `θ_0` elsewhere.
+/// The fidelity of the final reconstruction is added to `fidelity`.
+fn residual_of(
+    base: &[f32],
+    tau: &[f32],
+    (delta, mask, factor): (&[f32], Option<&crate::mask::Mask>, &dyn Fn(usize) -> f32),
+    encoding: Encoding,
+    fidelity: &mut Fidelity,
+) -> Option<Vec<f32>> {
+    let on = |i: usize| mask.is_none_or(|m| m.get(i));
+    let merged = |i: usize, b: f32, d: f32| if on(i) { b + factor(i) * d } else { b };
+    let mut r: Vec<f32> = base
+        .iter()
+        .zip(tau)
+        .zip(delta.iter().chain(std::iter::repeat(&0.0)))
+        .enumerate()
+        .map(|(i, ((&b, &t), &d))| (b + t) - merged(i, b, d))
+        .collect();
+    encoding.round_slice(&mut r);
+    // The task vector the reader reconstructs: (merged + r) − θ_0.
+    let kept = (0..base.len()).filter(|&i| on(i)).count() as u64;
+    let v: Vec<f32> = base
+        .iter()
+        .zip(&r)
+        .zip(delta.iter().chain(std::iter::repeat(&0.0)))
+        .enumerate()
+        .map(|(i, ((&b, &r), &d))| (merged(i, b, d) + r) - b)
+        .collect();
+    fidelity.add_vector(&v, tau, kept);
+    r.iter().any(|&x| x != 0.0).then_some(r)
 }
 
 /// Each task's report: the fidelity of its reconstruction (with its global scale) and its

@@ -459,13 +459,24 @@ pub enum FormatError {
         /// SHA-256 of the section's bytes.
         actual: String,
     },
-    /// Rule 36: a block-quantized section in a bundle of a version before 3.
-    #[error("section {section} is stored as {encoding}, which format version {version} does not have (version 3 and later)")]
+    /// Rule 36: a section in an encoding the bundle's version does not have (`q8`, `q4` before
+    /// version 3; `q3`, `q2` before version 4).
+    #[error("section {section} is stored as {encoding}, which format version {version} does not have (version {since} and later)")]
     EncodingNeedsVersion {
         /// Section id.
         section: SectionId,
         /// Its encoding.
         encoding: crate::encoding::Encoding,
+        /// The bundle's version.
+        version: u32,
+        /// The first version with this encoding.
+        since: u32,
+    },
+    /// Rule 37: a per-task residual or the `tvq` method in a bundle of a version before 4.
+    #[error("{what} exists from format version 4 on; this bundle is version {version}")]
+    FeatureNeedsVersion {
+        /// What the bundle uses, e.g. `task "a" has a residual for tensor "w"`.
+        what: String,
         /// The bundle's version.
         version: u32,
     },

@@ -72,6 +72,9 @@ pub enum SectionKind {
     Private,
     /// A Hugging Face `tokenizer.json`, UTF-8.
     Tokenizer,
+    /// A task's own residual `r` of one merged tensor, dense in its `Stored::encoding`
+    /// (format version 4).
+    Residual,
 }
 
 /// A distinct graph.
@@ -116,7 +119,7 @@ pub enum TensorStorage {
 pub struct Stored {
     /// The section.
     pub section: SectionId,
-    /// How the values are stored: a float type, or block-quantized (version 3).
+    /// How the values are stored: a float type, or block-quantized (versions 3 and 4).
     pub encoding: Encoding,
 }
 
@@ -160,6 +163,32 @@ pub enum TaskTensor {
         #[serde(deserialize_with = "super::budget::seq")]
         shape: Vec<u64>,
     },
+    /// `θ̂ = θ_0 + g · s ⊙ (m ⊙ δ) + r`: the merged reconstruction plus the task's own residual
+    /// `r` (format version 4). Without a shared delta, `θ̂ = θ_0 + r`: the task's task vector,
+    /// stored on its own (`--method tvq`).
+    Residual {
+        /// The task's mask over `δ`; `None` means all ones.
+        mask: Option<SectionId>,
+        /// The task's scale `s`.
+        scale: Scale,
+        /// Section holding `r`, a dense tensor of the tensor's shape.
+        residual: Stored,
+    },
+}
+
+impl TaskTensor {
+    /// The parts of a merged module: `(mask, scale, residual)`; `None` for a private tensor.
+    pub fn merged_parts(&self) -> Option<(Option<SectionId>, Scale, Option<Stored>)> {
+        match self {
+            TaskTensor::Merged { mask, scale } => Some((*mask, *scale, None)),
+            TaskTensor::Residual {
+                mask,
+                scale,
+                residual,
+            } => Some((*mask, *scale, Some(*residual))),
+            TaskTensor::Private { .. } => None,
+        }
+    }
 }
 
 /// A task's scale `s` for one merged tensor.
@@ -228,6 +257,8 @@ pub struct SizeReport {
     pub scales: u64,
     /// Private tensors.
     pub private: u64,
+    /// Per-task residuals (format version 4).
+    pub residuals: u64,
     /// Stripped graphs.
     pub graphs: u64,
     /// The tokenizer.

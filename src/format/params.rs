@@ -30,11 +30,14 @@ pub enum Method {
     Consensus,
     /// Elect, mask, rescale (Huang et al., NeurIPS 2024).
     Emr,
+    /// No shared delta: every task stores its own task vector, quantized (task vector
+    /// quantization, Kim et al., ICCV 2025). Format version 4.
+    Tvq,
 }
 
 impl Method {
     /// All methods, in the order reports list them.
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 8] = [
         Method::TaskArithmetic,
         Method::Ties,
         Method::Dare,
@@ -42,6 +45,7 @@ impl Method {
         Method::Tall,
         Method::Consensus,
         Method::Emr,
+        Method::Tvq,
     ];
 
     /// Command-line name.
@@ -54,10 +58,12 @@ impl Method {
             Method::Tall => "tall",
             Method::Consensus => "consensus",
             Method::Emr => "emr",
+            Method::Tvq => "tvq",
         }
     }
 
     /// Whether the method gives each task its own mask (and hence its own reconstruction).
+    /// `Tvq` gives each task its own task vector instead, as a residual.
     pub const fn is_per_task(self) -> bool {
         matches!(self, Method::Tall | Method::Emr)
     }
@@ -132,6 +138,7 @@ impl MergeParams {
             Method::Tall => (1.0, 1.0),
             Method::Consensus => (0.3, 1.0),
             Method::Emr => (1.0, 1.0),
+            Method::Tvq => (1.0, 1.0),
         };
         MergeParams {
             method,

@@ -77,7 +77,7 @@ pub struct ParsedBundle {
     tensors: HashMap<String, usize>,
 }
 
-/// Parses and validates a whole bundle (rules 1–36 of docs/FORMAT.md), in time independent of
+/// Parses and validates a whole bundle (rules 1–37 of docs/FORMAT.md), in time independent of
 /// the size of the data region.
 pub fn parse(bytes: &[u8]) -> Result<ParsedBundle, FormatError> {
     let header = Header::decode(bytes)?;
@@ -97,7 +97,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedBundle, FormatError> {
         tasks,
         tensors,
     } = check_manifest(&manifest, header.data_length)?;
-    check_version_features(header.version, &sections)?;
+    check_version_features(header.version, &manifest, &sections)?;
     for s in &mut sections {
         s.start = layout::end(header.data_offset, s.start)?;
         s.end = layout::end(header.data_offset, s.end)?;
@@ -112,26 +112,54 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedBundle, FormatError> {
     })
 }
 
-/// Rule 36: block-quantized sections exist from version 3 on; a version-2 bundle has none.
-fn check_version_features(version: u32, sections: &[SectionMeta]) -> Result<(), FormatError> {
-    if version >= 3 {
-        return Ok(());
-    }
-    let quantized = sections
+/// Rules 36 and 37: every encoding, module kind and method exists in the bundle's version —
+/// `q8` and `q4` from version 3 on, `q3`, `q2`, per-task residuals and `tvq` from version 4 on.
+fn check_version_features(
+    version: u32,
+    manifest: &Manifest,
+    sections: &[SectionMeta],
+) -> Result<(), FormatError> {
+    let newer = sections
         .iter()
         .enumerate()
         .find_map(|(i, s)| match s.content {
-            Content::Dense(e) if e.is_quantized() => Some((i, e)),
+            Content::Dense(e) if e.since_version() > version => Some((i, e)),
             _ => None,
         });
-    match quantized {
-        Some((section, encoding)) => Err(FormatError::EncodingNeedsVersion {
+    if let Some((section, encoding)) = newer {
+        return Err(FormatError::EncodingNeedsVersion {
             section: section as SectionId,
             encoding,
             version,
-        }),
-        None => Ok(()),
+            since: encoding.since_version(),
+        });
     }
+    if version >= 4 {
+        return Ok(());
+    }
+    if manifest.merge.method == Method::Tvq {
+        return Err(FormatError::FeatureNeedsVersion {
+            what: "method tvq".into(),
+            version,
+        });
+    }
+    for task in &manifest.tasks {
+        let residual = task
+            .tensors
+            .iter()
+            .zip(&manifest.tensors)
+            .find(|(m, _)| matches!(m, TaskTensor::Residual { .. }));
+        if let Some((_, tensor)) = residual {
+            return Err(FormatError::FeatureNeedsVersion {
+                what: format!(
+                    "task {:?} has a residual for tensor {:?}, which",
+                    task.name, tensor.name
+                ),
+                version,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Rules 11, 12 and 35: decodes the manifest bytes, allocating at most
@@ -462,6 +490,18 @@ fn check_task_modules(
                     let module = (delta.is_some(), mask.as_ref(), scale);
                     check_merged_module(task, tensor, n, module, claims)?;
                 }
+                (
+                    TensorStorage::Merged { delta, .. },
+                    TaskTensor::Residual {
+                        mask,
+                        scale,
+                        residual,
+                    },
+                ) => {
+                    let module = (delta.is_some(), mask.as_ref(), scale);
+                    check_merged_module(task, tensor, n, module, claims)?;
+                    claims.claim_dense(*residual, SectionKind::Residual, n)?;
+                }
                 (TensorStorage::Private, TaskTensor::Private { stored, shape }) => {
                     let pn =
                         layout::checked_numel(shape, || format!("{}/{}", task.name, tensor.name))?;
@@ -472,6 +512,9 @@ fn check_task_modules(
                 }
                 (TensorStorage::Private, TaskTensor::Merged { .. }) => {
                     return Err(mismatch("private", "merged"));
+                }
+                (TensorStorage::Private, TaskTensor::Residual { .. }) => {
+                    return Err(mismatch("private", "residual"));
                 }
             }
         }
@@ -923,6 +966,7 @@ impl ParsedBundle {
                 SectionKind::RowScale => &mut r.scales,
                 SectionKind::Private => &mut r.private,
                 SectionKind::Tokenizer => &mut r.tokenizer,
+                SectionKind::Residual => &mut r.residuals,
             };
             *part = part.saturating_add(s.length);
             sections = sections.saturating_add(s.length);

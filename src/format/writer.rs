@@ -198,7 +198,7 @@ impl BundleWriter {
 
     /// Completes the bundle: fills in `manifest.sections` (which must be empty) with the sections
     /// added, checks the manifest against rules 13–34, appends it, writes the header, validates
-    /// the written file exactly as a reader does (rules 1–36 and V1–V7, reading it back through
+    /// the written file exactly as a reader does (rules 1–37 and V1–V7, reading it back through
     /// a memory map), syncs the file, renames it over the destination and syncs the directory.
     /// Returns the file length.
     ///
@@ -254,7 +254,7 @@ impl BundleWriter {
     }
 }
 
-/// Runs the reader's validation — `parse` (rules 1–36) and `verify` (V1–V7) — on the bundle
+/// Runs the reader's validation — `parse` (rules 1–37) and `verify` (V1–V7) — on the bundle
 /// just written to `path`, so that the writer never produces a bundle a reader rejects
 /// (docs/FORMAT.md §9). The file is the writer's own temporary file: nobody else rewrites it
 /// while it is mapped (the contract of `crate::mmap`).

@@ -40,6 +40,7 @@ pub(crate) mod scaling;
 pub(crate) mod tall;
 pub(crate) mod task_arithmetic;
 pub(crate) mod ties;
+pub(crate) mod tvq;
 
 #[cfg(test)]
 mod reference_tests;
@@ -147,6 +148,7 @@ impl MergeParams {
                 min_tasks: self.min_tasks,
             }),
             Method::Emr => Box::new(emr::Emr::new(n_tasks)),
+            Method::Tvq => Box::new(tvq::Tvq),
         })
     }
 }

@@ -246,7 +246,7 @@ fn every_method_matches_the_numpy_reference() {
         Method::ALL.len(),
         "every method is covered"
     );
-    assert_eq!(outputs, 2 * 18 + 4 * 18);
+    assert_eq!(outputs, 2 * 19 + 4 * 19);
     assert!(
         errors.is_empty(),
         "{} mismatches:\n{}",

@@ -8,7 +8,7 @@
 //! buffer, tested bit for bit against [`task_tensor`]; so an exported ONNX model and the runtime's
 //! bound weights are bit-identical.
 
-use crate::encoding::{Encoding, Q4_BLOCK, Q8_BLOCK};
+use crate::encoding::{Encoding, Q2_BLOCK, Q3_BLOCK, Q4_BLOCK, Q8_BLOCK};
 use crate::format::manifest::{
     Manifest, Scale, Stored, TaskEntry, TaskTensor, TensorEntry, TensorStorage,
 };
@@ -38,49 +38,70 @@ pub fn task_tensor(
             bundle.decode_f32(stored.section, out)?;
             Ok(shape.clone())
         }
-        (TaskTensor::Merged { mask, scale }, TensorStorage::Merged { base, delta }) => {
+        (module, TensorStorage::Merged { base, delta }) => {
+            let Some((mask, scale, residual)) = module.merged_parts() else {
+                return Err(mismatch(t, entry));
+            };
             bundle.decode_f32(base.section, out)?;
-            let Some(delta) = delta else {
-                return Ok(entry.shape.clone());
-            };
-            bundle.decode_f32(delta.section, &mut buffers.delta)?;
-            let mask = match mask {
-                Some(id) => {
-                    let bits = bundle.section(*id)?;
-                    // Validated by `parse` (rule 26) and, on first use, `verify_section` (pad bits).
-                    if bits.len() != layout::mask_len(out.len()) {
-                        return Err(crate::format::FormatError::MaskPadBits { section: *id }.into());
-                    }
-                    Some(bits)
-                }
-                None => None,
-            };
-            let g = t.global_scale;
-            match scale {
-                Scale::None => apply(out, &buffers.delta, mask, |_| g),
-                Scale::Tensor(s) => {
-                    let gs = g * s;
-                    apply(out, &buffers.delta, mask, |_| gs)
-                }
-                Scale::Rows(id) => {
-                    bundle.decode_f32(*id, &mut buffers.rows)?;
-                    // Validated: rows × row length == elements, rows ≥ 1.
-                    let row_len = out
-                        .len()
-                        .checked_div(buffers.rows.len())
-                        .unwrap_or(0)
-                        .max(1);
-                    let rows = &buffers.rows;
-                    apply(out, &buffers.delta, mask, |i| {
-                        rows.get(i / row_len).map_or(0.0, |s| g * s)
-                    })
+            if let Some(delta) = delta {
+                merged(bundle, t, (delta, mask, scale), out, buffers)?;
+            }
+            if let Some(r) = residual {
+                bundle.decode_f32(r.section, &mut buffers.delta)?;
+                // Validated: the residual has the tensor's elements (rule 26).
+                for (o, r) in out.iter_mut().zip(&buffers.delta) {
+                    *o += r;
                 }
             }
             Ok(entry.shape.clone())
         }
         // Unreachable after validation (rule 28); treated as the base alone would be wrong.
-        (TaskTensor::Merged { .. }, TensorStorage::Private) => Err(mismatch(t, entry)),
+        (_, TensorStorage::Private) => Err(mismatch(t, entry)),
     }
+}
+
+/// `out = θ_0 + g · s ⊙ (m ⊙ δ)` with `out` holding `θ_0`: §5's merged rule.
+fn merged(
+    bundle: &Bundle,
+    t: &TaskEntry,
+    (delta, mask, scale): (&Stored, Option<SectionId>, Scale),
+    out: &mut [f32],
+    buffers: &mut DecodeBuffers,
+) -> Result<(), Error> {
+    bundle.decode_f32(delta.section, &mut buffers.delta)?;
+    let mask = match mask {
+        Some(id) => {
+            let bits = bundle.section(id)?;
+            // Validated by `parse` (rule 26) and, on first use, `verify_section` (pad bits).
+            if bits.len() != layout::mask_len(out.len()) {
+                return Err(crate::format::FormatError::MaskPadBits { section: id }.into());
+            }
+            Some(bits)
+        }
+        None => None,
+    };
+    let g = t.global_scale;
+    match scale {
+        Scale::None => apply(out, &buffers.delta, mask, |_| g),
+        Scale::Tensor(s) => {
+            let gs = g * s;
+            apply(out, &buffers.delta, mask, |_| gs)
+        }
+        Scale::Rows(id) => {
+            bundle.decode_f32(id, &mut buffers.rows)?;
+            // Validated: rows × row length == elements, rows ≥ 1.
+            let row_len = out
+                .len()
+                .checked_div(buffers.rows.len())
+                .unwrap_or(0)
+                .max(1);
+            let rows = &buffers.rows;
+            apply(out, &buffers.delta, mask, |i| {
+                rows.get(i / row_len).map_or(0.0, |s| g * s)
+            })
+        }
+    }
+    Ok(())
 }
 
 /// Whether every task reconstructs tensor `tensor` to the same values, known from the manifest
@@ -90,7 +111,7 @@ pub fn task_tensor(
 /// Row scales are not compared (they would have to be read): such tensors count as per task.
 pub(crate) fn same_for_every_task(manifest: &Manifest, tensor: usize) -> bool {
     match manifest.tensors.get(tensor).map(|t| &t.storage) {
-        Some(TensorStorage::Merged { delta: None, .. }) => true,
+        Some(TensorStorage::Merged { delta: None, .. }) => is_constant(manifest, tensor),
         Some(TensorStorage::Merged { delta: Some(_), .. }) => {
             let mut factors = manifest.tasks.iter().map(|t| match t.tensors.get(tensor) {
                 Some(TaskTensor::Merged {
@@ -108,6 +129,20 @@ pub(crate) fn same_for_every_task(manifest: &Manifest, tensor: usize) -> bool {
         }
         Some(TensorStorage::Private) | None => false,
     }
+}
+
+/// Whether tensor `tensor` is the base for every task: merged, without a delta, and no task
+/// has a residual for it. The template holds such a tensor as a constant.
+pub(crate) fn is_constant(manifest: &Manifest, tensor: usize) -> bool {
+    matches!(
+        manifest.tensors.get(tensor).map(|t| &t.storage),
+        Some(TensorStorage::Merged { delta: None, .. })
+    ) && manifest.tasks.iter().all(|t| {
+        !matches!(
+            t.tensors.get(tensor),
+            Some(TaskTensor::Residual { .. }) | None
+        )
+    })
 }
 
 /// Task `task`, tensor `tensor` and the task's module for it.
@@ -146,7 +181,12 @@ fn mismatch(t: &TaskEntry, entry: &TensorEntry) -> Error {
 /// of the factors (12 KiB together) stays in L1 cache from decoding to the masked add. A whole
 /// number of blocks of every encoding, so each chunk decodes on its own.
 const CHUNK: usize = 1024;
-const _: () = assert!(CHUNK.is_multiple_of(Q8_BLOCK) && CHUNK.is_multiple_of(Q4_BLOCK));
+const _: () = assert!(
+    CHUNK.is_multiple_of(Q8_BLOCK)
+        && CHUNK.is_multiple_of(Q4_BLOCK)
+        && CHUNK.is_multiple_of(Q3_BLOCK)
+        && CHUNK.is_multiple_of(Q2_BLOCK)
+);
 
 /// Reconstructs tensor `tensor` of task `task` straight into `out`, which must hold exactly its
 /// number of elements (else an error, and `out` is left as it was): bit for bit what
@@ -169,48 +209,91 @@ pub(crate) fn task_tensor_into(
                 .decode_slice(dense(bundle, *stored, len)?, out);
             Ok(())
         }
-        (TaskTensor::Merged { mask, scale }, TensorStorage::Merged { base, delta }) => {
-            let base_bytes = dense(bundle, *base, len)?;
-            let Some(delta) = delta else {
-                base.encoding.decode_slice(base_bytes, out);
-                return Ok(());
+        (module, TensorStorage::Merged { base, delta }) => {
+            let Some((mask, scale, residual)) = module.merged_parts() else {
+                return Err(mismatch(t, entry));
             };
-            let delta_bytes = dense(bundle, *delta, len)?;
-            let mask = match mask {
-                Some(id) => Some(sized(bundle, *id, layout::mask_len(len))?),
+            // Every length is checked before `out` is written.
+            let base_bytes = dense(bundle, *base, len)?;
+            let residual = match residual {
+                Some(r) => Some((r.encoding, dense(bundle, r, len)?)),
                 None => None,
             };
-            let g = t.global_scale;
-            let factor = match scale {
-                Scale::None => Factor::Uniform(g),
-                Scale::Tensor(s) => Factor::Uniform(g * s),
-                Scale::Rows(id) => {
-                    let scales = bundle.section(*id)?;
-                    // Validated (rule 26): one scale per row, rows along the first axis.
-                    let row_len = match layout::row_scale_count(scales.len()) {
-                        Some(0) => (len == 0).then_some(1),
-                        Some(rows) => len.is_multiple_of(rows).then(|| (len / rows).max(1)),
+            match delta {
+                Some(delta) => {
+                    let delta_bytes = dense(bundle, *delta, len)?;
+                    let mask = match mask {
+                        Some(id) => Some(sized(bundle, id, layout::mask_len(len))?),
                         None => None,
                     };
-                    let Some(row_len) = row_len else {
-                        let expected = layout::rows(&entry.shape)
-                            .and_then(|r| layout::row_scale_bytes(r).ok())
-                            .unwrap_or(0);
-                        return Err(length_error(*id, expected, scales.len()));
-                    };
-                    Factor::Rows { g, scales, row_len }
+                    let factor = factor(bundle, t, entry, scale, len)?;
+                    fused(
+                        out,
+                        (base.encoding, base_bytes),
+                        (delta.encoding, delta_bytes),
+                        mask,
+                        &factor,
+                    );
                 }
-            };
-            fused(
-                out,
-                (base.encoding, base_bytes),
-                (delta.encoding, delta_bytes),
-                mask,
-                &factor,
-            );
+                None => base.encoding.decode_slice(base_bytes, out),
+            }
+            if let Some(residual) = residual {
+                add_residual(out, residual);
+            }
             Ok(())
         }
-        (TaskTensor::Merged { .. }, TensorStorage::Private) => Err(mismatch(t, entry)),
+        (_, TensorStorage::Private) => Err(mismatch(t, entry)),
+    }
+}
+
+/// The factor `g · s_r` of task `t`'s merged module with scale `scale` for a tensor of `len`
+/// elements, with a row-scale section's length checked.
+fn factor<'a>(
+    bundle: &'a Bundle,
+    t: &TaskEntry,
+    entry: &TensorEntry,
+    scale: Scale,
+    len: usize,
+) -> Result<Factor<'a>, Error> {
+    let g = t.global_scale;
+    Ok(match scale {
+        Scale::None => Factor::Uniform(g),
+        Scale::Tensor(s) => Factor::Uniform(g * s),
+        Scale::Rows(id) => {
+            let scales = bundle.section(id)?;
+            // Validated (rule 26): one scale per row, rows along the first axis.
+            let row_len = match layout::row_scale_count(scales.len()) {
+                Some(0) => (len == 0).then_some(1),
+                Some(rows) => len.is_multiple_of(rows).then(|| (len / rows).max(1)),
+                None => None,
+            };
+            let Some(row_len) = row_len else {
+                let expected = layout::rows(&entry.shape)
+                    .and_then(|r| layout::row_scale_bytes(r).ok())
+                    .unwrap_or(0);
+                return Err(length_error(id, expected, scales.len()));
+            };
+            Factor::Rows { g, scales, row_len }
+        }
+    })
+}
+
+/// `out[i] += r[i]`, the residual decoded chunk by chunk into a buffer on the stack; `bytes`
+/// holds `out.len()` elements (checked by the caller).
+fn add_residual(out: &mut [f32], (encoding, bytes): (Encoding, &[u8])) {
+    let mut r = [0f32; CHUNK];
+    let chunk_bytes = layout::encoded_bytes(CHUNK as u64, encoding)
+        .ok()
+        .and_then(|b| layout::to_usize(b).ok())
+        .unwrap_or(usize::MAX);
+    for (o, b) in out.chunks_mut(CHUNK).zip(bytes.chunks(chunk_bytes)) {
+        let Some(r) = r.get_mut(..o.len()) else {
+            return;
+        };
+        encoding.decode_slice(b, r);
+        for (o, r) in o.iter_mut().zip(r.iter()) {
+            *o += r;
+        }
     }
 }
 
@@ -595,7 +678,7 @@ mod tests {
                 .collect();
         let modes = [ScaleMode::None, ScaleMode::Tensor, ScaleMode::Row];
         let dir = tempfile::tempdir().unwrap();
-        let mut checked = (0, 0);
+        let mut checked = (0, 0, 0);
         for (k, method) in Method::ALL.into_iter().enumerate() {
             let delta_dtype = [
                 Encoding::F16,
@@ -605,16 +688,22 @@ mod tests {
                 Encoding::Q4,
             ][k % 5];
             let out = dir.path().join(format!("{}.tpk", method.name()));
+            let defaults = CompileOptions::new(demo.join("base.onnx"), tasks.clone(), method, &out);
             let opts = CompileOptions {
                 scale: (0..tasks.len()).map(|t| modes[(t + k) % 3]).collect(),
                 delta_dtype,
+                // tvq's residuals (q3 by default), and TALL's masks with a q2 residual on top.
+                residual_dtype: match method {
+                    Method::Tall => Some(Encoding::Q2),
+                    _ => defaults.residual_dtype,
+                },
                 base_dtype: [
                     None,
                     Some(Encoding::BF16),
                     Some(Encoding::F16),
                     Some(Encoding::Q8),
                 ][k % 4],
-                ..CompileOptions::new(demo.join("base.onnx"), tasks.clone(), method, &out)
+                ..defaults
             };
             drop(compile(&opts, &mut |_| {}).unwrap());
             let bundle = Bundle::read(&out).unwrap();
@@ -632,11 +721,14 @@ mod tests {
                         "{method:?} task {task} tensor {tensor}"
                     );
                     let masked = matches!(
-                        m.tasks[task].tensors[tensor],
-                        TaskTensor::Merged { mask: Some(_), .. }
+                        m.tasks[task].tensors[tensor].merged_parts(),
+                        Some((Some(_), ..))
                     );
+                    let residual =
+                        matches!(m.tasks[task].tensors[tensor], TaskTensor::Residual { .. });
                     checked.0 += 1;
                     checked.1 += usize::from(masked);
+                    checked.2 += usize::from(residual);
                 }
             }
             // A wrong length is an error, not a panic or a partial write.
@@ -644,5 +736,6 @@ mod tests {
             assert!(task_tensor_into(&bundle, 0, 0, &mut short).is_err());
         }
         assert!(checked.1 > 0 && checked.1 < checked.0, "{checked:?}");
+        assert!(checked.2 > 0 && checked.2 < checked.0, "{checked:?}");
     }
 }

@@ -234,6 +234,7 @@ def runs(n_tasks, per_task_lambda):
         f"consensus alpha=1 lambda={lam} min_tasks={n_tasks}",
         "consensus alpha=0.5 lambda=0.2 min_tasks=1",
         "emr",
+        "tvq",
     ]
 
 
@@ -299,6 +300,9 @@ def main():
                     delta, masks = consensus(tvs, n, p)
                 elif method == "emr":
                     delta, masks = emr(tvs, n, stats)
+                elif method == "tvq":
+                    # No shared delta: each task's task vector goes into its residual.
+                    delta, masks = np.zeros(n, dtype=F32), None
                 else:
                     raise ValueError(method)
                 delta = np.asarray(delta, dtype=F32)

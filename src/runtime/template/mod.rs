@@ -53,7 +53,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::DimLike;
 
 use crate::dtype::DType;
-use crate::format::manifest::{TaskEntry, TaskTensor, TensorStorage};
+use crate::format::manifest::{TaskEntry, TaskTensor};
 use crate::runtime::engine::IoInfo;
 use crate::runtime::guard::{self, IndexLimit};
 use crate::runtime::reconstruct::{self, DecodeBuffers};
@@ -408,14 +408,14 @@ impl Template {
             };
             let shape = match module {
                 TaskTensor::Private { shape, .. } => shape,
-                TaskTensor::Merged { .. } => &entry.shape,
+                TaskTensor::Merged { .. } | TaskTensor::Residual { .. } => &entry.shape,
             };
             decls.push(WeightDecl {
                 index: i,
                 name: entry.name.clone(),
                 dtype: entry.dtype,
                 shape: shape.clone(),
-                dynamic: !matches!(entry.storage, TensorStorage::Merged { delta: None, .. }),
+                dynamic: !reconstruct::is_constant(manifest, i),
             });
         }
         let mut scratch = DecodeBuffers::default();
