@@ -321,6 +321,22 @@ fn decode_packed<const B: usize, const BITS: usize>(bytes: &[u8], out: &mut [f32
         let Some((s, codes)) = split_scale(b) else {
             return;
         };
+        // Whole blocks through fixed-size arrays (unrolled, vectorized); the last, partial
+        // block by the general loop below. (Both codes have blocks of 64.)
+        const _: () = assert!(Q3_BLOCK == 64 && Q2_BLOCK == 64);
+        if let Ok(o) = <&mut [f32; 64]>::try_from(&mut *o) {
+            match (BITS, codes.first_chunk::<24>(), codes.first_chunk::<16>()) {
+                (3, Some(codes), _) => {
+                    decode_q3_block(o, codes, s);
+                    continue;
+                }
+                (2, _, Some(codes)) => {
+                    decode_q2_block(o, codes, s);
+                    continue;
+                }
+                _ => {}
+            }
+        }
         let mut q = [0f32; B];
         for (group, g) in q.chunks_mut(per_group).zip(codes.chunks(group_bytes)) {
             let bits = g
@@ -336,6 +352,40 @@ fn decode_packed<const B: usize, const BITS: usize>(bytes: &[u8], out: &mut [f32
         for (o, q) in o.iter_mut().zip(q) {
             *o = q * s;
         }
+    }
+}
+
+/// One whole `q3` block: eight codes per three bytes (a little-endian 24-bit group), each
+/// sign-extended by shifting its field to the top of an `i32` and back, times `s`.
+#[inline(always)]
+fn decode_q3_block(o: &mut [f32; Q3_BLOCK], codes: &[u8; Q3_BLOCK * 3 / 8], s: f32) {
+    let mut q = [0f32; Q3_BLOCK];
+    for (eight, g) in q.chunks_exact_mut(8).zip(codes.chunks_exact(3)) {
+        if let ([a, b, c], Ok(eight)) = (g, <&mut [f32; 8]>::try_from(eight)) {
+            let v = u32::from(*a) | (u32::from(*b) << 8) | (u32::from(*c) << 16);
+            for (j, q) in eight.iter_mut().enumerate() {
+                *q = ((v << (29 - 3 * j)) as i32 >> 29) as f32;
+            }
+        }
+    }
+    for (o, q) in o.iter_mut().zip(q) {
+        *o = q * s;
+    }
+}
+
+/// One whole `q2` block: four codes per byte, each sign-extended through an `i8`, times `s`.
+#[inline(always)]
+fn decode_q2_block(o: &mut [f32; Q2_BLOCK], codes: &[u8; Q2_BLOCK / 4], s: f32) {
+    let mut q = [0f32; Q2_BLOCK];
+    for (four, &c) in q.chunks_exact_mut(4).zip(codes) {
+        if let Ok(four) = <&mut [f32; 4]>::try_from(four) {
+            for (j, q) in four.iter_mut().enumerate() {
+                *q = f32::from(((c << (6 - 2 * j)) as i8) >> 6);
+            }
+        }
+    }
+    for (o, q) in o.iter_mut().zip(q) {
+        *o = q * s;
     }
 }
 

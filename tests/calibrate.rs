@@ -251,6 +251,15 @@ fn calibration_inputs_are_checked() {
         "no calibration array for graph input",
     );
     assert!(!out.exists());
+    // tvq has nothing to calibrate: refused before anything is compiled.
+    let tvq = CompileOptions::new(demo().join("base.onnx"), demo_tasks(), Method::Tvq, &out);
+    let calibration = Calibration::new(vec![("mnist".into(), vec![("image".into(), x)])]);
+    match compile_calibrated(&tvq, &calibration, &mut |_| {}) {
+        Err(CompileError::Options(m)) => assert!(m.contains("nothing to choose with tvq"), "{m}"),
+        Err(e) => panic!("expected an options error, got {e}"),
+        Ok(_) => panic!("expected an options error"),
+    }
+    assert!(!out.exists());
 }
 
 /// `--max-size` with `--calib`: the size budget picks the storage with uncalibrated candidates,

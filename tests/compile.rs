@@ -777,7 +777,14 @@ fn cli_quantized_storage_is_what_inspect_reports() {
     let (ok, _, err) = crate::common::cli_compile(
         &demo().join("base.onnx"),
         (&task, &path),
-        &["--base-dtype", "q8", "--delta-dtype", "q4"],
+        &[
+            "--method",
+            "emr",
+            "--base-dtype",
+            "q8",
+            "--delta-dtype",
+            "q4",
+        ],
         &out,
     );
     assert!(ok, "{err}");
@@ -828,6 +835,8 @@ fn cli_max_size_picks_the_most_faithful_storage_that_fits() {
         "compile".to_string(),
         "--base".into(),
         demo().join("base.onnx").display().to_string(),
+        "--method".into(),
+        "emr".into(),
         "--max-size".into(),
         budget.to_string(),
     ];
@@ -850,7 +859,7 @@ fn cli_max_size_picks_the_most_faithful_storage_that_fits() {
     let small = dir.path().join("small.tpk");
     let n = args.len();
     args[n - 1] = small.display().to_string();
-    args[4] = (sizes[4] - 1).to_string();
+    args[6] = (sizes[4] - 1).to_string();
     let (ok, _, err) = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!ok && err.contains("no storage setting fits"), "{err}");
     // The budget chooses the storage: an explicit one with it is a usage error.
@@ -889,4 +898,34 @@ fn a_size_budget_refuses_an_input_as_its_output() {
     assert_eq!(std::fs::read(&task).unwrap(), before);
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(left.len(), 1, "only the input remains");
+}
+
+/// With `tvq`, `--max-size` walks the residual ladder: a budget between the q4 and q3 rungs
+/// (sizes measured here by compiling each rung) gives q3 residuals over a q8 base.
+#[test]
+fn tvq_max_size_picks_the_residual_storage_that_fits() {
+    use taskpack::compile::{compile_within, residual_storage_name, TVQ_STORAGE_LADDER};
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = demo_tasks();
+    let rung = |i: usize, out: &Path| CompileOptions {
+        base_dtype: TVQ_STORAGE_LADDER[i].0,
+        residual_dtype: Some(TVQ_STORAGE_LADDER[i].1),
+        ..CompileOptions::new(demo().join("base.onnx"), tasks.clone(), Method::Tvq, out)
+    };
+    let sizes: Vec<u64> = (0..TVQ_STORAGE_LADDER.len())
+        .map(|i| {
+            let out = dir.path().join(format!("rung{i}.tpk"));
+            compile(&rung(i, &out), &mut |_| {}).unwrap().bytes().len() as u64
+        })
+        .collect();
+    assert!(sizes.windows(2).all(|w| w[1] < w[0]), "{sizes:?}");
+    let out = dir.path().join("budget.tpk");
+    let budget = (sizes[2] + sizes[3]) / 2;
+    let (bundle, choice) = compile_within(&rung(0, &out), budget, None, &mut |_| {}).unwrap();
+    assert_eq!(choice.chosen, 3);
+    assert_eq!(
+        choice.tried.last().map(|t| t.0.clone()),
+        Some(residual_storage_name(TVQ_STORAGE_LADDER[3]))
+    );
+    assert_eq!(bundle.bytes().len() as u64, sizes[3]);
 }

@@ -22,9 +22,11 @@ pub struct CompileArgs {
     /// A fine-tuned task checkpoint as NAME=PATH; repeat for every task.
     #[arg(long = "task", value_name = "NAME=PATH", required = true, value_parser = parse_task)]
     pub tasks: Vec<(String, PathBuf)>,
-    /// Merge method. The default, EMR, has no hyper-parameter and measured best data-free on
-    /// the demo models (docs/METHODS.md).
-    #[arg(long, default_value = "emr", value_parser = Method::ALL.map(|m| m.name()))]
+    /// Merge method. The default, tvq (each task's own task vector in 3.5 bits per weight over
+    /// a q8 base, no shared delta), kept the individual models' accuracy on every real
+    /// benchmark family (docs/ACCURACY.md); tall / emr share one merged delta and are smaller
+    /// per task but lose accuracy where tasks differ.
+    #[arg(long, default_value = "tvq", value_parser = Method::ALL.map(|m| m.name()))]
     pub method: String,
     /// Scale of the merged vector (default per method: task-arithmetic/dare/breadcrumbs/consensus 0.3, ties/tall/emr 1.0).
     #[arg(long)]
@@ -74,18 +76,20 @@ pub struct CompileArgs {
     pub residual_dtype: Option<String>,
     /// A size budget for the bundle (e.g. 60MB, 1.5GB, 500MiB, or bytes): the compiler picks the
     /// most faithful storage of base and delta whose bundle fits (f32/f16, f16/f16, q8/f16,
-    /// q8/q8, q8/q4, in that order), trying each, and says what it picked. Replaces
-    /// --base-dtype and --delta-dtype.
+    /// q8/q8, q8/q4, in that order; with tvq, base and residuals: f32/q8, q8/q8, q8/q4, q8/q3,
+    /// q8/q2), trying each, and says what it picked. Replaces --base-dtype, --delta-dtype and
+    /// (with tvq) --residual-dtype.
     #[arg(
         long,
         value_name = "SIZE",
         value_parser = parse_size,
-        conflicts_with_all = ["base_dtype", "delta_dtype"]
+        conflicts_with_all = ["base_dtype", "delta_dtype", "residual_dtype"]
     )]
     pub max_size: Option<u64>,
-    /// Storage of the base weights of merged matrices (default: the checkpoint's type): f16,
-    /// bf16, or q8 (blocks of 64 signed 8-bit codes and one f32 scale, 8.5 bits per weight).
-    /// Biases, normalization weights and tensors under 4096 elements keep their own type.
+    /// Storage of the base weights of merged matrices (default: q8 with tvq, the checkpoint's
+    /// type otherwise): f32, f16, bf16, or q8 (blocks of 64 signed 8-bit codes and one f32
+    /// scale, 8.5 bits per weight). Biases, normalization weights and tensors under 4096
+    /// elements keep their own type.
     #[arg(long, value_parser = ["f32", "f16", "bf16", "q8"])]
     pub base_dtype: Option<String>,
     /// ONNX graph whose initializers safetensors checkpoints fill.
@@ -190,12 +194,10 @@ impl CompileArgs {
                 .parse::<Encoding>()
                 .map_err(anyhow::Error::msg)?,
             residual_dtype,
-            base_dtype: self
-                .base_dtype
-                .as_deref()
-                .map(str::parse::<Encoding>)
-                .transpose()
-                .map_err(anyhow::Error::msg)?,
+            base_dtype: match self.base_dtype.as_deref() {
+                None => defaults.base_dtype,
+                Some(e) => Some(e.parse::<Encoding>().map_err(anyhow::Error::msg)?),
+            },
             auto_private: !self.no_auto_private,
             output: self.output.clone(),
             tokenizer,

@@ -25,7 +25,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "models/demo")]
     pub models: PathBuf,
     /// Merge method.
-    #[arg(long, default_value = "emr", value_parser = Method::ALL.map(|m| m.name()))]
+    #[arg(long, default_value = "tvq", value_parser = Method::ALL.map(|m| m.name()))]
     pub method: String,
     /// Scaling vectors on top of the method.
     #[arg(long, default_value = "none", value_parser = ["none", "tensor", "row"])]
@@ -37,9 +37,13 @@ pub struct DemoArgs {
     #[arg(long)]
     pub lambda: Option<f32>,
     /// Storage of the merged delta (as for `compile`).
-    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16", "q8", "q4"])]
+    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16", "q8", "q4", "q3", "q2"])]
     pub delta_dtype: String,
-    /// Storage of the base weights of merged matrices (default: the checkpoint's).
+    /// Storage of each task's residual (as for `compile`; default q3 with tvq, none otherwise).
+    #[arg(long, value_parser = ["none", "f32", "f16", "bf16", "q8", "q4", "q3", "q2"])]
+    pub residual_dtype: Option<String>,
+    /// Storage of the base weights of merged matrices (default: q8 with tvq, the checkpoint's
+    /// otherwise).
     #[arg(long, value_parser = ["f32", "f16", "bf16", "q8"])]
     pub base_dtype: Option<String>,
     /// Where to write the bundle.
@@ -127,7 +131,7 @@ fn compile_demo(a: &DemoArgs, tasks: &[(String, PathBuf)]) -> Result<Bundle> {
         max_size: None,
         no_auto_private: false,
         delta_dtype: Some(a.delta_dtype.clone()),
-        residual_dtype: None,
+        residual_dtype: a.residual_dtype.clone(),
         base_dtype: a.base_dtype.clone(),
         graph: None,
         tokenizer: None,

@@ -116,8 +116,22 @@ pub fn compile_calibrated(
 ) -> Result<Bundle, CompileError> {
     let started = Instant::now();
     check_options(opts)?;
+    check_calibratable(opts)?;
     let prepared = Prepared::open(opts, progress)?;
     calibrated(opts, &prepared, calibration, started, progress)
+}
+
+/// Refuses to calibrate a method with nothing to choose: `tvq` has no λ and no shared delta
+/// for a scale to act on, so every candidate would be the same bundle.
+pub(crate) fn check_calibratable(opts: &CompileOptions) -> Result<(), CompileError> {
+    if opts.params.method == Method::Tvq {
+        return Err(CompileError::Options(
+            "--calib has nothing to choose with tvq (no λ, no shared delta to scale): drop \
+             --calib, or calibrate tall or emr"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// [`compile_calibrated`] from checkpoints already opened (the size budget's final compile).

@@ -22,4 +22,7 @@ pub use crate::onnx::OnnxError;
 pub use calibrate::{compile_calibrated, Calibration};
 pub use error::CompileError;
 pub use pipeline::{compile, CompileOptions, Progress};
-pub use size_budget::{compile_within, storage_name, BudgetChoice, STORAGE_LADDER};
+pub use size_budget::{
+    compile_within, residual_storage_name, storage_name, BudgetChoice, STORAGE_LADDER,
+    TVQ_STORAGE_LADDER,
+};

@@ -71,7 +71,9 @@ pub struct CompileOptions {
 
 impl CompileOptions {
     /// Options with the defaults of `method` for `tasks`: no scaling, f16 delta, automatic
-    /// private heads, no tokenizer or labels.
+    /// private heads, no tokenizer or labels; for `tvq`, a `q8` base and `q3` residuals (what
+    /// the benchmark supports, docs/METHODS.md), for the other methods the checkpoint's base
+    /// and no residual.
     pub fn new(
         base: impl Into<PathBuf>,
         tasks: Vec<(String, PathBuf)>,
@@ -89,7 +91,7 @@ impl CompileOptions {
             shared: None,
             delta_dtype: Encoding::F16,
             residual_dtype: (method == Method::Tvq).then_some(DEFAULT_TVQ_RESIDUAL),
-            base_dtype: None,
+            base_dtype: (method == Method::Tvq).then_some(Encoding::Q8),
             auto_private: true,
             output: output.into(),
             tokenizer: None,

@@ -235,7 +235,14 @@ pub(crate) fn task_tensor_into(
                         &factor,
                     );
                 }
-                None => base.encoding.decode_slice(base_bytes, out),
+                // tvq's case: base and residual in one pass.
+                None => match residual {
+                    Some(residual) => {
+                        base_plus_residual(out, (base.encoding, base_bytes), residual);
+                        return Ok(());
+                    }
+                    None => base.encoding.decode_slice(base_bytes, out),
+                },
             }
             if let Some(residual) = residual {
                 add_residual(out, residual);
@@ -278,19 +285,47 @@ fn factor<'a>(
     })
 }
 
+/// Bytes of [`CHUNK`] elements in `encoding` (whole blocks); cannot fail for so few elements.
+fn chunk_bytes(encoding: Encoding) -> usize {
+    layout::encoded_bytes(CHUNK as u64, encoding)
+        .ok()
+        .and_then(|b| layout::to_usize(b).ok())
+        .unwrap_or(usize::MAX)
+}
+
 /// `out[i] += r[i]`, the residual decoded chunk by chunk into a buffer on the stack; `bytes`
 /// holds `out.len()` elements (checked by the caller).
 fn add_residual(out: &mut [f32], (encoding, bytes): (Encoding, &[u8])) {
     let mut r = [0f32; CHUNK];
-    let chunk_bytes = layout::encoded_bytes(CHUNK as u64, encoding)
-        .ok()
-        .and_then(|b| layout::to_usize(b).ok())
-        .unwrap_or(usize::MAX);
-    for (o, b) in out.chunks_mut(CHUNK).zip(bytes.chunks(chunk_bytes)) {
+    for (o, b) in out
+        .chunks_mut(CHUNK)
+        .zip(bytes.chunks(chunk_bytes(encoding)))
+    {
         let Some(r) = r.get_mut(..o.len()) else {
             return;
         };
         encoding.decode_slice(b, r);
+        for (o, r) in o.iter_mut().zip(r.iter()) {
+            *o += r;
+        }
+    }
+}
+
+/// `out = θ_0 + r` chunk by chunk, while each chunk is in L1: the decoded base, then the
+/// residual decoded into a buffer on the stack and added — what [`add_residual`] after decoding
+/// the whole base gives, in one pass over `out` instead of two. Lengths checked by the caller.
+fn base_plus_residual(out: &mut [f32], base: (Encoding, &[u8]), residual: (Encoding, &[u8])) {
+    let mut r = [0f32; CHUNK];
+    let chunks = out
+        .chunks_mut(CHUNK)
+        .zip(base.1.chunks(chunk_bytes(base.0)))
+        .zip(residual.1.chunks(chunk_bytes(residual.0)));
+    for ((o, b), rb) in chunks {
+        let Some(r) = r.get_mut(..o.len()) else {
+            return;
+        };
+        base.0.decode_slice(b, o);
+        residual.0.decode_slice(rb, r);
         for (o, r) in o.iter_mut().zip(r.iter()) {
             *o += r;
         }
@@ -348,13 +383,6 @@ fn fused(
     let mut f = [0f32; CHUNK];
     let mut masks = mask.map(|m| m.chunks(CHUNK / 8));
     let f32_base = base.0 == Encoding::F32;
-    // Bytes of CHUNK elements (whole blocks); cannot fail for so few elements.
-    let chunk_bytes = |e: Encoding| {
-        layout::encoded_bytes(CHUNK as u64, e)
-            .ok()
-            .and_then(|b| layout::to_usize(b).ok())
-            .unwrap_or(usize::MAX)
-    };
     let chunks = out
         .chunks_mut(CHUNK)
         .zip(base.1.chunks(chunk_bytes(base.0)))
