@@ -23,18 +23,22 @@ cargo build --release -p taskpack-cli
 EXE=./target/release/taskpack
 args=()
 for t in $TASKS; do args+=(--task "$t=$ACC/models/$t.onnx"); done
-# The heads are fresh per task: private. TALL is the text family's best method (docs/ACCURACY.md).
-compile() { # NAME [compile options]: target/minilm-NAME.tpk, unless it is newer than the binary
-    local name=$1; shift
+# The heads are fresh per task: private. tvq is the default (each task's own q3 task vector);
+# TALL is the text family's best merge (docs/ACCURACY.md).
+compile() { # NAME METHOD [compile options]: target/minilm-NAME.tpk, unless newer than the binary
+    local name=$1 method=$2; shift 2
     if [ ! target/minilm-"$name".tpk -nt "$EXE" ]; then
         "$EXE" compile --base "$ACC/models/base.onnx" "${args[@]}" --private '^head\.' \
-            --method tall "$@" -o target/minilm-"$name".tpk
+            --method "$method" "$@" -o target/minilm-"$name".tpk
     fi
 }
-compile f32
-compile q8 --base-dtype q8 --delta-dtype q4
-compile q8-shared --base-dtype q8 --delta-dtype q4 --shared word_embeddings
+compile tvq tvq
+compile f32 tall
+compile q8 tall --base-dtype q8 --delta-dtype q4
+compile q8-shared tall --base-dtype q8 --delta-dtype q4 --shared word_embeddings
 
+echo "== taskpack bench, tvq: q8 base + q3 task vectors (the default)"
+"$EXE" bench target/minilm-tvq.tpk "$@"
 echo "== taskpack bench, f32 base + f16 delta"
 "$EXE" bench target/minilm-f32.tpk "$@"
 echo "== taskpack bench, q8 base + q4 delta"
