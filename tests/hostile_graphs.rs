@@ -342,6 +342,51 @@ fn g6_flatten_axis_past_the_rank() {
     }
 }
 
+/// An `Unsqueeze` whose axis lies past its output's rank makes tract 0.23.9 panic while it
+/// infers the shape (`AddDims::output_shape` inserts past the end of a `SmallVec`; found by the
+/// `engine` fuzz target, docs/FUZZING.md). Rule G7's backstop turns that into an error for
+/// both `check_graphs` and `Engine::new`, not a crash of the caller.
+#[test]
+fn g7_an_unsqueeze_axis_past_the_rank_is_an_error_not_a_crash() {
+    let bundle = with_graphs(|m| {
+        let graph = m.graph.as_mut().unwrap();
+        graph.initializer.push(TensorProto {
+            name: "hostile_one".into(),
+            data_type: DataType::Float as i32,
+            float_data: vec![1.0],
+            ..Default::default()
+        });
+        graph.initializer.push(TensorProto {
+            name: "hostile_axes".into(),
+            dims: vec![1],
+            data_type: DataType::Int64 as i32,
+            int64_data: vec![9],
+            ..Default::default()
+        });
+        graph.node.push(NodeProto {
+            name: "hostile".into(),
+            op_type: "Unsqueeze".into(),
+            input: vec!["hostile_one".into(), "hostile_axes".into()],
+            output: vec!["hostile_out".into()],
+            ..Default::default()
+        });
+        graph.output.push(ValueInfoProto {
+            name: "hostile_out".into(),
+            ..Default::default()
+        });
+    });
+    match refused(bundle) {
+        Error::Graph { problem, .. } => assert_eq!(
+            *problem,
+            GraphProblem::Panic {
+                stage: "analysing the graph".into(),
+                message: "index exceeds length".into()
+            }
+        ),
+        other => panic!("expected a graph problem, got {other}"),
+    }
+}
+
 /// Index of the tensor called `name` in the fixture.
 fn tensor(m: &Manifest, name: &str) -> usize {
     m.tensors.iter().position(|t| t.name == name).unwrap()

@@ -116,6 +116,10 @@ SETTINGS = [
     Setting("tvq --base-dtype q8 --residual-dtype q4",
             ("--method", "tvq", "--base-dtype", "q8", "--residual-dtype", "q4"),
             needs="--residual-dtype"),
+    # The word embeddings (half of MiniLM) shared: the base's for every task, bound once.
+    Setting("tvq --base-dtype q8 --shared word_embeddings",
+            ("--method", "tvq", "--base-dtype", "q8", "--shared", "word_embeddings"),
+            needs="--residual-dtype"),
 ]
 INDIVIDUAL = "individual"
 BASELINES = {
