@@ -190,6 +190,38 @@ fn shared_tensors_are_bound_once_and_match_the_exported_onnx() {
     check_against_exported_onnx(shared);
 }
 
+/// `tvq` with `--shared ^fc\.weight$`: the shared matrix gets no residual, so it is the base
+/// for every task — a constant large enough that the engine binds it as a shared input (one
+/// copy for all graphs) instead of baking a copy into each template. Through that path every
+/// task still matches its exported ONNX, and the matrix is not counted as a task's bytes. (The
+/// memory it saves is measured by `taskpack bench`: docs/PERFORMANCE.md.)
+#[test]
+fn a_large_tensor_that_is_the_base_for_every_task_is_shared_not_copied_per_graph() {
+    let tasks = demo_tasks();
+    let dir = tempfile::tempdir().unwrap();
+    let compiled = |shared: Option<&str>, name: &str| {
+        let out = dir.path().join(name);
+        let opts = CompileOptions {
+            shared: shared.map(|r| regex::Regex::new(r).unwrap()),
+            ..CompileOptions::new(demo().join("base.onnx"), tasks.clone(), Method::Tvq, &out)
+        };
+        drop(compile(&opts, &mut |_| {}).unwrap());
+        Arc::new(Bundle::read(&out).unwrap())
+    };
+    let plain = compiled(None, "tvq.tpk");
+    let shared = compiled(Some(r"^fc\.weight$"), "tvq-shared.tpk");
+    let plain = Engine::new(plain, EngineOptions::default()).unwrap();
+    let engine = Engine::new(Arc::clone(&shared), EngineOptions::default()).unwrap();
+    for task in 0..engine.task_count() {
+        assert_eq!(
+            engine.task_weight_bytes(task).unwrap() + 32 * 784 * 4,
+            plain.task_weight_bytes(task).unwrap(),
+            "task {task}"
+        );
+    }
+    check_against_exported_onnx(shared);
+}
+
 #[test]
 fn every_task_matches_its_exported_onnx_emr_row_scales_f16_delta() {
     check_against_exported_onnx(bundle(Method::Emr, ScaleMode::Row));

@@ -52,11 +52,11 @@ pub struct CompileArgs {
     /// Regular expression: matching tensors are stored privately per task.
     #[arg(long, value_name = "REGEX")]
     pub private: Option<String>,
-    /// Regular expression: matching merged tensors get the merged delta without per-task masks,
-    /// the same weights for every task, bound once instead of at every switch (e.g.
-    /// 'word_embeddings' for a BERT-style encoder: faster switches, at an accuracy cost to
-    /// measure; docs/ACCURACY.md has it for MiniLM). Not with EMR, whose
-    /// per-task rescaler keeps them apart.
+    /// Regular expression: matching merged tensors get the merged delta without per-task masks
+    /// or residuals (with tvq: the base), the same weights for every task, bound once instead
+    /// of at every switch (e.g. 'word_embeddings' for a BERT-style encoder: faster switches,
+    /// at an accuracy cost to measure; docs/ACCURACY.md has it for MiniLM). Not with EMR,
+    /// whose per-task rescaler keeps them apart.
     #[arg(long, value_name = "REGEX")]
     pub shared: Option<String>,
     /// Do not detect fresh task heads (tensors that changed far more than the rest) automatically.

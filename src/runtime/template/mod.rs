@@ -100,6 +100,20 @@ impl TemplateKey {
     }
 }
 
+/// Fewest elements (of a matrix or larger) for a tensor that is the base for every task to be
+/// shared across templates rather than copied into each (64 KiB of `f32`): below it, a copy
+/// per graph costs less than an input to put back at every binding.
+const SHARED_CONSTANT_ELEMENTS: u64 = 1 << 14;
+
+/// Whether a tensor of `shape` is large enough to share across templates.
+fn is_large(shape: &[u64]) -> bool {
+    shape.len() >= 2
+        && shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .is_none_or(|n| n >= SHARED_CONSTANT_ELEMENTS)
+}
+
 /// Where one source of the template gets its value from at binding.
 #[derive(Debug, Clone)]
 enum WeightSource {
@@ -415,7 +429,10 @@ impl Template {
                 name: entry.name.clone(),
                 dtype: entry.dtype,
                 shape: shape.clone(),
-                dynamic: !reconstruct::is_constant(manifest, i),
+                // A constant is baked into the template, one copy per graph; a large one is
+                // an input instead, reconstructed once per engine and shared by every graph's
+                // plan (`SharedWeights`), like the tensors every task reconstructs alike.
+                dynamic: !reconstruct::is_constant(manifest, i) || is_large(&entry.shape),
             });
         }
         let mut scratch = DecodeBuffers::default();
