@@ -342,12 +342,13 @@ fn g6_flatten_axis_past_the_rank() {
     }
 }
 
-/// An `Unsqueeze` whose axis lies past its output's rank makes tract 0.23.9 panic while it
-/// infers the shape (`AddDims::output_shape` inserts past the end of a `SmallVec`; found by the
-/// `engine` fuzz target, docs/FUZZING.md). Rule G7's backstop turns that into an error for
-/// both `check_graphs` and `Engine::new`, not a crash of the caller.
+/// An `Unsqueeze` whose axis lies past its output's rank made tract 0.23.9 panic while it
+/// inferred the shape (`AddDims::output_shape` inserts past the end of a `SmallVec`; found by
+/// the `engine` fuzz target, docs/FUZZING.md; the G7 guard caught it as `GraphProblem::Panic`).
+/// The checked `Unsqueeze` parser (rule G6) fails the analysis instead, naming the node and
+/// the axis, for both `check_graphs` and `Engine::new`.
 #[test]
-fn g7_an_unsqueeze_axis_past_the_rank_is_an_error_not_a_crash() {
+fn g6_an_unsqueeze_axis_past_the_rank_fails_the_analysis_with_the_node_named() {
     let bundle = with_graphs(|m| {
         let graph = m.graph.as_mut().unwrap();
         graph.initializer.push(TensorProto {
@@ -376,14 +377,16 @@ fn g7_an_unsqueeze_axis_past_the_rank_is_an_error_not_a_crash() {
         });
     });
     match refused(bundle) {
-        Error::Graph { problem, .. } => assert_eq!(
-            *problem,
-            GraphProblem::Panic {
-                stage: "analysing the graph".into(),
-                message: "index exceeds length".into()
-            }
-        ),
-        other => panic!("expected a graph problem, got {other}"),
+        Error::Tract { action, message } => {
+            assert_eq!(action, "analyse graph 0");
+            assert!(
+                message.contains("\"hostile\" Unsqueeze")
+                    && message
+                        .contains("Unsqueeze axis 9 is outside [-1, 1) for an input of rank 0"),
+                "{message}"
+            );
+        }
+        other => panic!("expected tract's analysis error, got {other}"),
     }
 }
 
