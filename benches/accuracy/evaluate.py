@@ -120,6 +120,11 @@ SETTINGS = [
     Setting("tvq --base-dtype q8 --shared word_embeddings",
             ("--method", "tvq", "--base-dtype", "q8", "--shared", "word_embeddings"),
             needs="--residual-dtype"),
+    # Each task's word embeddings (half of MiniLM) in q2, the rest in q3.
+    Setting("tvq --base-dtype q8 --residual-dtype-for word_embeddings=q2",
+            ("--method", "tvq", "--base-dtype", "q8", "--residual-dtype-for",
+             "word_embeddings=q2"),
+            needs="--residual-dtype-for"),
 ]
 INDIVIDUAL = "individual"
 BASELINES = {
@@ -260,11 +265,11 @@ class Cli:
 class Bench:
     """One family: paths, the hashes every cache key is made of, and every row's evaluation."""
 
-    def __init__(self, a, family, cli, cli_new=None):
+    def __init__(self, a, family, cli, cli_new=()):
         self.a = a
         self.family = family
         self.cli = cli
-        self.cli_new = cli_new
+        self.cli_new = list(cli_new)
         self.cache = a.cache
         self.root = os.path.join(a.cache, "accuracy")
         self.tasks = family.tasks()
@@ -309,8 +314,9 @@ class Bench:
         flag the setting needs (None if neither does)."""
         if not setting.needs or self.cli.offers(setting.needs):
             return self.cli
-        if self.cli_new is not None and self.cli_new.offers(setting.needs):
-            return self.cli_new
+        for newer in self.cli_new:
+            if newer.offers(setting.needs):
+                return newer
         return None
 
     def compile_args(self, setting, out):
@@ -1068,8 +1074,10 @@ def main():
                     help="only evaluate (and write the interim table); no docs")
     ap.add_argument("--exe", help="use this taskpack binary (no build; e.g. a copy kept in "
                                   "CACHE/accuracy/bin/ to reuse its cached results)")
-    ap.add_argument("--exe-new", help="a newer taskpack binary for the settings whose flags "
-                                      "--exe lacks (Setting.needs); the docs name it on those rows")
+    ap.add_argument("--exe-new", nargs="+", metavar="EXE",
+                    help="newer taskpack binaries, oldest first, for the settings whose flags "
+                         "--exe lacks (Setting.needs): each such setting is made by the first "
+                         "that has its flag; the docs name them")
     a = ap.parse_args()
     a.docs = a.docs or os.path.join(a.repo, "docs")
 
@@ -1086,7 +1094,7 @@ def main():
     if not ready:
         sys.exit("no family has its models yet: run benches/accuracy/run.sh --prepare first")
     cli = Cli(a, root)
-    cli_new = Cli(a, root, exe=a.exe_new) if a.exe_new else None
+    cli_new = [Cli(a, root, exe=exe) for exe in a.exe_new or []]
 
     def wants(name):
         return not a.only or name in a.only
@@ -1122,6 +1130,12 @@ def main():
     if a.no_docs:
         print(f"wrote {root}/interim.md (no docs: --no-docs)")
         return
+    def made_by(setting):
+        for binary in [cli, *cli_new]:
+            if not setting.needs or binary.offers(setting.needs):
+                return binary
+        return None
+
     context = {
         "date": f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
         "machine": machine(),
@@ -1129,13 +1143,13 @@ def main():
         "load_end": "%.1f" % os.getloadavg()[0],
         "commit": git_commit(a.repo),
         "binary": f"sha256 {cli.sha[:16]}…, built from commit {cli.origin}",
-        "binary_new": "" if cli_new is None else (
-            "\n- Rows whose flags that binary does not have ("
-            + ", ".join(f"`{s.name}`" for s in SETTINGS
-                        if s.needs and not cli.offers(s.needs) and cli_new.offers(s.needs))
-            + f") were compiled and run by a newer one: sha256 {cli_new.sha[:16]}…, built from "
-            f"commit {cli_new.origin}. Bundles of the other settings are the same from both "
-            "but for the format version in the header."),
+        "binary_new": "".join(
+            "\n- Rows whose flags the binaries above do not have ("
+            + ", ".join(f"`{s.name}`" for s in SETTINGS if s.needs and made_by(s) is newer)
+            + f") were compiled and run by a newer one: sha256 {newer.sha[:16]}…, built from "
+            f"commit {newer.origin}. Bundles of the other settings are the same from every "
+            "binary but for the format version in the header."
+            for newer in cli_new if any(s.needs and made_by(s) is newer for s in SETTINGS)),
         "taskpack": cli.version,
         "cache_shown": a.cache.replace(os.path.expanduser("~"), "~"),
         "jobs_note": "two tasks at a time, one thread each",

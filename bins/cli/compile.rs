@@ -74,6 +74,10 @@ pub struct CompileArgs {
     /// tvq, none otherwise (docs/METHODS.md, "Per-task residuals").
     #[arg(long, value_parser = ["none", "f32", "f16", "bf16", "q8", "q4", "q3", "q2"])]
     pub residual_dtype: Option<String>,
+    /// Residual storage for the tensors whose name matches REGEX, instead of --residual-dtype
+    /// (e.g. 'word_embeddings=q2'); repeat for more patterns, the first match wins.
+    #[arg(long = "residual-dtype-for", value_name = "REGEX=TYPE", value_parser = parse_residual_for)]
+    pub residual_for: Vec<(String, Encoding)>,
     /// A size budget for the bundle (e.g. 60MB, 1.5GB, 500MiB, or bytes): the compiler picks the
     /// most faithful storage of base and delta whose bundle fits (f32/f16, f16/f16, q8/f16,
     /// q8/q8, q8/q4, in that order; with tvq, base and residuals: f32/q8, q8/q8, q8/q4, q8/q3,
@@ -118,6 +122,13 @@ pub struct CompileArgs {
     /// Output bundle.
     #[arg(short, long, value_name = "OUT.tpk")]
     pub output: PathBuf,
+}
+
+fn parse_residual_for(s: &str) -> Result<(String, Encoding), String> {
+    match s.rsplit_once('=') {
+        Some((pattern, e)) if !pattern.is_empty() => Ok((pattern.to_string(), e.parse()?)),
+        _ => Err(format!("expected REGEX=TYPE, got {s:?}")),
+    }
 }
 
 fn parse_task(s: &str) -> Result<(String, PathBuf), String> {
@@ -179,6 +190,17 @@ impl CompileArgs {
             Some("none") => None,
             Some(e) => Some(e.parse::<Encoding>().map_err(anyhow::Error::msg)?),
         };
+        let residual_for = self
+            .residual_for
+            .iter()
+            .map(|(p, e)| {
+                Ok((
+                    regex::Regex::new(p)
+                        .with_context(|| format!("invalid --residual-dtype-for pattern {p:?}"))?,
+                    *e,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(CompileOptions {
             base: self.base.clone(),
             tasks: self.tasks.clone(),
@@ -194,6 +216,7 @@ impl CompileArgs {
                 .parse::<Encoding>()
                 .map_err(anyhow::Error::msg)?,
             residual_dtype,
+            residual_for,
             base_dtype: match self.base_dtype.as_deref() {
                 None => defaults.base_dtype,
                 Some(e) => Some(e.parse::<Encoding>().map_err(anyhow::Error::msg)?),

@@ -132,6 +132,7 @@ fn compile_demo(a: &DemoArgs, tasks: &[(String, PathBuf)]) -> Result<Bundle> {
         no_auto_private: false,
         delta_dtype: Some(a.delta_dtype.clone()),
         residual_dtype: a.residual_dtype.clone(),
+        residual_for: Vec::new(),
         base_dtype: a.base_dtype.clone(),
         graph: None,
         tokenizer: None,

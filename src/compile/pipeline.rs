@@ -55,6 +55,10 @@ pub struct CompileOptions {
     /// `--method tvq` needs one). As for `delta_dtype`, a block-quantized encoding applies to
     /// large tensors only; the rest store their residual as `f16`.
     pub residual_dtype: Option<Encoding>,
+    /// Per-tensor residual storage: the first pattern matching a tensor's name gives its
+    /// residual storage instead of `residual_dtype` (e.g. `word_embeddings` → `q2` next to `q3`
+    /// elsewhere). Same size rule: block codes for large tensors, `f16` for the rest.
+    pub residual_for: Vec<(Regex, Encoding)>,
     /// Storage of the base weights of merged tensors (`None`: each tensor's own type). Only
     /// tensors of rank ≥ 2 with at least 4096 elements take it; biases, normalization weights
     /// and other small tensors keep their own type.
@@ -91,6 +95,7 @@ impl CompileOptions {
             shared: None,
             delta_dtype: Encoding::F16,
             residual_dtype: (method == Method::Tvq).then_some(DEFAULT_TVQ_RESIDUAL),
+            residual_for: Vec::new(),
             base_dtype: (method == Method::Tvq).then_some(Encoding::Q8),
             auto_private: true,
             output: output.into(),
@@ -338,15 +343,16 @@ pub(crate) fn check_options(opts: &CompileOptions) -> Result<(), CompileError> {
         .chain(opts.tasks.iter().map(|(_, p)| p.as_path()))
         .chain(opts.graph.as_deref());
     crate::files::check_not_input(&opts.output, given)?;
-    match (opts.params.method, opts.residual_dtype) {
-        (Method::Tvq, None) => {
+    let any_residual = opts.residual_dtype.is_some() || !opts.residual_for.is_empty();
+    match (opts.params.method, any_residual) {
+        (Method::Tvq, _) if opts.residual_dtype.is_none() => {
             return Err(CompileError::Options(
                 "--method tvq stores each task's task vector as its residual: give \
                  --residual-dtype (q2, q3, q4, q8 or f16)"
                     .into(),
             ))
         }
-        (Method::Emr, Some(_)) => {
+        (Method::Emr, true) => {
             return Err(CompileError::Options(
                 "--residual-dtype cannot be combined with emr: EMR's per-task rescaler is only \
                  known after the last tensor, and a residual must be computed against the final \
@@ -587,7 +593,11 @@ fn write_merged(
 
     // A `--shared` tensor is the same for every task: no residual.
     let residual_encoding = opts
-        .residual_dtype
+        .residual_for
+        .iter()
+        .find(|(pattern, _)| pattern.is_match(&info.name))
+        .map(|&(_, e)| e)
+        .or(opts.residual_dtype)
         .filter(|_| !shared)
         .map(|e| delta_encoding_of(info, e));
     for (t, tau) in task_vectors.iter().enumerate() {
