@@ -929,3 +929,64 @@ fn tvq_max_size_picks_the_residual_storage_that_fits() {
     );
     assert_eq!(bundle.bytes().len() as u64, sizes[3]);
 }
+
+/// `residual_for` gives the tensors it names their own residual storage: with tvq the demo's
+/// large matrix in q2 and everything else as `residual_dtype` (q3; f16 for small tensors);
+/// with TALL and no `residual_dtype`, a residual for the named tensor only. EMR refuses it.
+#[test]
+fn per_tensor_residual_storage_applies_to_the_tensors_it_names() {
+    use taskpack::format::TaskTensor;
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = demo_tasks();
+    let fc = vec![(regex::Regex::new(r"^fc\.weight$").unwrap(), Encoding::Q2)];
+    let encodings = |bundle: &Bundle| -> Vec<(String, Option<Encoding>)> {
+        let m = bundle.manifest();
+        m.tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let e = m.tasks.iter().find_map(|task| match &task.tensors[i] {
+                    TaskTensor::Residual { residual, .. } => Some(residual.encoding),
+                    _ => None,
+                });
+                (t.name.clone(), e)
+            })
+            .collect()
+    };
+
+    let tvq = CompileOptions {
+        residual_for: fc.clone(),
+        ..options(Method::Tvq, &tasks, &dir.path().join("tvq.tpk"))
+    };
+    let bundle = compile(&tvq, &mut |_| {}).unwrap();
+    let found = encodings(&bundle);
+    assert!(
+        found.contains(&("fc.weight".into(), Some(Encoding::Q2))),
+        "{found:?}"
+    );
+    for (name, e) in &found {
+        if name != "fc.weight" && e.is_some() {
+            assert_eq!(*e, Some(Encoding::F16), "{name}: small tensors keep f16");
+        }
+    }
+
+    let tall = CompileOptions {
+        residual_for: fc.clone(),
+        ..options(Method::Tall, &tasks, &dir.path().join("tall.tpk"))
+    };
+    let bundle = compile(&tall, &mut |_| {}).unwrap();
+    let with: Vec<_> = encodings(&bundle)
+        .into_iter()
+        .filter(|(_, e)| e.is_some())
+        .collect();
+    assert_eq!(with, vec![("fc.weight".to_string(), Some(Encoding::Q2))]);
+
+    let emr = CompileOptions {
+        residual_for: fc,
+        ..options(Method::Emr, &tasks, &dir.path().join("emr.tpk"))
+    };
+    assert!(matches!(
+        compile(&emr, &mut |_| {}),
+        Err(CompileError::Options(_))
+    ));
+}
