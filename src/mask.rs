@@ -45,7 +45,6 @@ impl Mask {
     }
 
     /// Number of selected elements.
-    #[cfg(test)]
     pub(crate) fn count_ones(&self) -> usize {
         self.bytes.iter().map(|b| b.count_ones() as usize).sum()
     }

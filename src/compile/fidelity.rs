@@ -28,24 +28,25 @@ impl Fidelity {
     ) {
         for (i, (&d, &t)) in delta.iter().zip(tau).enumerate() {
             let on = mask.is_none_or(|m| m.get(i));
-            let d = if on { f64::from(factor(i) * d) } else { 0.0 };
-            let t = f64::from(t);
-            self.dd += d * d;
-            self.dt += d * t;
-            self.tt += t * t;
+            self.accumulate(if on { factor(i) * d } else { 0.0 }, t);
             self.kept += u64::from(on);
         }
         self.total += delta.len() as u64;
+    }
+
+    /// One element: reconstructed task-vector value `d`, true value `t`.
+    fn accumulate(&mut self, d: f32, t: f32) {
+        let (d, t) = (f64::from(d), f64::from(t));
+        self.dd += d * d;
+        self.dt += d * t;
+        self.tt += t * t;
     }
 
     /// Adds a tensor whose reconstructed task vector is `v` (a task scale of 1), of which `kept`
     /// elements are in the task's mask.
     pub(crate) fn add_vector(&mut self, v: &[f32], tau: &[f32], kept: u64) {
         for (&d, &t) in v.iter().zip(tau) {
-            let (d, t) = (f64::from(d), f64::from(t));
-            self.dd += d * d;
-            self.dt += d * t;
-            self.tt += t * t;
+            self.accumulate(d, t);
         }
         self.kept += kept;
         self.total += v.len() as u64;

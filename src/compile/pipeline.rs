@@ -690,25 +690,34 @@ fn residual_of(
     encoding: Encoding,
     fidelity: &mut Fidelity,
 ) -> Option<Vec<f32>> {
-    let on = |i: usize| mask.is_none_or(|m| m.get(i));
-    let merged = |i: usize, b: f32, d: f32| if on(i) { b + factor(i) * d } else { b };
+    // θ_merged: what the reader reconstructs before adding the residual.
+    let merged: Vec<f32> = base
+        .iter()
+        .zip(delta)
+        .enumerate()
+        .map(|(i, (&b, &d))| {
+            if mask.is_none_or(|m| m.get(i)) {
+                b + factor(i) * d
+            } else {
+                b
+            }
+        })
+        .collect();
     let mut r: Vec<f32> = base
         .iter()
         .zip(tau)
-        .zip(delta.iter().chain(std::iter::repeat(&0.0)))
-        .enumerate()
-        .map(|(i, ((&b, &t), &d))| (b + t) - merged(i, b, d))
+        .zip(&merged)
+        .map(|((&b, &t), &m)| (b + t) - m)
         .collect();
     encoding.round_slice(&mut r);
-    // The task vector the reader reconstructs: (merged + r) − θ_0.
-    let kept = (0..base.len()).filter(|&i| on(i)).count() as u64;
-    let v: Vec<f32> = base
+    // The task vector the reader reconstructs: (θ_merged + r) − θ_0.
+    let v: Vec<f32> = merged
         .iter()
         .zip(&r)
-        .zip(delta.iter().chain(std::iter::repeat(&0.0)))
-        .enumerate()
-        .map(|(i, ((&b, &r), &d))| (merged(i, b, d) + r) - b)
+        .zip(base)
+        .map(|((&m, &r), &b)| (m + r) - b)
         .collect();
+    let kept = mask.map_or(base.len(), |m| m.count_ones()) as u64;
     fidelity.add_vector(&v, tau, kept);
     r.iter().any(|&x| x != 0.0).then_some(r)
 }
