@@ -100,5 +100,35 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(runtime, benches);
+/// Decode speed of every storage encoding: 2^20 values (random task-vector-like data, encoded
+/// by the compiler's encoder) decoded chunk by chunk as a switch does (1,024 values at a time,
+/// into a buffer that stays in cache). docs/PERFORMANCE.md quotes the per-value times.
+fn decode(c: &mut Criterion) {
+    use taskpack::format::Encoding;
+    const N: usize = 1 << 20;
+    const CHUNK: usize = 1024;
+    let x: Vec<f32> = (0..N)
+        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4)
+        .collect();
+    let mut g = c.benchmark_group("decode 2^20 values");
+    g.throughput(criterion::Throughput::Elements(N as u64));
+    for e in Encoding::ALL {
+        let mut bytes = Vec::new();
+        e.encode(&x, &mut bytes);
+        let (block, block_bytes) = e.block();
+        let chunk_bytes = (CHUNK as u64 / block * block_bytes) as usize;
+        let mut out = vec![0f32; CHUNK];
+        g.bench_function(e.name(), |b| {
+            b.iter(|| {
+                for chunk in bytes.chunks(chunk_bytes) {
+                    taskpack::internals::decode_slice(e, chunk, &mut out);
+                    black_box(&out);
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(runtime, benches, decode);
 criterion_main!(runtime);

@@ -5,7 +5,8 @@
 //! reconstruction directly; tests/readers.rs and tests/safety_io.rs open checkpoints with
 //! [`Checkpoint`] and check the strip / restore round trip of ONNX initializers;
 //! bins/examples/tract_op_profile.rs clears the vector state after every node to show that
-//! tract's own operators do not need it. The public API keeps all of these private; everything
+//! tract's own operators do not need it; benches/runtime.rs times the block decoders. The
+//! public API keeps all of these private; everything
 //! here can change in any release.
 
 pub use crate::compile::checkpoint::Checkpoint;
@@ -16,3 +17,9 @@ pub use crate::onnx::{
 };
 pub use crate::runtime::guard::clear_upper_vector_state;
 pub use crate::runtime::reconstruct::{task_tensor, DecodeBuffers};
+
+/// Decodes `out.len()` values stored in `encoding` from `bytes` (whole blocks): the decoder a
+/// switch runs, for benches/runtime.rs's per-encoding decode speed.
+pub fn decode_slice(encoding: crate::encoding::Encoding, bytes: &[u8], out: &mut [f32]) {
+    encoding.decode_slice(bytes, out);
+}

@@ -444,6 +444,57 @@ mod tests {
     use super::super::TemplateKey;
     use super::*;
 
+    /// A large tensor that is the base for every task (tvq with `--shared ^fc\.weight$`: no
+    /// residual) is a shared input of every template, reconstructed once per engine, not a
+    /// constant baked into each graph's template; a small one (a bias) stays a constant.
+    #[test]
+    fn large_constants_are_shared_inputs_small_ones_stay_constants() {
+        use crate::compile::{compile, CompileOptions};
+        use crate::format::Method;
+
+        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+        let tasks: Vec<(String, std::path::PathBuf)> = ["digits", "fashion3"]
+            .iter()
+            .map(|t| (t.to_string(), demo.join(format!("{t}.onnx"))))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("tvq.tpk");
+        let opts = CompileOptions {
+            shared: Some(regex::Regex::new(r"^fc\.(weight|bias)$").unwrap()),
+            ..CompileOptions::new(demo.join("base.onnx"), tasks, Method::Tvq, &out)
+        };
+        drop(compile(&opts, &mut |_| {}).unwrap());
+        let bundle = Bundle::read(&out).unwrap();
+        let m = bundle.manifest();
+        let by_name: HashMap<&str, usize> = m
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        let (weight, bias) = (by_name["fc.weight"], by_name["fc.bias"]);
+        for (task, entry) in m.tasks.iter().enumerate() {
+            let used = graph_weights(&bundle, entry.graph as usize, &by_name).unwrap();
+            let key = TemplateKey::for_task(entry, &used);
+            let template = Template::build(&bundle, &key, task, &used, &[]).unwrap();
+            let slot = |tensor: usize| {
+                template.slots.iter().find_map(|s| match s {
+                    WeightSource::Weight {
+                        tensor: t, shared, ..
+                    } if *t == tensor => Some(*shared),
+                    _ => None,
+                })
+            };
+            assert_eq!(
+                slot(weight),
+                Some(true),
+                "{}: fc.weight is a shared input",
+                entry.name
+            );
+            assert_eq!(slot(bias), None, "{}: fc.bias stays a constant", entry.name);
+        }
+    }
+
     /// Folding each weight's chain as it is reconstructed gives the plan tract's constant
     /// propagation gives: the same outputs, bit for bit, on every demo task.
     #[test]
