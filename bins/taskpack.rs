@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use taskpack::runtime::Bundle;
+use taskpack::runtime::{Bundle, Compute};
 
 #[path = "cli/bench/mod.rs"]
 mod bench;
@@ -33,6 +33,11 @@ struct Cli {
     /// while the command runs (removable media, network file systems).
     #[arg(long, global = true)]
     no_mmap: bool,
+    /// Precision of the matrix products when running tasks (run, bench, demo): `f32` (exact), or
+    /// `bf16` (operands rounded to bfloat16, on CPUs with AMX-BF16; faster, see
+    /// docs/PERFORMANCE.md; falls back to f32 with a warning elsewhere).
+    #[arg(long, global = true, default_value = "f32", value_name = "f32|bf16")]
+    compute: Compute,
     #[command(subcommand)]
     command: Command,
 }
@@ -99,6 +104,19 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(&e),
     };
     NO_MMAP.store(cli.no_mmap, Ordering::Relaxed);
+    match taskpack::runtime::set_compute(cli.compute) {
+        Ok(effective) if effective != cli.compute => {
+            eprintln!(
+                "warning: --compute {} is not available on this CPU; using {effective}",
+                cli.compute
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
         Command::Compile(a) => compile_cmd::run(&a),
         Command::Inspect(a) => inspect::run(&a.bundle, a.json),

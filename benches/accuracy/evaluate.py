@@ -63,6 +63,9 @@ class Setting:
     # A `taskpack compile` flag the setting needs: where the main binary lacks it, the setting is
     # made by the --exe-new binary (and marked so in the docs), else skipped.
     needs: str = ""
+    # Global flags of every `taskpack run` of the setting's tasks (e.g. `--compute bf16`): a
+    # runtime setting, with the bundle compiled from `flags` as usual.
+    run_flags: tuple = ()
 
     @property
     def slug(self):
@@ -125,6 +128,10 @@ SETTINGS = [
             ("--method", "tvq", "--base-dtype", "q8", "--residual-dtype-for",
              "word_embeddings=q2"),
             needs="--residual-dtype-for"),
+    # The default bundle run with bf16 matrix products (tract's AMX-BF16 kernel; the runtime's
+    # `--compute bf16`, docs/PERFORMANCE.md): what the faster arithmetic costs in accuracy.
+    Setting("tvq --base-dtype q8, run --compute bf16", ("--method", "tvq", "--base-dtype", "q8"),
+            needs="--compute", run_flags=("--compute", "bf16")),
 ]
 INDIVIDUAL = "individual"
 BASELINES = {
@@ -345,7 +352,10 @@ class Bench:
         if setting.calib:
             inputs["calib"] = self.calib_sha
         cli = self.cli_for(setting) or self.cli
-        return digest({"exe": cli.sha, "args": args, "inputs": inputs, "pred": 1})
+        key = {"exe": cli.sha, "args": args, "inputs": inputs, "pred": 1}
+        if setting.run_flags:
+            key["run"] = list(setting.run_flags)
+        return digest(key)
 
     def cached(self, name, key):
         path = os.path.join(self.results, f"{name}.json")
@@ -460,8 +470,10 @@ class Bench:
             return result
         bundle = os.path.join(self.bundles, f"{setting.slug}.tpk")
         args = self.compile_args(setting, bundle)
-        result = {"key": key, "name": setting.name, "runtime": "taskpack",
-                  "command": self.shown(args)}
+        command = self.shown(args)
+        if setting.run_flags:
+            command += ", then " + shlex.join(["taskpack", "run", *setting.run_flags, "…"])
+        result = {"key": key, "name": setting.name, "runtime": "taskpack", "command": command}
         cli = self.cli_for(setting)
         if cli is not self.cli:
             result["binary"] = f"sha256 {cli.sha[:16]}…, built from commit {cli.origin}"
@@ -486,7 +498,8 @@ class Bench:
             "lambda": {t["name"]: t.get("lambda") for t in manifest.get("tasks", [])},
         })
         with concurrent.futures.ThreadPoolExecutor(self.a.jobs) as pool:
-            runs = dict(zip(self.tasks, pool.map(lambda t: self.run_task(cli, bundle, t),
+            runs = dict(zip(self.tasks, pool.map(
+                lambda t: self.run_task(cli, bundle, t, setting.run_flags),
                                                  self.tasks)))
         result["accuracy"] = {t: r["accuracy"] for t, r in runs.items() if "accuracy" in r}
         result["pred"] = {t: r["pred"] for t, r in runs.items() if "pred" in r}
@@ -502,11 +515,11 @@ class Bench:
         self.store(setting.slug, result)
         return result
 
-    def run_task(self, cli, bundle, task):
+    def run_task(self, cli, bundle, task, run_flags=()):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "out.npz")
             started = time.perf_counter()
-            done = cli.run(["run", bundle, "--task", task, "--input", self.inputs_only(task),
+            done = cli.run(["run", *run_flags, bundle, "--task", task, "--input", self.inputs_only(task),
                                  "--output", out, "--rows", "0"], check=False)
             seconds = round(time.perf_counter() - started, 2)
             if done.returncode != 0:

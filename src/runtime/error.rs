@@ -168,6 +168,18 @@ pub enum Error {
         /// The panic message.
         message: String,
     },
+    /// [`crate::runtime::set_compute`] asked for another precision after taskpack had planned a
+    /// model in this process (tract fixes its kernel choice then).
+    #[error(
+        "cannot switch the matrix products to {requested}: this process already planned models \
+         with {current} (call set_compute before the first engine runs)"
+    )]
+    ComputeFixed {
+        /// The precision asked for.
+        requested: crate::runtime::Compute,
+        /// The precision in effect.
+        current: crate::runtime::Compute,
+    },
     /// tract failed to load, optimize, bind or run a graph; the message is tract's error chain.
     #[error("tract failed to {action}: {message}")]
     Tract {

@@ -7,6 +7,7 @@ mod argmax;
 mod bundle;
 mod cache;
 pub(crate) mod check;
+mod compute;
 mod engine;
 mod error;
 pub(crate) mod guard;
@@ -18,6 +19,7 @@ pub(crate) mod text;
 pub use argmax::argmax;
 pub use bundle::Bundle;
 pub use check::{check_graphs, GraphProblem, MAX_CONSTANT_SHAPE_ELEMENTS};
+pub use compute::{bf16_available, compute, set_compute, Compute};
 pub use engine::{BoundTask, Engine, EngineOptions, EngineStats, IoInfo};
 pub use error::Error;
 #[cfg(feature = "compiler")]

@@ -88,6 +88,8 @@ pub(super) fn rss_of_child(a: &BenchArgs, which: &str) -> Result<(u64, u64)> {
     let out = std::process::Command::new(std::env::current_exe()?)
         .arg("bench")
         .arg(&a.bundle)
+        .arg("--compute")
+        .arg(taskpack::runtime::compute().name())
         .arg("--batch")
         .arg(a.batch.to_string())
         .arg("--seq")

@@ -87,12 +87,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     println!(
         "{}: {} tasks, {} graphs; batch {} (sequence {} where a later dimension is symbolic), \
-         single thread, medians over ≥ {} ms per measurement",
+         single thread, {} matrix products, medians over ≥ {} ms per measurement",
         a.bundle.display(),
         n,
         bundle.manifest().graphs.len(),
         a.batch,
         a.seq,
+        taskpack::runtime::compute(),
         a.millis
     );
     println!(

@@ -239,6 +239,8 @@ fn byte_len(dt: DatumType, shape: &[usize]) -> Option<usize> {
 
 /// Declutters and optimizes a typed graph (a tract panic is an error, not an abort).
 fn optimize(graph: usize, mut model: TypedModel) -> Result<TypedModel, Error> {
+    // tract picks its matrix kernels from here on: the precision cannot change any more.
+    crate::runtime::compute::fix();
     catch_panic(graph, "optimizing the graph", || {
         model
             .declutter()
