@@ -3,6 +3,7 @@
 mod calibrate;
 mod common;
 mod compile;
+mod compute;
 mod format;
 mod hostile_graphs;
 mod hostile_inputs;

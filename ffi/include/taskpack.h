@@ -227,6 +227,16 @@ enum TpStatus tp_bundle_verify(const struct TpBundle *bundle);
 // handle that no other thread is using.
 enum TpStatus tp_bundle_free(struct TpBundle **bundle);
 
+// Sets the precision of the matrix products of every engine of the process (a `TpCompute`
+// code) and writes the one in effect to `*effective` when it is not NULL: `TP_COMPUTE_F32`
+// when bf16 is asked for on a CPU without AMX-BF16. Call it before the first engine runs or
+// prepares a task; afterwards asking for another precision than the one in effect is
+// `TP_UNSUPPORTED` (the same one is `TP_OK`). `TP_INVALID_ARGUMENT` for an unknown code.
+//
+// # Safety
+// `effective` is NULL or valid for writing an `int32_t`.
+enum TpStatus tp_set_compute(int32_t compute, int32_t *effective);
+
 // Builds an engine over `bundle` with a cache of bound tasks of `cache_bytes` bytes of
 // materialized weights (least recently used out first; 0 selects the default, 256 MiB; a task
 // larger than the budget still runs, bound for the call only). The engine keeps its own

@@ -19,6 +19,7 @@
 
 mod args;
 mod bundle;
+mod compute;
 mod engine;
 mod status;
 mod tensor;
@@ -28,6 +29,7 @@ pub use bundle::{
     tp_bundle_free, tp_bundle_from_memory, tp_bundle_open, tp_bundle_read, tp_bundle_verify,
     TpBundle,
 };
+pub use compute::{tp_set_compute, TpCompute};
 pub use engine::{
     tp_engine_cached_bytes, tp_engine_free, tp_engine_input_count, tp_engine_input_info,
     tp_engine_input_shape, tp_engine_new, tp_engine_output_count, tp_engine_output_info,

@@ -850,3 +850,34 @@ fn verify_refuses_a_graph_that_cannot_run() {
     // SAFETY: our bundle, freed once.
     expect(unsafe { tp_bundle_free(&mut bundle) }, TP_OK);
 }
+
+#[test]
+fn set_compute_checks_its_code_and_refuses_a_change_once_a_task_is_planned() {
+    let demo = Demo::new();
+    let open = Open::new(&demo);
+    // SAFETY: a live engine; planning task 0 fixes the precision for the process.
+    expect(unsafe { tp_engine_prepare(open.engine, 0) }, TP_OK);
+    const F32: i32 = TpCompute::TP_COMPUTE_F32 as i32;
+    const BF16: i32 = TpCompute::TP_COMPUTE_BF16 as i32;
+    let mut effective = -1;
+    // SAFETY: a writable out-pointer (and NULL, allowed).
+    unsafe {
+        expect(tp_set_compute(7, &mut effective), TP_INVALID_ARGUMENT);
+        assert!(last_error().contains("unknown compute code 7"));
+        assert_eq!(effective, F32, "written on failure too");
+        effective = -1;
+        expect(tp_set_compute(F32, &mut effective), TP_OK);
+        assert_eq!(effective, F32);
+        expect(tp_set_compute(F32, null_mut()), TP_OK);
+        effective = -1;
+        let status = tp_set_compute(BF16, &mut effective);
+        // No test of this process asks for bf16: f32 is in effect, and stays.
+        if taskpack_core::runtime::bf16_available() {
+            expect(status, TP_UNSUPPORTED);
+            assert!(last_error().contains("already planned models with f32"));
+        } else {
+            expect(status, TP_OK);
+        }
+        assert_eq!(effective, F32);
+    }
+}
