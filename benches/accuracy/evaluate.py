@@ -128,6 +128,12 @@ SETTINGS = [
             ("--method", "tvq", "--base-dtype", "q8", "--residual-dtype-for",
              "word_embeddings=q2"),
             needs="--residual-dtype-for"),
+    # A q4 base under q2 / q3 residuals (the residuals carry the base's rounding error back).
+    Setting("tvq --base-dtype q4 --residual-dtype q2",
+            ("--method", "tvq", "--base-dtype", "q4", "--residual-dtype", "q2"),
+            needs="--base-dtype q4"),
+    Setting("tvq --base-dtype q4",
+            ("--method", "tvq", "--base-dtype", "q4"), needs="--base-dtype q4"),
     # The default bundle run with bf16 matrix products (tract's AMX-BF16 kernel; the runtime's
     # `--compute bf16`, docs/PERFORMANCE.md): what the faster arithmetic costs in accuracy.
     Setting("tvq --base-dtype q8, run --compute bf16", ("--method", "tvq", "--base-dtype", "q8"),
@@ -263,7 +269,14 @@ class Cli:
         print(f"using {self.exe} ({self.version})", flush=True)
 
     def offers(self, flag):
-        return re.search(rf"(^|\s){re.escape(flag)}[\s=]", self.help) is not None
+        """Whether `taskpack compile --help` lists `flag` ("--x"), or `flag`'s value ("--x v":
+        among the flag's possible values)."""
+        name, _, value = flag.partition(" ")
+        m = re.search(rf"(^|\s){re.escape(name)}[\s=]", self.help)
+        if m is None or not value:
+            return m is not None
+        values = re.search(r"\[possible values: ([^\]]*)\]", self.help[m.end():])
+        return values is not None and value in values.group(1).replace(",", " ").split()
 
     def run(self, args, check=True):
         return subprocess.run([self.exe, *args], capture_output=True, text=True, check=check)

@@ -91,10 +91,11 @@ pub struct CompileArgs {
     )]
     pub max_size: Option<u64>,
     /// Storage of the base weights of merged matrices (default: q8 with tvq, the checkpoint's
-    /// type otherwise): f32, f16, bf16, or q8 (blocks of 64 signed 8-bit codes and one f32
-    /// scale, 8.5 bits per weight). Biases, normalization weights and tensors under 4096
-    /// elements keep their own type.
-    #[arg(long, value_parser = ["f32", "f16", "bf16", "q8"])]
+    /// type otherwise): f32, f16, bf16, or q8 / q4 / q3 / q2 (blocks of signed 8- / 4- / 3- /
+    /// 2-bit codes and one f32 scale: 8.5 / 5 / 3.5 / 2.5 bits per weight; below q8, meant for
+    /// tvq, whose residuals carry the base's rounding error back). Biases, normalization
+    /// weights and tensors under 4096 elements keep their own type.
+    #[arg(long, value_parser = ["f32", "f16", "bf16", "q8", "q4", "q3", "q2"])]
     pub base_dtype: Option<String>,
     /// ONNX graph whose initializers safetensors checkpoints fill.
     #[arg(long, value_name = "G.onnx")]
