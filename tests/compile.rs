@@ -237,14 +237,36 @@ fn sq_err(x: &[f32], approx: &[f32]) -> f64 {
 /// 30% relative error; small tensors carry their task vector in f16.
 #[test]
 fn tvq_is_the_base_plus_each_tasks_quantized_task_vector() {
+    let opts = CompileOptions::new(demo().join("base.onnx"), demo_tasks(), Method::Tvq, "x.tpk");
+    assert_eq!(
+        (opts.base_dtype, opts.residual_dtype),
+        (Some(Encoding::Q8), Some(Encoding::Q3)),
+        "tvq's defaults"
+    );
+    check_tvq(Encoding::Q8, Encoding::Q3, 3.0, 0.3);
+}
+
+/// The same with a q4 base and q2 residuals (`--base-dtype q4 --residual-dtype q2`): the base
+/// bytes are [`stored`]'s q4, the residual is taken against them (so it carries the base's
+/// rounding error), and each block errs no more than the plain 2-bit rule (`s = max|τ|`, codes
+/// −1…1, which the search includes).
+#[test]
+fn tvq_with_a_q4_base_and_q2_residuals() {
+    check_tvq(Encoding::Q4, Encoding::Q2, 1.0, 0.6);
+}
+
+/// Compiles the demo with tvq at `base` / `residual` storage and checks every exported weight
+/// (see [`tvq_is_the_base_plus_each_tasks_quantized_task_vector`]): per block of 64 no worse
+/// than the plain rule with codes `±plain_levels`, relative error under `max_relative`.
+fn check_tvq(base_enc: Encoding, residual: Encoding, plain_levels: f32, max_relative: f64) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tvq.tpk");
     let tasks = demo_tasks();
     let opts = CompileOptions {
-        base_dtype: Some(Encoding::Q8),
+        base_dtype: Some(base_enc),
+        residual_dtype: Some(residual),
         ..options(Method::Tvq, &tasks, &out)
     };
-    assert_eq!(opts.residual_dtype, Some(Encoding::Q3), "tvq's default");
     let bundle = compile(&opts, &mut |_| {}).unwrap();
     let sizes = bundle.sizes();
     assert_eq!((sizes.delta, sizes.masks), (0, 0));
@@ -261,12 +283,12 @@ fn tvq_is_the_base_plus_each_tasks_quantized_task_vector() {
                 continue;
             }
             let large = dims.len() >= 2 && dims.iter().product::<i64>() >= 4096;
-            let b = stored(if large { Encoding::Q8 } else { Encoding::F32 }, b);
+            let b = stored(if large { base_enc } else { Encoding::F32 }, b);
             let theta = &thetas[t][tensor].1;
             let tau: Vec<f32> = theta.iter().zip(&b).map(|(x, y)| x - y).collect();
             let approx: Vec<f32> = got[tensor].1.iter().zip(&b).map(|(x, y)| x - y).collect();
             if large {
-                let plain = quantized(&tau, 64, 3.0);
+                let plain = quantized(&tau, 64, plain_levels);
                 for ((x, a), p) in tau.chunks(64).zip(approx.chunks(64)).zip(plain.chunks(64)) {
                     let bound = sq_err(x, p) * (1.0 + 1e-6) + 1e-12;
                     assert!(sq_err(x, a) <= bound, "{name}/{tensor}: {}", sq_err(x, a));
@@ -287,7 +309,7 @@ fn tvq_is_the_base_plus_each_tasks_quantized_task_vector() {
         }
         let relative = (err / norm).sqrt();
         assert!(
-            relative > 0.0 && relative < 0.3,
+            relative > 0.0 && relative < max_relative,
             "{name}: relative error {relative}"
         );
     }

@@ -81,7 +81,7 @@ pub struct CompileArgs {
     /// A size budget for the bundle (e.g. 60MB, 1.5GB, 500MiB, or bytes): the compiler picks the
     /// most faithful storage of base and delta whose bundle fits (f32/f16, f16/f16, q8/f16,
     /// q8/q8, q8/q4, in that order; with tvq, base and residuals: f32/q8, q8/q8, q8/q4, q8/q3,
-    /// q8/q2), trying each, and says what it picked. Replaces --base-dtype, --delta-dtype and
+    /// q8/q2, q4/q2), trying each, and says what it picked. Replaces --base-dtype, --delta-dtype and
     /// (with tvq) --residual-dtype.
     #[arg(
         long,
