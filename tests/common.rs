@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use taskpack::internals::ModelProto;
+use tract_onnx::pb::{GraphProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto};
 use tract_onnx::prelude::*;
 
 /// An ONNX model (bytes) loaded, optimized and made runnable by plain tract.
@@ -75,4 +77,31 @@ pub fn assert_one_line_error(ok: bool, stderr: &str, expected: &str) {
     assert!(stderr.starts_with("error: "), "{stderr}");
     assert!(stderr.contains(expected), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// y = MatMul(x, W): a one-node ONNX model (opset 13) whose initializer is `w`.
+pub fn matmul_model(w: TensorProto, x: ValueInfoProto, y: ValueInfoProto) -> ModelProto {
+    ModelProto {
+        ir_version: 8,
+        producer_name: "taskpack-tests".into(),
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(GraphProto {
+            name: "matmul".into(),
+            node: vec![NodeProto {
+                op_type: "MatMul".into(),
+                name: "y".into(),
+                input: vec!["x".into(), "W".into()],
+                output: vec!["y".into()],
+                ..Default::default()
+            }],
+            initializer: vec![w],
+            input: vec![x],
+            output: vec![y],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }

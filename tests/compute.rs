@@ -6,15 +6,13 @@ use std::path::Path;
 
 use ndarray_npy::{NpzReader, NpzWriter};
 use prost::Message;
-use taskpack::internals::ModelProto;
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::{
-    tensor_shape_proto, type_proto, GraphProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_shape_proto, type_proto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use tract_onnx::prelude::tract_ndarray::{Array2, ArrayD};
 
-use crate::common::{cli, cli_compile};
+use crate::common::{cli, cli_compile, matmul_model};
 
 /// Rows, inner and output dimensions of y = x·W: large enough for tract's AMX tile (16×16, k ≥ 32).
 const ROWS: usize = 16;
@@ -53,45 +51,23 @@ fn batch_of(name: &str, cols: usize) -> ValueInfoProto {
 }
 
 /// y = MatMul(x, W), W filled with `w`.
-fn matmul_model(w: f32) -> Vec<u8> {
-    ModelProto {
-        ir_version: 8,
-        producer_name: "taskpack-tests".into(),
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(GraphProto {
-            name: "matmul".into(),
-            node: vec![NodeProto {
-                op_type: "MatMul".into(),
-                name: "y".into(),
-                input: vec!["x".into(), "W".into()],
-                output: vec!["y".into()],
-                ..Default::default()
-            }],
-            initializer: vec![TensorProto {
-                name: "W".into(),
-                dims: vec![INNER as i64, OUT as i64],
-                data_type: DataType::Float as i32,
-                float_data: vec![w; INNER * OUT],
-                ..Default::default()
-            }],
-            input: vec![batch_of("x", INNER)],
-            output: vec![batch_of("y", OUT)],
-            ..Default::default()
-        }),
+fn matmul_with(w: f32) -> Vec<u8> {
+    let w = TensorProto {
+        name: "W".into(),
+        dims: vec![INNER as i64, OUT as i64],
+        data_type: DataType::Float as i32,
+        float_data: vec![w; INNER * OUT],
         ..Default::default()
-    }
-    .encode_to_vec()
+    };
+    matmul_model(w, batch_of("x", INNER), batch_of("y", OUT)).encode_to_vec()
 }
 
 /// Compiles base (W = 1) + one task (W = 1 + 2⁻¹⁰, kept exact: private) and writes x = 1.
 fn bundle_and_input(dir: &Path) -> (String, String) {
     let base = dir.join("base.onnx");
     let task = dir.join("t.onnx");
-    std::fs::write(&base, matmul_model(1.0)).unwrap();
-    std::fs::write(&task, matmul_model(W_TASK)).unwrap();
+    std::fs::write(&base, matmul_with(1.0)).unwrap();
+    std::fs::write(&task, matmul_with(W_TASK)).unwrap();
     let bundle = dir.join("b.tpk");
     let (ok, _, err) = cli_compile(&base, ("t", &task), &["--private", "^W$"], &bundle);
     assert!(ok, "{err}");

@@ -14,11 +14,9 @@ use prost::Message;
 use taskpack::compile::CompileError;
 use taskpack::internals::Checkpoint;
 use tract_onnx::pb::tensor_proto::{DataLocation, DataType};
-use tract_onnx::pb::{
-    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
-};
+use tract_onnx::pb::{StringStringEntryProto, TensorProto};
 
-use crate::common::demo;
+use crate::common::{demo, matmul_model};
 use crate::readers::value_info;
 use tract_onnx::prelude::tract_ndarray;
 
@@ -304,28 +302,11 @@ fn external_model(dir: &Path, rows: usize, cols: usize, values: Option<&[f32]>) 
         ],
         ..Default::default()
     };
-    let model = ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(GraphProto {
-            name: "matmul".into(),
-            node: vec![NodeProto {
-                op_type: "MatMul".into(),
-                name: "y".into(),
-                input: vec!["x".into(), "W".into()],
-                output: vec!["y".into()],
-                ..Default::default()
-            }],
-            initializer: vec![w],
-            input: vec![value_info("x", &[1, rows as i64])],
-            output: vec![value_info("y", &[1, cols as i64])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let model = matmul_model(
+        w,
+        value_info("x", &[1, rows as i64]),
+        value_info("y", &[1, cols as i64]),
+    );
     let path = dir.join("m.onnx");
     fs::write(&path, model.encode_to_vec()).unwrap();
     path
