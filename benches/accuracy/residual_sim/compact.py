@@ -107,11 +107,18 @@ def run_row(family, row):
     merged = [n for n, v in base.items() if not HEAD.search(n) and n not in bn_stats
               and all(n in w and w[n].shape == v.shape for w in task_w.values())]
     merged_elems = sum(base[n].size for n in merged)
-    base_q = {n: q8(base[n].astype(np.float32).reshape(-1))[0] for n in merged}
-    base_bytes = sum(-(-base[n].size // 64) * 68 for n in merged)
+    # `q4base+ROW`: ROW over a q4 base (blocks of 32, 20 bytes) instead of q8.
+    base_q4 = row.startswith("q4base+")
+    inner = row.split("+", 1)[1] if base_q4 else row
+    if base_q4:
+        base_q = {n: q4(base[n].astype(np.float32).reshape(-1))[0] for n in merged}
+        base_bytes = sum(-(-base[n].size // 32) * 20 for n in merged)
+    else:
+        base_q = {n: q8(base[n].astype(np.float32).reshape(-1))[0] for n in merged}
+        base_bytes = sum(-(-base[n].size // 64) * 68 for n in merged)
 
-    enc_name = row.split("+", 1)[1] if row.startswith("tall") and "+" in row else row
-    tall = row.startswith("tall")
+    enc_name = inner.split("+", 1)[1] if inner.startswith("tall") and "+" in inner else inner
+    tall = inner.startswith("tall")
     shared_bytes = 0
     if tall:
         parts, delta_bytes = tall_parts(base_q, task_w, merged)

@@ -119,6 +119,16 @@ def ternary_row(x, shape):
     return ternary_rows(xb).reshape(-1), rows * 4 + -(-x.size * 2 // 8)
 
 
+def switch_row(x, shape):
+    """T-Switch's sparse sign module: the MSE-optimal ternary per row (as `ternary_row`),
+    stored sparse: a bit per weight for "moves", a sign bit per moving weight, an f32
+    magnitude per row."""
+    rows = shape[0] if len(shape) >= 2 else 1
+    dec = ternary_rows(x.reshape(rows, -1)).reshape(-1)
+    moving = int(np.count_nonzero(dec))
+    return dec, -(-x.size // 8) + -(-moving // 8) + rows * 4
+
+
 def identity(x):
     return x.copy(), x.size * 4
 
@@ -132,6 +142,7 @@ ENCODINGS = {
     "ternary-64": lambda x, shape: ternary_block(64)(x),
     "ternary-128": lambda x, shape: ternary_block(128)(x),
     "ternary-row": ternary_row,
+    "switch-row": switch_row,
     "q2": lambda x, shape: q2(x),
 }
 
@@ -144,5 +155,5 @@ def small_in_q8(enc, min_elements=4096):
     return hybrid
 
 
-for _name in ["ternary-64", "ternary-128", "ternary-row", "q2", "q3"]:
+for _name in ["ternary-64", "ternary-128", "ternary-row", "switch-row", "q2", "q3"]:
     ENCODINGS[_name + "-q8small"] = small_in_q8(ENCODINGS[_name])

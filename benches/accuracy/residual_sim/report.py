@@ -22,7 +22,11 @@ RESULTS = os.path.join(os.path.expanduser(os.environ.get("TASKPACK_CACHE", "~/.c
 CACHE = os.path.expanduser("~/.cache/taskpack/accuracy")
 ORDER = ["individual", "identity", "q8", "q4", "q3", "ternary-64", "ternary-128", "ternary-row",
          "q2", "ternary-64-q8small", "ternary-128-q8small", "ternary-row-q8small",
-         "q2-q8small", "tall", "tall+q3", "tall+ternary-64"]
+         "q2-q8small", "switch-row-q8small", "q4base+switch-row-q8small", "q4base+q2-q8small",
+         "q4base+q3-q8small", "fit-cols+q2-q8small", "fit-rows+q2-q8small",
+         "fit-rows+switch-row-q8small", "fit-cols+switch-row-q8small",
+         "fit-rows+q4base+switch-row-q8small", "fit-cols+q4base+switch-row-q8small",
+         "fit-cols+q4base+q2-q8small", "tall", "tall+q3", "tall+ternary-64"]
 LABEL = {"individual": "individual (task ONNX as is)",
          "identity": "q8 base + exact f32 task vector",
          "q8": "q8 base + q8 τ (blocks 64)", "q4": "q8 base + q4 τ (blocks 32)",
@@ -35,6 +39,21 @@ LABEL = {"individual": "individual (task ONNX as is)",
          "ternary-128-q8small": "q8 base + ternary-128 τ, q8 τ for tensors < 4096 el.",
          "ternary-row-q8small": "q8 base + ternary-row τ, q8 τ for tensors < 4096 el.",
          "q2-q8small": "q8 base + q2 τ, q8 τ for tensors < 4096 el.",
+         "switch-row-q8small": "q8 base + T-Switch τ (sparse: move bit, sign of movers, f32 per "
+                               "row), q8 τ for tensors < 4096 el.",
+         "q4base+switch-row-q8small": "q4 base + T-Switch τ, q8 τ for tensors < 4096 el.",
+         "q4base+q2-q8small": "q4 base + q2 τ, q8 τ for tensors < 4096 el.",
+         "q4base+q3-q8small": "q4 base + q3 τ, q8 τ for tensors < 4096 el.",
+         "fit-cols+q2-q8small": "q8 base + q2 τ, per-column scales fitted to layer outputs "
+                                "(fitted.py cols)",
+         "fit-rows+q2-q8small": "q8 base + q2 τ, per-row scales fitted to layer outputs "
+                                "(fitted.py rows)",
+         "fit-rows+switch-row-q8small": "q8 base + T-Switch τ, row magnitudes fitted to layer "
+                                        "outputs",
+         "fit-cols+switch-row-q8small": "q8 base + T-Switch τ, per-column scales fitted",
+         "fit-rows+q4base+switch-row-q8small": "q4 base + T-Switch τ, row magnitudes fitted",
+         "fit-cols+q4base+switch-row-q8small": "q4 base + T-Switch τ, per-column scales fitted",
+         "fit-cols+q4base+q2-q8small": "q4 base + q2 τ, per-column scales fitted",
          "tall": "TALL only (q8 base, q4 δ, masks; no residual)",
          "tall+q3": "TALL (q4 δ, masks) + q3 residual",
          "tall+ternary-64": "TALL (q4 δ, masks) + ternary-64 residual"}
