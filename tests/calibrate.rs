@@ -251,11 +251,15 @@ fn calibration_inputs_are_checked() {
         "no calibration array for graph input",
     );
     assert!(!out.exists());
-    // tvq has nothing to calibrate: refused before anything is compiled.
-    let tvq = CompileOptions::new(demo().join("base.onnx"), demo_tasks(), Method::Tvq, &out);
+    // tvq calibrates block-quantized residuals only: f16 ones are refused before anything is
+    // compiled.
+    let tvq = CompileOptions {
+        residual_dtype: Some(Encoding::F16),
+        ..CompileOptions::new(demo().join("base.onnx"), demo_tasks(), Method::Tvq, &out)
+    };
     let calibration = Calibration::new(vec![("mnist".into(), vec![("image".into(), x)])]);
     match compile_calibrated(&tvq, &calibration, &mut |_| {}) {
-        Err(CompileError::Options(m)) => assert!(m.contains("nothing to choose with tvq"), "{m}"),
+        Err(CompileError::Options(m)) => assert!(m.contains("block-quantized residuals"), "{m}"),
         Err(e) => panic!("expected an options error, got {e}"),
         Ok(_) => panic!("expected an options error"),
     }
@@ -305,5 +309,163 @@ fn a_size_budget_with_calibration_calibrates_at_the_storage_it_picked() {
     assert_eq!(g.sections.len(), w.sections.len());
     for (a, b) in g.sections.iter().zip(&w.sections) {
         assert_eq!(a.checksum, b.checksum);
+    }
+}
+
+/// `--calib` with tvq fits each residual row's scale to the layer output on the calibration
+/// inputs. A one-MatMul model y = x·W (W 64 × 64, so a q2 row is one block), a base and one
+/// task, correlated positive inputs; output 0 dominates, so both candidates agree with the
+/// original everywhere and the lower logit distance (the fitted one) must win. Checked against
+/// the fit computed here on its own: the plain bundle's code C = Ŵ − W₀, G = XᵀX over the
+/// calibration inputs, s solving (G ∘ CCᵀ) s = diag(G τ Cᵀ) by Gaussian elimination, and the
+/// fitted bundle's weight W₀ + diag(s)·C.
+#[test]
+fn tvq_calibration_fits_residual_row_scales_to_the_layer_output() {
+    use crate::common::matmul_model;
+    use crate::compile::weights_of;
+    use crate::compute::batch_of;
+    use prost::Message;
+    use tract_onnx::pb::{tensor_proto::DataType, TensorProto};
+    const N: usize = 64;
+    const EXAMPLES: usize = 40;
+    let mut state = 12345u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    };
+    let w0: Vec<f32> = (0..N * N)
+        .map(|i| if i % N == 0 { 10.0 } else { next() })
+        .collect();
+    let tau: Vec<f32> = (0..N * N).map(|_| 0.05 * next()).collect();
+    let wt: Vec<f32> = w0.iter().zip(&tau).map(|(a, b)| a + b).collect();
+    // Positive, correlated inputs: a shared component plus noise.
+    let x: Vec<f32> = (0..EXAMPLES)
+        .flat_map(|_| {
+            let common = 0.5 * next();
+            (0..N)
+                .map(|_| 1.0 + common + 0.3 * next())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, w: &[f32]| {
+        let w = TensorProto {
+            name: "W".into(),
+            dims: vec![N as i64, N as i64],
+            data_type: DataType::Float as i32,
+            float_data: w.to_vec(),
+            ..Default::default()
+        };
+        let path = dir.path().join(name);
+        let model = matmul_model(w, batch_of("x", N), batch_of("y", N));
+        std::fs::write(&path, model.encode_to_vec()).unwrap();
+        path
+    };
+    let (base, task) = (write("base.onnx", &w0), write("t.onnx", &wt));
+    let opts = |out: &Path| CompileOptions {
+        base_dtype: Some(Encoding::F32),
+        residual_dtype: Some(Encoding::Q2),
+        ..CompileOptions::new(
+            base.clone(),
+            vec![("t".into(), task.clone())],
+            Method::Tvq,
+            out,
+        )
+    };
+    let plain = compile(&opts(&dir.path().join("plain.tpk")), &mut |_| {}).unwrap();
+    let inputs = Tensor::from_shape(&[EXAMPLES, N], &x).unwrap();
+    let calibration = Calibration::new(vec![("t".into(), vec![("x".into(), inputs)])]);
+    let fitted = compile_calibrated(
+        &opts(&dir.path().join("fit.tpk")),
+        &calibration,
+        &mut |_| {},
+    )
+    .unwrap();
+
+    let report = fitted.manifest().report.tasks[0]
+        .calibration
+        .clone()
+        .unwrap();
+    assert_eq!(report.candidates.len(), 2);
+    assert_eq!(report.chosen, 1, "{report:?}");
+    assert_eq!(report.candidates[0].agreement, 1.0);
+    assert_eq!(report.candidates[1].agreement, 1.0);
+    assert!(report.candidates[1].logit_distance < report.candidates[0].logit_distance);
+
+    let w_plain = &weights_of(&export_task(&plain, "t").unwrap())["W"].1;
+    let w_fit = &weights_of(&export_task(&fitted, "t").unwrap())["W"].1;
+    let c: Vec<f64> = w_plain
+        .iter()
+        .zip(&w0)
+        .map(|(a, b)| f64::from(a - b))
+        .collect();
+    let t: Vec<f64> = wt.iter().zip(&w0).map(|(a, b)| f64::from(a - b)).collect();
+    let mut g = vec![0f64; N * N];
+    for row in x.chunks(N) {
+        for i in 0..N {
+            for j in 0..N {
+                g[i * N + j] += f64::from(row[i]) * f64::from(row[j]);
+            }
+        }
+    }
+    // A = G ∘ CCᵀ (+ the calibrator's ridge, 1e-6 of the mean diagonal), b = diag(G τ Cᵀ).
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let row = |m: &[f64], i: usize| m[i * N..(i + 1) * N].to_vec();
+    let mut a = vec![0f64; N * N];
+    for i in 0..N {
+        for k in 0..N {
+            a[i * N + k] = g[i * N + k] * dot(&row(&c, i), &row(&c, k));
+        }
+    }
+    let ridge = 1e-6 * (0..N).map(|i| a[i * N + i]).sum::<f64>() / N as f64;
+    for i in 0..N {
+        a[i * N + i] += ridge;
+    }
+    let mut b: Vec<f64> = (0..N)
+        .map(|k| {
+            let gt: Vec<f64> = (0..N)
+                .map(|j| (0..N).map(|l| g[k * N + l] * t[l * N + j]).sum())
+                .collect();
+            dot(&gt, &row(&c, k))
+        })
+        .collect();
+    // Gaussian elimination with partial pivoting.
+    for col in 0..N {
+        let p = (col..N)
+            .max_by(|&x, &y| a[x * N + col].abs().total_cmp(&a[y * N + col].abs()))
+            .unwrap();
+        for k in 0..N {
+            a.swap(col * N + k, p * N + k);
+        }
+        b.swap(col, p);
+        for r in col + 1..N {
+            let f = a[r * N + col] / a[col * N + col];
+            for k in col..N {
+                a[r * N + k] -= f * a[col * N + k];
+            }
+            b[r] -= f * b[col];
+        }
+    }
+    let mut s = vec![0f64; N];
+    for r in (0..N).rev() {
+        let rest: f64 = (r + 1..N).map(|k| a[r * N + k] * s[k]).sum();
+        s[r] = (b[r] - rest) / a[r * N + r];
+    }
+    assert!(
+        s.iter().any(|v| (v - 1.0).abs() > 0.01),
+        "the fit moves the scales: {s:?}"
+    );
+    for i in 0..N {
+        for j in 0..N {
+            let want = f64::from(w0[i * N + j]) + s[i] * c[i * N + j];
+            let got = f64::from(w_fit[i * N + j]);
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "W[{i}][{j}]: {got} vs {want} (s = {})",
+                s[i]
+            );
+        }
     }
 }

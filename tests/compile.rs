@@ -15,10 +15,10 @@ use taskpack::format::Method;
 use taskpack::runtime::Bundle;
 use tract_onnx::pb::ModelProto;
 
-type Weights = BTreeMap<String, (Vec<i64>, Vec<f32>)>;
+pub(crate) type Weights = BTreeMap<String, (Vec<i64>, Vec<f32>)>;
 
 /// Float initializers of an ONNX model, decoded straight from the protobuf (f32 only).
-fn weights_of(bytes: &[u8]) -> Weights {
+pub(crate) fn weights_of(bytes: &[u8]) -> Weights {
     let model = ModelProto::decode(bytes).unwrap();
     let mut out = BTreeMap::new();
     for t in model.graph.unwrap().initializer {

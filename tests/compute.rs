@@ -30,7 +30,7 @@ fn dim(value: tensor_shape_proto::dimension::Value) -> tensor_shape_proto::Dimen
 }
 
 /// A float tensor type `[N, cols]`, N symbolic (as a batch is in real models).
-fn batch_of(name: &str, cols: usize) -> ValueInfoProto {
+pub(crate) fn batch_of(name: &str, cols: usize) -> ValueInfoProto {
     use tensor_shape_proto::dimension::Value;
     ValueInfoProto {
         name: name.into(),

@@ -134,6 +134,13 @@ SETTINGS = [
             needs="--base-dtype q4"),
     Setting("tvq --base-dtype q4",
             ("--method", "tvq", "--base-dtype", "q4"), needs="--base-dtype q4"),
+    # tvq with --calib: each residual row's scale fitted to the original's layer outputs.
+    Setting("tvq --base-dtype q8 --residual-dtype q2 --calib",
+            ("--method", "tvq", "--base-dtype", "q8", "--residual-dtype", "q2"), calib=True,
+            needs="the row scales of its residuals are fitted"),
+    Setting("tvq --base-dtype q4 --residual-dtype q2 --calib",
+            ("--method", "tvq", "--base-dtype", "q4", "--residual-dtype", "q2"), calib=True,
+            needs="the row scales of its residuals are fitted"),
     # The default bundle run with bf16 matrix products (tract's AMX-BF16 kernel; the runtime's
     # `--compute bf16`, docs/PERFORMANCE.md): what the faster arithmetic costs in accuracy.
     Setting("tvq --base-dtype q8, run --compute bf16", ("--method", "tvq", "--base-dtype", "q8"),
@@ -270,7 +277,10 @@ class Cli:
 
     def offers(self, flag):
         """Whether `taskpack compile --help` lists `flag` ("--x"), or `flag`'s value ("--x v":
-        among the flag's possible values)."""
+        among the flag's possible values); anything else is a phrase the help must contain
+        (a behaviour that came without a flag)."""
+        if not flag.startswith("--"):
+            return flag in " ".join(self.help.split())
         name, _, value = flag.partition(" ")
         m = re.search(rf"(^|\s){re.escape(name)}[\s=]", self.help)
         if m is None or not value:

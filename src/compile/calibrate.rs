@@ -31,6 +31,7 @@ use tract_onnx::prelude::*;
 
 use crate::compile::checkpoint::Checkpoint;
 use crate::compile::error::CompileError;
+use crate::compile::fitted::{self, LayerGrams};
 use crate::compile::pipeline::{check_options, CompileOptions, Prepared, Progress};
 use crate::format::{BundleWriter, CalibrationReport, CandidateScore, Method, ScaleMode};
 use crate::onnx::TensorBytes;
@@ -84,13 +85,13 @@ impl std::fmt::Display for Setting {
 }
 
 /// A calibrated task's inputs.
-struct Inputs {
+pub(crate) struct Inputs {
     /// Task index in the options.
-    index: usize,
-    name: String,
+    pub(crate) index: usize,
+    pub(crate) name: String,
     /// Named arrays, cut to `examples` along the first axis.
-    arrays: Vec<(String, Tensor)>,
-    examples: usize,
+    pub(crate) arrays: Vec<(String, Tensor)>,
+    pub(crate) examples: usize,
 }
 
 /// A calibrated task: its inputs, the original model's outputs, and the candidates so far.
@@ -121,17 +122,91 @@ pub fn compile_calibrated(
     calibrated(opts, &prepared, calibration, started, progress)
 }
 
-/// Refuses to calibrate a method with nothing to choose: `tvq` has no λ and no shared delta
-/// for a scale to act on, so every candidate would be the same bundle.
+/// Refuses to calibrate what has nothing to choose: `tvq` calibrates the row scales of its
+/// block-quantized residuals ([`fitted`]), so its residuals must be block-quantized.
 pub(crate) fn check_calibratable(opts: &CompileOptions) -> Result<(), CompileError> {
-    if opts.params.method == Method::Tvq {
+    if opts.params.method == Method::Tvq && !opts.residual_dtype.is_some_and(|e| e.is_quantized()) {
         return Err(CompileError::Options(
-            "--calib has nothing to choose with tvq (no λ, no shared delta to scale): drop \
-             --calib, or calibrate tall or emr"
+            "--calib with tvq fits the row scales of block-quantized residuals: give \
+             --residual-dtype q8, q4, q3 or q2"
                 .into(),
         ));
     }
     Ok(())
+}
+
+/// `--calib` with tvq: per task, its residuals as quantized, or with row scales fitted to its
+/// layer outputs ([`fitted`]), whichever agrees better with the original model on the task's
+/// calibration inputs (the same scoring as the λ and scale rounds).
+fn calibrated_tvq(
+    opts: &CompileOptions,
+    prepared: &Prepared,
+    calibration: &Calibration,
+    started: Instant,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Bundle, CompileError> {
+    let n = opts.tasks.len();
+    let tasks = prepare(opts, calibration, progress)?;
+    let grams = fitted::layer_grams(opts, calibration)?;
+    let plain = LayerGrams::default();
+    let candidates = [
+        ("residuals as quantized", &plain),
+        ("residual row scales fitted to layer outputs", &grams),
+    ];
+    progress(Progress::Pass {
+        name: "calibrating",
+        total: (candidates.len() * tasks.len()) as u64,
+    });
+    let mut tried: Vec<Vec<(usize, CandidateScore)>> = vec![Vec::new(); tasks.len()];
+    for (c, (label, g)) in candidates.iter().enumerate() {
+        let round_bundle = RoundBundle::new(&opts.output, "calibrating")?;
+        let mut round = opts.clone();
+        round.output = round_bundle.path().to_path_buf();
+        round.tokenizer = None;
+        let bundle = std::sync::Arc::new(prepared.write_fitted(
+            &round,
+            BundleWriter::create(round_bundle.path())?,
+            (vec![None; n], g),
+            Instant::now(),
+            &mut |_| {},
+        )?);
+        let engine = Engine::new(bundle, EngineOptions::default())?;
+        let scores = parallel_map(&tasks, |t| score(&engine, t))?;
+        for ((t, mut score), slot) in tasks.iter().zip(scores).zip(&mut tried) {
+            score.setting = (*label).to_string();
+            log::info!(
+                "{}: {label}: agreement {:.4}, logit distance {:.4}",
+                t.set.name,
+                score.agreement,
+                score.logit_distance
+            );
+            progress(Progress::Step(&t.set.name));
+            slot.push((c, score));
+        }
+    }
+    let mut chosen = LayerGrams {
+        tasks: vec![Default::default(); n],
+    };
+    let mut reports = vec![None; n];
+    for (t, tried) in tasks.iter().zip(tried) {
+        let best = best(&tried).unwrap_or(0);
+        if let (Some((1, _)), Some(slot), Some(g)) = (
+            tried.get(best),
+            chosen.tasks.get_mut(t.set.index),
+            grams.tasks.get(t.set.index),
+        ) {
+            slot.clone_from(g);
+        }
+        if let Some(slot) = reports.get_mut(t.set.index) {
+            *slot = Some(CalibrationReport {
+                examples: t.set.examples as u64,
+                candidates: tried.into_iter().map(|(_, s)| s).collect(),
+                chosen: best as u64,
+            });
+        }
+    }
+    let writer = BundleWriter::create(&opts.output)?;
+    prepared.write_fitted(opts, writer, (reports, &chosen), started, progress)
 }
 
 /// [`compile_calibrated`] from checkpoints already opened (the size budget's final compile).
@@ -143,6 +218,9 @@ pub(crate) fn calibrated(
     started: Instant,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Bundle, CompileError> {
+    if opts.params.method == Method::Tvq {
+        return calibrated_tvq(opts, prepared, calibration, started, progress);
+    }
     let n = opts.tasks.len();
     let has_lambda = opts.params.method == Method::Tall;
     let mut opts = opts.clone();
@@ -259,6 +337,37 @@ fn prepare(
     calibration: &Calibration,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Vec<Task>, CompileError> {
+    let sets = input_sets(opts, calibration)?;
+    progress(Progress::Pass {
+        name: "references",
+        total: sets.len() as u64,
+    });
+    let references = parallel_map(&sets, |set| {
+        let path = opts
+            .tasks
+            .get(set.index)
+            .map(|(_, p)| p.as_path())
+            .unwrap_or(Path::new(""));
+        run_original(path, opts.graph.as_deref(), set)
+    })?;
+    let mut tasks = Vec::with_capacity(sets.len());
+    for (set, reference) in sets.into_iter().zip(references) {
+        progress(Progress::Step(&set.name));
+        tasks.push(Task {
+            set,
+            reference,
+            tried: Vec::new(),
+        });
+    }
+    Ok(tasks)
+}
+
+/// Every task's calibration inputs, checked (a task of the options, given once, arrays with the
+/// same number of examples) and cut to `calibration.max_examples`, before any model runs.
+pub(crate) fn input_sets(
+    opts: &CompileOptions,
+    calibration: &Calibration,
+) -> Result<Vec<Inputs>, CompileError> {
     if calibration.max_examples == 0 {
         return Err(CompileError::Calibration(
             "the number of calibration examples must be at least 1".into(),
@@ -289,34 +398,13 @@ fn prepare(
             examples,
         });
     }
-    progress(Progress::Pass {
-        name: "references",
-        total: sets.len() as u64,
-    });
-    let references = parallel_map(&sets, |set| {
-        let path = opts
-            .tasks
-            .get(set.index)
-            .map(|(_, p)| p.as_path())
-            .unwrap_or(Path::new(""));
-        run_original(path, opts.graph.as_deref(), set)
-    })?;
-    let mut tasks = Vec::with_capacity(sets.len());
-    for (set, reference) in sets.into_iter().zip(references) {
-        progress(Progress::Step(&set.name));
-        tasks.push(Task {
-            set,
-            reference,
-            tried: Vec::new(),
-        });
-    }
-    Ok(tasks)
+    Ok(sets)
 }
 
 /// `f` of every item on up to as many scoped threads as the machine has cores (item `i` on
 /// worker `i % workers`), in item order; the first error in item order is the result. A
 /// panicking worker is an error, not an abort.
-fn parallel_map<T: Sync, R: Send>(
+pub(crate) fn parallel_map<T: Sync, R: Send>(
     items: &[T],
     f: impl Fn(&T) -> Result<R, CompileError> + Sync,
 ) -> Result<Vec<R>, CompileError> {
@@ -381,7 +469,7 @@ fn examples(task: &str, arrays: &[(String, Tensor)]) -> Result<usize, CompileErr
     }
 }
 
-fn tract(task: &str) -> impl Fn(TractError) -> CompileError + '_ {
+pub(crate) fn tract(task: &str) -> impl Fn(TractError) -> CompileError + '_ {
     move |e| CompileError::Calibration(format!("{task}: {e:#}"))
 }
 
@@ -421,7 +509,11 @@ fn run_original(path: &Path, graph: Option<&Path>, set: &Inputs) -> Result<Outpu
 }
 
 /// A standalone ONNX model of a checkpoint whose weights live outside its graph.
-fn with_weights(path: &Path, graph: Option<&Path>, task: &str) -> Result<Vec<u8>, CompileError> {
+pub(crate) fn with_weights(
+    path: &Path,
+    graph: Option<&Path>,
+    task: &str,
+) -> Result<Vec<u8>, CompileError> {
     let ckpt = Checkpoint::open(path, graph)?;
     let mut weights = Vec::with_capacity(ckpt.tensors().len());
     for info in ckpt.tensors() {
@@ -567,13 +659,41 @@ fn compare(
     })
 }
 
-/// Runs `run` over the task's examples in chunks (the graph's fixed batch size, or [`CHUNK`])
-/// and gathers the first output.
+/// The first output of the model `run` runs over all of a task's examples, in chunks
+/// ([`for_each_chunk`]).
 fn run_chunks(
     task: &Inputs,
     facts: &[IoInfo],
     mut run: impl FnMut(TVec<TValue>) -> Result<Vec<TValue>, CompileError>,
 ) -> Result<Outputs, CompileError> {
+    let err = tract(&task.name);
+    let mut out = Outputs {
+        values: Vec::new(),
+        width: 0,
+    };
+    for_each_chunk(task, facts, |inputs, _| {
+        let outputs = run(inputs)?;
+        let first = outputs.first().ok_or_else(|| {
+            CompileError::Calibration(format!("{}: the model has no output", task.name))
+        })?;
+        let first = first.cast_to::<f32>().map_err(&err)?;
+        let view = first.to_plain_array_view::<f32>().map_err(&err)?;
+        out.width = view.shape().last().copied().unwrap_or(1);
+        out.values.extend(view.iter().copied());
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` with the graph inputs (in `facts` order, converted to their types) of successive
+/// chunks of a task's examples, and the chunk's example range. A graph with a fixed batch size
+/// gets chunks of exactly that size (a remainder is left out); otherwise chunks of up to
+/// [`CHUNK`] examples.
+pub(crate) fn for_each_chunk(
+    task: &Inputs,
+    facts: &[IoInfo],
+    mut f: impl FnMut(TVec<TValue>, std::ops::Range<usize>) -> Result<(), CompileError>,
+) -> Result<(), CompileError> {
     let err = tract(&task.name);
     // Arrays in graph input order, converted to the input's type.
     let mut arrays = Vec::with_capacity(facts.len());
@@ -598,8 +718,6 @@ fn run_chunks(
         };
         arrays.push(array.cast_to_dt(fact.dtype).map_err(&err)?.into_owned());
     }
-    // A graph with a fixed batch size runs chunks of exactly that size (a remainder is left
-    // out); otherwise chunks of up to CHUNK examples.
     let (batch, exact) = match facts
         .iter()
         .find_map(|f| f.shape.first().copied().flatten())
@@ -618,10 +736,6 @@ fn run_chunks(
     } else {
         task.examples
     };
-    let mut out = Outputs {
-        values: Vec::new(),
-        width: 0,
-    };
     for start in (0..end_all).step_by(batch) {
         let end = (start + batch).min(end_all);
         let inputs = arrays
@@ -629,16 +743,9 @@ fn run_chunks(
             .map(|a| a.slice(0, start, end).map(TValue::from))
             .collect::<TractResult<TVec<TValue>>>()
             .map_err(&err)?;
-        let outputs = run(inputs)?;
-        let first = outputs.first().ok_or_else(|| {
-            CompileError::Calibration(format!("{}: the model has no output", task.name))
-        })?;
-        let first = first.cast_to::<f32>().map_err(&err)?;
-        let view = first.to_plain_array_view::<f32>().map_err(&err)?;
-        out.width = view.shape().last().copied().unwrap_or(1);
-        out.values.extend(view.iter().copied());
+        f(inputs, start..end)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The path of a scratch bundle (a calibration round's, a size budget's candidate), next to the

@@ -11,6 +11,7 @@ mod calibrate;
 pub(crate) mod checkpoint;
 pub(crate) mod error;
 pub(crate) mod fidelity;
+mod fitted;
 mod memory;
 mod onnx_reader;
 mod pipeline;

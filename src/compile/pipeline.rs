@@ -17,6 +17,7 @@ use regex::Regex;
 use crate::compile::checkpoint::Checkpoint;
 use crate::compile::error::CompileError;
 use crate::compile::fidelity::Fidelity;
+use crate::compile::fitted::{self, Gram, LayerGrams};
 use crate::dtype::DType;
 use crate::encoding::Encoding;
 use crate::format::manifest::{
@@ -258,8 +259,22 @@ impl Prepared {
     pub(crate) fn write(
         &self,
         opts: &CompileOptions,
-        mut writer: BundleWriter,
+        writer: BundleWriter,
         calibration: Vec<Option<CalibrationReport>>,
+        started: Instant,
+        progress: &mut dyn FnMut(Progress<'_>),
+    ) -> Result<Bundle, CompileError> {
+        let none = LayerGrams::default();
+        self.write_fitted(opts, writer, (calibration, &none), started, progress)
+    }
+
+    /// [`Prepared::write`] with the residuals' row scales fitted to the layer outputs that
+    /// `grams` measured (`--calib` with tvq, [`fitted`]).
+    pub(crate) fn write_fitted(
+        &self,
+        opts: &CompileOptions,
+        mut writer: BundleWriter,
+        (calibration, grams): (Vec<Option<CalibrationReport>>, &LayerGrams),
         started: Instant,
         progress: &mut dyn FnMut(Progress<'_>),
     ) -> Result<Bundle, CompileError> {
@@ -272,7 +287,7 @@ impl Prepared {
         let (graphs, task_graph) = write_graphs(&mut writer, tasks)?;
         let mut merger = opts.params.merger(tasks.len())?;
         let merged = merge_tensors(
-            opts,
+            (opts, grams),
             &mut writer,
             merger.as_mut(),
             (base, tasks),
@@ -466,7 +481,7 @@ struct MergedTensors {
 /// Pass 2: per tensor, its private copies or its merge (base, delta, masks, scales), streamed
 /// to the writer.
 fn merge_tensors(
-    opts: &CompileOptions,
+    (opts, grams): (&CompileOptions, &LayerGrams),
     writer: &mut BundleWriter,
     merger: &mut dyn Merger,
     (base, tasks): (&Checkpoint, &[Checkpoint]),
@@ -491,7 +506,7 @@ fn merge_tensors(
         } else {
             let view = (index as u64, info);
             write_merged(
-                opts,
+                (opts, grams),
                 writer,
                 merger,
                 (base, tasks),
@@ -544,7 +559,7 @@ fn write_private(
 /// reconstruction is measured against its task vector on the way. (About 90 lines, kept whole:
 /// the rounded delta, the choice made on it and each task's module share this tensor's buffers.)
 fn write_merged(
-    opts: &CompileOptions,
+    (opts, grams): (&CompileOptions, &LayerGrams),
     writer: &mut BundleWriter,
     merger: &mut dyn Merger,
     (base, tasks): (&Checkpoint, &[Checkpoint]),
@@ -620,17 +635,15 @@ fn write_merged(
         let merged_factor = |i: usize| if has_delta { task_scale.factor(i) } else { 0.0 };
         let residual = match residual_encoding {
             Some(encoding) => {
-                let r = residual_of(&b, tau, (&delta, mask, &merged_factor), encoding, f);
-                match r {
-                    Some(r) => {
-                        encoded.clear();
-                        encoding.encode(&r, encoded);
-                        Some(Stored {
-                            section: writer.add_section(SectionKind::Residual, encoded)?,
-                            encoding,
-                        })
-                    }
-                    None => None,
+                let gram = grams.get(t, &info.name);
+                let parts = (&delta[..], mask, &merged_factor as &dyn Fn(usize) -> f32);
+                if residual_of(&b, tau, parts, (encoding, gram), f, encoded) {
+                    Some(Stored {
+                        section: writer.add_section(SectionKind::Residual, encoded)?,
+                        encoding,
+                    })
+                } else {
+                    None
                 }
             }
             None if has_delta => {
@@ -687,9 +700,10 @@ fn residual_of(
     base: &[f32],
     tau: &[f32],
     (delta, mask, factor): (&[f32], Option<&crate::mask::Mask>, &dyn Fn(usize) -> f32),
-    encoding: Encoding,
+    (encoding, gram): (Encoding, Option<&Gram>),
     fidelity: &mut Fidelity,
-) -> Option<Vec<f32>> {
+    encoded: &mut Vec<u8>,
+) -> bool {
     // θ_merged: what the reader reconstructs before adding the residual.
     let merged: Vec<f32> = base
         .iter()
@@ -703,13 +717,24 @@ fn residual_of(
             }
         })
         .collect();
-    let mut r: Vec<f32> = base
+    let target: Vec<f32> = base
         .iter()
         .zip(tau)
         .zip(&merged)
         .map(|((&b, &t), &m)| (b + t) - m)
         .collect();
+    let mut r = target.clone();
     encoding.round_slice(&mut r);
+    encoded.clear();
+    encoding.encode(&r, encoded);
+    // Row scales fitted to the layer's outputs (`--calib` with tvq), taken into the block
+    // scales: what a reader decodes is then the scaled code.
+    if let Some(scales) = gram.and_then(|g| fitted::fit_row_scales(g, &target, &r)) {
+        let row_len = r.len() / scales.len().max(1);
+        if fitted::scale_block_rows(encoding, encoded, row_len, &scales) {
+            encoding.decode_slice(encoded, &mut r);
+        }
+    }
     // The task vector the reader reconstructs: (θ_merged + r) − θ_0.
     let v: Vec<f32> = merged
         .iter()
@@ -719,7 +744,7 @@ fn residual_of(
         .collect();
     let kept = mask.map_or(base.len(), |m| m.count_ones()) as u64;
     fidelity.add_vector(&v, tau, kept);
-    r.iter().any(|&x| x != 0.0).then_some(r)
+    r.iter().any(|&x| x != 0.0)
 }
 
 /// Each task's report: the fidelity of its reconstruction (with its global scale) and its

@@ -1,0 +1,387 @@
+//! Activation-fitted row scales of `tvq` residuals (`--calib` with `--method tvq`): the
+//! ScaLearn-style scaling vectors of docs/METHODS.md, fitted to the original model's layer
+//! outputs rather than to its weights.
+//!
+//! A low-bit residual `C` of a task vector `τ` errs in weight space by construction; what the
+//! task needs is the layer output `X·τ` on its own inputs. For every weight `W` of shape
+//! `[in, out]` that a `MatMul(x, W)` multiplies, the original task model runs on the task's
+//! unlabeled calibration inputs and gives the Gram matrix `G = XᵀX` of its input activations
+//! (padding positions left out where the inputs have an `attention_mask`); the row scales `s`
+//! minimizing `‖X(τ − diag(s)·C)‖²` solve `(G ∘ CCᵀ) s = diag(G·τ·Cᵀ)` (with a ridge of
+//! 10⁻⁶ of the mean diagonal). Rows of a block-quantized residual that are whole blocks
+//! (`out` a multiple of the block length) take `s` into their blocks' scales, so the bundle
+//! format does not change: a reader decodes the scaled blocks as any others.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tract_onnx::prelude::*;
+
+use crate::compile::calibrate::{for_each_chunk, input_sets, parallel_map, tract, with_weights};
+use crate::compile::checkpoint::Checkpoint;
+use crate::compile::{Calibration, CompileError, CompileOptions};
+use crate::encoding::Encoding;
+use crate::runtime::IoInfo;
+
+/// `G = XᵀX` of the activations one or more weights are multiplied by, `dim × dim`, row-major.
+#[derive(Debug, Clone)]
+pub(crate) struct Gram {
+    pub(crate) dim: usize,
+    pub(crate) values: Vec<f64>,
+}
+
+/// Per task (by index in the options), the Gram matrix of each fitted weight's input, by weight
+/// name. Tasks without calibration inputs have none.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LayerGrams {
+    pub(crate) tasks: Vec<BTreeMap<String, std::sync::Arc<Gram>>>,
+}
+
+impl LayerGrams {
+    /// The Gram matrix for task `t`'s weight `name`, if it was measured.
+    pub(crate) fn get(&self, t: usize, name: &str) -> Option<&Gram> {
+        self.tasks.get(t)?.get(name).map(|g| &**g)
+    }
+}
+
+/// Runs every calibrated task's original model on its inputs and measures the Gram matrices of
+/// the activations its `MatMul` weights multiply.
+pub(crate) fn layer_grams(
+    opts: &CompileOptions,
+    calibration: &Calibration,
+) -> Result<LayerGrams, CompileError> {
+    let sets = input_sets(opts, calibration)?;
+    let measured = parallel_map(&sets, |set| {
+        let path = opts
+            .tasks
+            .get(set.index)
+            .map(|(_, p)| p.as_path())
+            .unwrap_or(Path::new(""));
+        task_grams(path, opts.graph.as_deref(), set).map(|g| (set.index, g))
+    })?;
+    let mut out = LayerGrams {
+        tasks: vec![BTreeMap::new(); opts.tasks.len()],
+    };
+    for (index, grams) in measured {
+        if let Some(slot) = out.tasks.get_mut(index) {
+            *slot = grams;
+        }
+    }
+    Ok(out)
+}
+
+/// The weights of `MatMul(activation, weight)` nodes whose second input is a rank-2
+/// initializer, with the name of their activation.
+fn matmul_weights(path: &Path, ckpt: &Checkpoint) -> Result<Vec<(String, String)>, CompileError> {
+    let model =
+        crate::onnx::decode_model(ckpt.stripped_graph()).map_err(|source| CompileError::Onnx {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let rank2: Vec<&str> = ckpt
+        .tensors()
+        .iter()
+        .filter(|t| t.shape.len() == 2)
+        .map(|t| t.name.as_str())
+        .collect();
+    let mut out = Vec::new();
+    for node in model.graph.iter().flat_map(|g| &g.node) {
+        if let (true, [x, w]) = (node.op_type == "MatMul", node.input.as_slice()) {
+            if rank2.contains(&w.as_str()) {
+                out.push((w.clone(), x.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One task: its original model with the activations as extra outputs, run over the inputs.
+fn task_grams(
+    path: &Path,
+    graph: Option<&Path>,
+    set: &crate::compile::calibrate::Inputs,
+) -> Result<BTreeMap<String, std::sync::Arc<Gram>>, CompileError> {
+    let err = tract(&set.name);
+    let ckpt = Checkpoint::open(path, graph)?;
+    let weights = matmul_weights(path, &ckpt)?;
+    let mut activations: Vec<String> = weights.iter().map(|(_, x)| x.clone()).collect();
+    activations.sort();
+    activations.dedup();
+    if activations.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let onnx = tract_onnx::onnx();
+    let mut model = match graph {
+        None => onnx.model_for_path(path).map_err(&err)?,
+        Some(_) => onnx
+            .model_for_read(&mut &with_weights(path, graph, &set.name)?[..])
+            .map_err(&err)?,
+    };
+    let outlets = activations
+        .iter()
+        .map(|a| {
+            // A value is an outlet label, a graph input the name of its source node.
+            let input = || model.node_by_name(a).ok().map(|n| OutletId::new(n.id, 0));
+            model.find_outlet_label(a).or_else(input).ok_or_else(|| {
+                CompileError::Calibration(format!("{}: no value {a:?} in the graph", set.name))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    model.select_output_outlets(&outlets).map_err(&err)?;
+    let plan = model
+        .into_optimized()
+        .map_err(&err)?
+        .into_runnable()
+        .map_err(&err)?;
+    let facts: Vec<IoInfo> = plan
+        .model()
+        .input_outlets()
+        .map_err(&err)?
+        .iter()
+        .map(|&o| {
+            let name = plan.model().node(o.node).name.clone();
+            Ok(IoInfo::from_fact(name, plan.model().outlet_fact(o)?))
+        })
+        .collect::<TractResult<_>>()
+        .map_err(&err)?;
+    let mask = set
+        .arrays
+        .iter()
+        .find(|(n, _)| n == "attention_mask")
+        .map(|(_, a)| a.cast_to::<i64>().map(|a| a.into_owned()))
+        .transpose()
+        .map_err(&err)?;
+    let mut grams: Vec<Option<Gram>> = vec![None; activations.len()];
+    for_each_chunk(set, &facts, |inputs, range| {
+        let outputs = plan.run(inputs).map_err(&err)?;
+        // The chunk's attention mask, one flag per (example, position).
+        let keep: Option<Vec<bool>> = match &mask {
+            Some(m) => {
+                let m = m.slice(0, range.start, range.end).map_err(&err)?;
+                let m = m.to_plain_array_view::<i64>().map_err(&err)?;
+                Some(m.iter().map(|&v| v != 0).collect())
+            }
+            None => None,
+        };
+        for (slot, value) in grams.iter_mut().zip(outputs.iter()) {
+            let value = value.cast_to::<f32>().map_err(&err)?;
+            let Some(&dim) = value.shape().last() else {
+                continue;
+            };
+            let x = value.to_plain_array_view::<f32>().map_err(&err)?;
+            let x: Vec<f32> = x.iter().copied().collect();
+            let rows = x.len() / dim.max(1);
+            let keep = keep.as_deref().filter(|k| k.len() == rows);
+            let gram = slot.get_or_insert_with(|| Gram {
+                dim,
+                values: vec![0.0; dim * dim],
+            });
+            if gram.dim == dim {
+                accumulate(gram, &x, keep);
+            }
+        }
+        Ok(())
+    })?;
+    let by_activation: BTreeMap<&str, std::sync::Arc<Gram>> = activations
+        .iter()
+        .zip(grams)
+        .filter_map(|(a, g)| Some((a.as_str(), std::sync::Arc::new(g?))))
+        .collect();
+    Ok(weights
+        .iter()
+        .filter_map(|(w, x)| Some((w.clone(), by_activation.get(x.as_str())?.clone())))
+        .collect())
+}
+
+/// `G += XᵀX` over the rows of `x` (`rows × dim`, row-major) that `keep` keeps.
+fn accumulate(gram: &mut Gram, x: &[f32], keep: Option<&[bool]>) {
+    let dim = gram.dim;
+    let kept: Vec<f32> = x
+        .chunks_exact(dim)
+        .enumerate()
+        .filter(|(r, _)| keep.is_none_or(|k| k.get(*r).copied().unwrap_or(true)))
+        .flat_map(|(_, row)| row.iter().copied())
+        .collect();
+    let rows = kept.len() / dim.max(1);
+    let Ok(view) = tract_ndarray::ArrayView2::from_shape((rows, dim), &kept) else {
+        return;
+    };
+    let product = view.t().dot(&view);
+    for (g, p) in gram.values.iter_mut().zip(product.iter()) {
+        *g += f64::from(*p);
+    }
+}
+
+/// The row scales `s` minimizing `‖X(τ − diag(s)·C)‖²` for a weight of `rows × cols` (`rows` =
+/// the Gram's dimension), or `None` when the system is singular or the result is not finite.
+pub(crate) fn fit_row_scales(gram: &Gram, tau: &[f32], code: &[f32]) -> Option<Vec<f32>> {
+    let n = gram.dim;
+    if n == 0 || tau.len() != code.len() || !tau.len().is_multiple_of(n) {
+        return None;
+    }
+    let cols = tau.len() / n;
+    let t = tract_ndarray::ArrayView2::from_shape((n, cols), tau).ok()?;
+    let c = tract_ndarray::ArrayView2::from_shape((n, cols), code).ok()?;
+    let g = tract_ndarray::ArrayView2::from_shape((n, n), &gram.values).ok()?;
+    let c64 = c.mapv(f64::from);
+    let gt = g.dot(&t.mapv(f64::from));
+    let cct = c64.dot(&c64.t());
+    // A = G ∘ CCᵀ, b_k = Σ_j (Gτ)_kj C_kj.
+    let mut a: Vec<f64> = g.iter().zip(cct.iter()).map(|(x, y)| x * y).collect();
+    let b: Vec<f64> = (0..n)
+        .map(|k| (0..cols).map(|j| gt[[k, j]] * c64[[k, j]]).sum())
+        .collect();
+    let mean_diag = (0..n).map(|k| a[k * n + k]).sum::<f64>() / n as f64;
+    if mean_diag <= 0.0 || !mean_diag.is_finite() {
+        return None;
+    }
+    for k in 0..n {
+        a[k * n + k] += 1e-6 * mean_diag;
+    }
+    let s = cholesky_solve(&mut a, &b, n)?;
+    s.iter()
+        .all(|v| v.is_finite())
+        .then(|| s.iter().map(|&v| v as f32).collect())
+}
+
+/// Solves `A x = b` for a symmetric positive definite `A` (`n × n`, row-major, overwritten by
+/// its Cholesky factor), or `None` if `A` is not positive definite.
+fn cholesky_solve(a: &mut [f64], b: &[f64], n: usize) -> Option<Vec<f64>> {
+    for j in 0..n {
+        let mut d = a[j * n + j];
+        for k in 0..j {
+            d -= a[j * n + k] * a[j * n + k];
+        }
+        if d <= 0.0 || !d.is_finite() {
+            return None;
+        }
+        let d = d.sqrt();
+        a[j * n + j] = d;
+        for i in j + 1..n {
+            let mut v = a[i * n + j];
+            for k in 0..j {
+                v -= a[i * n + k] * a[j * n + k];
+            }
+            a[i * n + j] = v / d;
+        }
+    }
+    // L y = b, then Lᵀ x = y.
+    let mut y = b.to_vec();
+    for i in 0..n {
+        for k in 0..i {
+            y[i] -= a[i * n + k] * y[k];
+        }
+        y[i] /= a[i * n + i];
+    }
+    for i in (0..n).rev() {
+        for k in i + 1..n {
+            y[i] -= a[k * n + i] * y[k];
+        }
+        y[i] /= a[i * n + i];
+    }
+    Some(y)
+}
+
+/// Multiplies the scale of every block of row `r` of an encoded residual (rows of `row_len`
+/// values, a multiple of the block length) by `scales[r]`. `false`, and nothing changed, when
+/// the rows are not whole blocks or the sizes do not match.
+pub(crate) fn scale_block_rows(
+    encoding: Encoding,
+    encoded: &mut [u8],
+    row_len: usize,
+    scales: &[f32],
+) -> bool {
+    let (elements, bytes) = encoding.block();
+    let (elements, bytes) = (elements as usize, bytes as usize);
+    if !encoding.is_quantized() || row_len == 0 || !row_len.is_multiple_of(elements) {
+        return false;
+    }
+    let per_row = row_len / elements;
+    if encoded.len() != scales.len() * per_row * bytes {
+        return false;
+    }
+    for (block, chunk) in encoded.chunks_exact_mut(bytes).enumerate() {
+        let (Some(&s), Some(head)) = (scales.get(block / per_row), chunk.first_chunk_mut::<4>())
+        else {
+            return false;
+        };
+        *head = (f32::from_le_bytes(*head) * s).to_le_bytes();
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hand-worked 2 × 2 case: X = I (G = I), so the fit is per-row least squares in weight
+    /// space: s_k = ⟨τ_k, c_k⟩ / ⟨c_k, c_k⟩ = (2·1 + 4·2) / (1 + 4) = 2 and (3·1) / 1 = 3.
+    #[test]
+    fn with_identity_activations_the_fit_is_row_least_squares() {
+        let gram = Gram {
+            dim: 2,
+            values: vec![1.0, 0.0, 0.0, 1.0],
+        };
+        let s = fit_row_scales(&gram, &[2.0, 4.0, 3.0, 0.0], &[1.0, 2.0, 1.0, 0.0]).unwrap();
+        assert!(
+            (s[0] - 2.0).abs() < 1e-4 && (s[1] - 3.0).abs() < 1e-4,
+            "{s:?}"
+        );
+    }
+
+    /// Correlated activations couple the rows: G = [[2, 1], [1, 2]], τ = [1, 1]ᵀ (one
+    /// column), C = [1, 0]ᵀ: only row 0 has a code, and the best s_0 also makes up for row 1's
+    /// missing part through the correlation: s_0 = (Gτ)_0 / G_00 = 3 / 2 (row 1: no code, the
+    /// ridge keeps s_1 finite and irrelevant).
+    #[test]
+    fn correlated_activations_shift_the_scales() {
+        let gram = Gram {
+            dim: 2,
+            values: vec![2.0, 1.0, 1.0, 2.0],
+        };
+        let s = fit_row_scales(&gram, &[1.0, 1.0], &[1.0, 0.0]).unwrap();
+        assert!((s[0] - 1.5).abs() < 1e-5, "{s:?}");
+    }
+
+    #[test]
+    fn cholesky_solves_and_refuses_what_is_not_positive_definite() {
+        let mut a = vec![4.0, 2.0, 2.0, 3.0];
+        let x = cholesky_solve(&mut a, &[2.0, 5.0], 2).unwrap();
+        // 4x + 2y = 2, 2x + 3y = 5: x = -0.5, y = 2.
+        assert!(
+            (x[0] + 0.5).abs() < 1e-12 && (x[1] - 2.0).abs() < 1e-12,
+            "{x:?}"
+        );
+        let mut b = vec![1.0, 2.0, 2.0, 1.0];
+        assert!(cholesky_solve(&mut b, &[1.0, 1.0], 2).is_none());
+    }
+
+    #[test]
+    fn block_scales_are_multiplied_per_row() {
+        // Two rows of 64 values in q8 (one block each): the decoded rows scale by 2 and 0.5.
+        let values: Vec<f32> = (0..128).map(|i| (i as f32 - 64.0) / 10.0).collect();
+        let mut encoded = Vec::new();
+        Encoding::Q8.encode(&values, &mut encoded);
+        let mut before = vec![0.0; 128];
+        Encoding::Q8.decode_slice(&encoded, &mut before);
+        assert!(scale_block_rows(
+            Encoding::Q8,
+            &mut encoded,
+            64,
+            &[2.0, 0.5]
+        ));
+        let mut after = vec![0.0; 128];
+        Encoding::Q8.decode_slice(&encoded, &mut after);
+        for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+            let s = if i < 64 { 2.0 } else { 0.5 };
+            assert!(
+                (a - b * s).abs() <= 1e-6 * b.abs().max(1.0),
+                "{i}: {a} vs {b}"
+            );
+        }
+        // Rows that are not whole blocks: refused, untouched.
+        let copy = encoded.clone();
+        assert!(!scale_block_rows(Encoding::Q8, &mut encoded, 32, &[1.0; 4]));
+        assert_eq!(encoded, copy);
+    }
+}
