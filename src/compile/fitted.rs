@@ -11,6 +11,9 @@
 //! 10⁻⁶ of the mean diagonal). Rows of a block-quantized residual that are whole blocks
 //! (`out` a multiple of the block length) take `s` into their blocks' scales, so the bundle
 //! format does not change: a reader decodes the scaled blocks as any others.
+//!
+//! Activations wider than [`MAX_DIM`] are left out (their weights keep the plain code): a
+//! checkpoint cannot make the compiler allocate or solve more than that bound.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,6 +25,10 @@ use crate::compile::checkpoint::Checkpoint;
 use crate::compile::{Calibration, CompileError, CompileOptions};
 use crate::encoding::Encoding;
 use crate::runtime::IoInfo;
+
+/// Widest activation fitted: its Gram matrix takes `8 · dim²` bytes (128 MiB at 4096) and the
+/// solve `dim³ / 3` multiply-adds, whatever a checkpoint declares. Wider layers keep their code.
+const MAX_DIM: usize = 4096;
 
 /// `G = XᵀX` of the activations one or more weights are multiplied by, `dim × dim`, row-major.
 #[derive(Debug, Clone)]
@@ -165,7 +172,7 @@ fn task_grams(
         };
         for (slot, value) in grams.iter_mut().zip(outputs.iter()) {
             let value = value.cast_to::<f32>().map_err(&err)?;
-            let Some(&dim) = value.shape().last() else {
+            let Some(&dim) = value.shape().last().filter(|&&d| d > 0 && d <= MAX_DIM) else {
                 continue;
             };
             let x = value.to_plain_array_view::<f32>().map_err(&err)?;
