@@ -691,11 +691,13 @@ fn write_merged(
     })
 }
 
-/// A task's residual over its merged reconstruction, rounded to `encoding` (what a reader adds),
-/// or `None` where it rounds to zero everywhere. The reconstruction is what a reader computes
-/// (docs/FORMAT.md §5, `g = 1`: `check_options` keeps residuals away from EMR): `θ_0 + s · δ`
-/// where the mask keeps an element (`factor` gives `s`, 0 without a delta), `θ_0` elsewhere.
-/// The fidelity of the final reconstruction is added to `fidelity`.
+/// Encodes into `encoded` a task's residual over its merged reconstruction in `encoding` (what
+/// a reader adds), its rows scaled to fit the layer outputs where `gram` is given
+/// ([`fitted`]); `false` where it rounds to zero everywhere (then nothing is to be stored). The
+/// reconstruction is what a reader computes (docs/FORMAT.md §5, `g = 1`: `check_options` keeps
+/// residuals away from EMR): `θ_0 + s · δ` where the mask keeps an element (`factor` gives `s`,
+/// 0 without a delta), `θ_0` elsewhere. The fidelity of the final reconstruction is added to
+/// `fidelity`.
 fn residual_of(
     base: &[f32],
     tau: &[f32],
