@@ -469,3 +469,148 @@ fn tvq_calibration_fits_residual_row_scales_to_the_layer_output() {
         }
     }
 }
+
+/// The same for a pointwise convolution (y = Conv(x, W), W [64, 64, 1, 1], x [N, 64, 1, 2]):
+/// each output channel's residual row gets s_o = c_oᵀGτ_o / c_oᵀGc_o with G summed over every
+/// pixel of every example, computed here from the inputs on their own. The second pixel is
+/// twice the first, so both candidates agree with the original on every row (the argmax over
+/// the last axis) and the fit's lower logit distance must win.
+#[test]
+fn tvq_calibration_fits_pointwise_convolution_channels() {
+    use crate::common::matmul_model;
+    use crate::compile::weights_of;
+    use prost::Message;
+    use tract_onnx::pb::{
+        tensor_proto::DataType, tensor_shape_proto, type_proto, TensorProto, TensorShapeProto,
+        TypeProto, ValueInfoProto,
+    };
+    const C: usize = 64;
+    const EXAMPLES: usize = 24;
+    let mut state = 777u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    };
+    let w0: Vec<f32> = (0..C * C).map(|_| 1.0 + 0.2 * next()).collect();
+    let tau: Vec<f32> = (0..C * C).map(|_| 0.05 * next()).collect();
+    let wt: Vec<f32> = w0.iter().zip(&tau).map(|(a, b)| a + b).collect();
+    // NCHW, H = 1, W = 2: pixel 1 = 2 × pixel 0, positive and correlated across channels.
+    let mut x = vec![0f32; EXAMPLES * C * 2];
+    for n in 0..EXAMPLES {
+        let common = 0.5 * next();
+        for c in 0..C {
+            let v = 1.0 + common + 0.3 * next();
+            x[(n * C + c) * 2] = v;
+            x[(n * C + c) * 2 + 1] = 2.0 * v;
+        }
+    }
+    let nchw = |name: &str| {
+        use tensor_shape_proto::dimension::Value;
+        let dim = |v| tensor_shape_proto::Dimension {
+            value: Some(v),
+            ..Default::default()
+        };
+        ValueInfoProto {
+            name: name.into(),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: DataType::Float as i32,
+                    shape: Some(TensorShapeProto {
+                        dim: vec![
+                            dim(Value::DimParam("N".into())),
+                            dim(Value::DimValue(C as i64)),
+                            dim(Value::DimValue(1)),
+                            dim(Value::DimValue(2)),
+                        ],
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, w: &[f32]| {
+        let w = TensorProto {
+            name: "W".into(),
+            dims: vec![C as i64, C as i64, 1, 1],
+            data_type: DataType::Float as i32,
+            float_data: w.to_vec(),
+            ..Default::default()
+        };
+        let mut model = matmul_model(w, nchw("x"), nchw("y"));
+        if let Some(node) = model.graph.as_mut().and_then(|g| g.node.first_mut()) {
+            node.op_type = "Conv".into();
+        }
+        let path = dir.path().join(name);
+        std::fs::write(&path, model.encode_to_vec()).unwrap();
+        path
+    };
+    let (base, task) = (write("base.onnx", &w0), write("t.onnx", &wt));
+    let opts = |out: &Path| CompileOptions {
+        base_dtype: Some(Encoding::F32),
+        residual_dtype: Some(Encoding::Q2),
+        ..CompileOptions::new(
+            base.clone(),
+            vec![("t".into(), task.clone())],
+            Method::Tvq,
+            out,
+        )
+    };
+    let plain = compile(&opts(&dir.path().join("plain.tpk")), &mut |_| {}).unwrap();
+    let inputs = Tensor::from_shape(&[EXAMPLES, C, 1, 2], &x).unwrap();
+    let calibration = Calibration::new(vec![("t".into(), vec![("x".into(), inputs)])]);
+    let fitted = compile_calibrated(
+        &opts(&dir.path().join("fit.tpk")),
+        &calibration,
+        &mut |_| {},
+    )
+    .unwrap();
+    let report = fitted.manifest().report.tasks[0]
+        .calibration
+        .clone()
+        .unwrap();
+    assert_eq!(report.chosen, 1, "{report:?}");
+    assert_eq!(report.candidates[0].agreement, 1.0);
+
+    let w_plain = &weights_of(&export_task(&plain, "t").unwrap())["W"].1;
+    let w_fit = &weights_of(&export_task(&fitted, "t").unwrap())["W"].1;
+    // G over pixels: the channel vector of every (example, pixel).
+    let mut g = vec![0f64; C * C];
+    for n in 0..EXAMPLES {
+        for p in 0..2 {
+            let v = |c: usize| f64::from(x[(n * C + c) * 2 + p]);
+            for i in 0..C {
+                for j in 0..C {
+                    g[i * C + j] += v(i) * v(j);
+                }
+            }
+        }
+    }
+    let mut moved = false;
+    for o in 0..C {
+        let c: Vec<f64> = (0..C)
+            .map(|i| f64::from(w_plain[o * C + i] - w0[o * C + i]))
+            .collect();
+        let t: Vec<f64> = (0..C)
+            .map(|i| f64::from(wt[o * C + i] - w0[o * C + i]))
+            .collect();
+        let gc: Vec<f64> = (0..C)
+            .map(|i| (0..C).map(|j| g[i * C + j] * c[j]).sum())
+            .collect();
+        let s = gc.iter().zip(&t).map(|(a, b)| a * b).sum::<f64>()
+            / gc.iter().zip(&c).map(|(a, b)| a * b).sum::<f64>();
+        moved |= (s - 1.0).abs() > 0.01;
+        for i in 0..C {
+            let want = f64::from(w0[o * C + i]) + s * c[i];
+            let got = f64::from(w_fit[o * C + i]);
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "W[{o}][{i}]: {got} vs {want}"
+            );
+        }
+    }
+    assert!(moved, "the fit moves some channel's scale");
+}

@@ -137,10 +137,10 @@ SETTINGS = [
     # tvq with --calib: each residual row's scale fitted to the original's layer outputs.
     Setting("tvq --base-dtype q8 --residual-dtype q2 --calib",
             ("--method", "tvq", "--base-dtype", "q8", "--residual-dtype", "q2"), calib=True,
-            needs="the row scales of its residuals are fitted"),
+            needs="MatMul and pointwise convolution weights"),
     Setting("tvq --base-dtype q4 --residual-dtype q2 --calib",
             ("--method", "tvq", "--base-dtype", "q4", "--residual-dtype", "q2"), calib=True,
-            needs="the row scales of its residuals are fitted"),
+            needs="MatMul and pointwise convolution weights"),
     # The default bundle run with bf16 matrix products (tract's AMX-BF16 kernel; the runtime's
     # `--compute bf16`, docs/PERFORMANCE.md): what the faster arithmetic costs in accuracy.
     Setting("tvq --base-dtype q8, run --compute bf16", ("--method", "tvq", "--base-dtype", "q8"),

@@ -109,8 +109,8 @@ pub struct CompileArgs {
     /// Calibrate task NAME on the unlabeled inputs in INPUTS.npz (arrays named like the graph's
     /// inputs, examples on the first axis): its λ (TALL) and scale mode are chosen by agreement
     /// with the original task model; with tvq, the row scales of its residuals are fitted to
-    /// the original's layer outputs (MatMul weights), kept if that agrees better. Repeat per
-    /// task.
+    /// the original's layer outputs (MatMul and pointwise convolution weights), kept if that
+    /// agrees better. Repeat per task.
     #[arg(long = "calib", value_name = "NAME=INPUTS.npz", value_parser = parse_task)]
     pub calib: Vec<(String, PathBuf)>,
     /// Calibration: examples used per task (the first ones).

@@ -12,6 +12,11 @@
 //! (`out` a multiple of the block length) take `s` into their blocks' scales, so the bundle
 //! format does not change: a reader decodes the scaled blocks as any others.
 //!
+//! A pointwise convolution (`Conv` with a `[out, in, 1, 1]` weight, one group, stride 1) is the
+//! same product per pixel: `G` sums over pixels, and its rows (output channels) are fitted each
+//! on its own, `s_o = c_oᵀGτ_o / c_oᵀGc_o` (the rows do not interact: each output channel has
+//! its own weights).
+//!
 //! Activations wider than [`MAX_DIM`] are left out (their weights keep the plain code): a
 //! checkpoint cannot make the compiler allocate or solve more than that bound.
 
@@ -37,17 +42,27 @@ pub(crate) struct Gram {
     pub(crate) values: Vec<f64>,
 }
 
-/// Per task (by index in the options), the Gram matrix of each fitted weight's input, by weight
-/// name. Tasks without calibration inputs have none.
+/// How a weight multiplies its activation: what its rows are and how they are fitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Product {
+    /// `MatMul(x, W)`, `W` `[in, out]`: a row per input feature, fitted jointly.
+    MatMul,
+    /// A pointwise `Conv(x, W)`, `W` `[out, in, 1, 1]`: a row per output channel, each fitted
+    /// on its own.
+    PointwiseConv,
+}
+
+/// Per task (by index in the options), each fitted weight's product and the Gram matrix of its
+/// input, by weight name. Tasks without calibration inputs have none.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LayerGrams {
-    pub(crate) tasks: Vec<BTreeMap<String, std::sync::Arc<Gram>>>,
+    pub(crate) tasks: Vec<BTreeMap<String, (Product, std::sync::Arc<Gram>)>>,
 }
 
 impl LayerGrams {
-    /// The Gram matrix for task `t`'s weight `name`, if it was measured.
-    pub(crate) fn get(&self, t: usize, name: &str) -> Option<&Gram> {
-        self.tasks.get(t)?.get(name).map(|g| &**g)
+    /// What task `t`'s weight `name` was measured with, if it was.
+    pub(crate) fn get(&self, t: usize, name: &str) -> Option<(Product, &Gram)> {
+        self.tasks.get(t)?.get(name).map(|(p, g)| (*p, &**g))
     }
 }
 
@@ -77,27 +92,43 @@ pub(crate) fn layer_grams(
     Ok(out)
 }
 
-/// The weights of `MatMul(activation, weight)` nodes whose second input is a rank-2
-/// initializer, with the name of their activation.
-fn matmul_weights(path: &Path, ckpt: &Checkpoint) -> Result<Vec<(String, String)>, CompileError> {
+/// The weights this module fits, with their product and the name of their activation:
+/// `MatMul(activation, weight)` with a rank-2 initializer, and pointwise convolutions (a
+/// `[out, in, 1, 1]` initializer, one group, stride 1).
+fn fitted_weights(
+    path: &Path,
+    ckpt: &Checkpoint,
+) -> Result<Vec<(String, String, Product)>, CompileError> {
     let model =
         crate::onnx::decode_model(ckpt.stripped_graph()).map_err(|source| CompileError::Onnx {
             path: path.to_path_buf(),
             source,
         })?;
-    let rank2: Vec<&str> = ckpt
-        .tensors()
-        .iter()
-        .filter(|t| t.shape.len() == 2)
-        .map(|t| t.name.as_str())
-        .collect();
+    let shape_of = |name: &str| {
+        ckpt.tensors()
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| t.shape.as_slice())
+    };
     let mut out = Vec::new();
     for node in model.graph.iter().flat_map(|g| &g.node) {
-        if let (true, [x, w]) = (node.op_type == "MatMul", node.input.as_slice()) {
-            if rank2.contains(&w.as_str()) {
-                out.push((w.clone(), x.clone()));
+        let (Some(x), Some(w)) = (node.input.first(), node.input.get(1)) else {
+            continue;
+        };
+        let attr_is_one = |name: &str| {
+            node.attribute
+                .iter()
+                .filter(|a| a.name == name)
+                .all(|a| a.i <= 1 && a.ints.iter().all(|&v| v == 1))
+        };
+        let product = match (node.op_type.as_str(), shape_of(w)) {
+            ("MatMul", Some([_, _])) if node.input.len() == 2 => Product::MatMul,
+            ("Conv", Some([_, _, 1, 1])) if attr_is_one("group") && attr_is_one("strides") => {
+                Product::PointwiseConv
             }
-        }
+            _ => continue,
+        };
+        out.push((w.clone(), x.clone(), product));
     }
     Ok(out)
 }
@@ -107,11 +138,11 @@ fn task_grams(
     path: &Path,
     graph: Option<&Path>,
     set: &crate::compile::calibrate::Inputs,
-) -> Result<BTreeMap<String, std::sync::Arc<Gram>>, CompileError> {
+) -> Result<BTreeMap<String, (Product, std::sync::Arc<Gram>)>, CompileError> {
     let err = tract(&set.name);
     let ckpt = Checkpoint::open(path, graph)?;
-    let weights = matmul_weights(path, &ckpt)?;
-    let mut activations: Vec<String> = weights.iter().map(|(_, x)| x.clone()).collect();
+    let weights = fitted_weights(path, &ckpt)?;
+    let mut activations: Vec<String> = weights.iter().map(|(_, x, _)| x.clone()).collect();
     activations.sort();
     activations.dedup();
     if activations.is_empty() {
@@ -158,6 +189,16 @@ fn task_grams(
         .map(|(_, a)| a.cast_to::<i64>().map(|a| a.into_owned()))
         .transpose()
         .map_err(&err)?;
+    // The product each activation feeds (the first weight's, if several).
+    let products: Vec<Product> = activations
+        .iter()
+        .map(|a| {
+            weights
+                .iter()
+                .find(|(_, x, _)| x == a)
+                .map_or(Product::MatMul, |(_, _, p)| *p)
+        })
+        .collect();
     let mut grams: Vec<Option<Gram>> = vec![None; activations.len()];
     for_each_chunk(set, &facts, |inputs, range| {
         let outputs = plan.run(inputs).map_err(&err)?;
@@ -170,15 +211,34 @@ fn task_grams(
             }
             None => None,
         };
-        for (slot, value) in grams.iter_mut().zip(outputs.iter()) {
+        for ((slot, value), product) in grams.iter_mut().zip(outputs.iter()).zip(&products) {
             let value = value.cast_to::<f32>().map_err(&err)?;
-            let Some(&dim) = value.shape().last().filter(|&&d| d > 0 && d <= MAX_DIM) else {
-                continue;
-            };
             let x = value.to_plain_array_view::<f32>().map_err(&err)?;
-            let x: Vec<f32> = x.iter().copied().collect();
-            let rows = x.len() / dim.max(1);
-            let keep = keep.as_deref().filter(|k| k.len() == rows);
+            // Rows of features: the last axis of a MatMul's input; for a convolution's NCHW
+            // input, the channels of every pixel.
+            let (dim, x): (usize, Vec<f32>) = match (product, x.shape()) {
+                (Product::PointwiseConv, &[_, c, ..]) => {
+                    let rows = x.len() / c.max(1);
+                    let nhwc = x
+                        .to_shape((x.shape()[0], c, rows / x.shape()[0].max(1)))
+                        .map_err(|e| CompileError::Calibration(format!("{}: {e}", set.name)))?
+                        .permuted_axes([0, 2, 1])
+                        .iter()
+                        .copied()
+                        .collect();
+                    (c, nhwc)
+                }
+                (_, [.., d]) => (*d, x.iter().copied().collect()),
+                _ => continue,
+            };
+            if dim == 0 || dim > MAX_DIM {
+                continue;
+            }
+            let rows = x.len() / dim;
+            let keep = match product {
+                Product::MatMul => keep.as_deref().filter(|k| k.len() == rows),
+                Product::PointwiseConv => None,
+            };
             let gram = slot.get_or_insert_with(|| Gram {
                 dim,
                 values: vec![0.0; dim * dim],
@@ -196,7 +256,7 @@ fn task_grams(
         .collect();
     Ok(weights
         .iter()
-        .filter_map(|(w, x)| Some((w.clone(), by_activation.get(x.as_str())?.clone())))
+        .filter_map(|(w, x, p)| Some((w.clone(), (*p, by_activation.get(x.as_str())?.clone()))))
         .collect())
 }
 
@@ -219,9 +279,48 @@ fn accumulate(gram: &mut Gram, x: &[f32], keep: Option<&[bool]>) {
     }
 }
 
+/// The row scales of a weight's code `code` (its task vector part `tau`) fitted to the layer
+/// output, by its product; `None` where there is nothing to fit.
+pub(crate) fn fit_scales(
+    (product, gram): (Product, &Gram),
+    tau: &[f32],
+    code: &[f32],
+) -> Option<Vec<f32>> {
+    match product {
+        Product::MatMul => fit_row_scales(gram, tau, code),
+        Product::PointwiseConv => fit_channel_scales(gram, tau, code),
+    }
+}
+
+/// Per output channel `o` of a pointwise convolution (rows of `gram.dim` values):
+/// `s_o = c_oᵀGτ_o / c_oᵀGc_o`, 1 where the code is zero on the data.
+fn fit_channel_scales(gram: &Gram, tau: &[f32], code: &[f32]) -> Option<Vec<f32>> {
+    let n = gram.dim;
+    if n == 0 || tau.len() != code.len() || !tau.len().is_multiple_of(n) {
+        return None;
+    }
+    let g = tract_ndarray::ArrayView2::from_shape((n, n), &gram.values).ok()?;
+    let scales = tau
+        .chunks_exact(n)
+        .zip(code.chunks_exact(n))
+        .map(|(t, c)| {
+            let c = tract_ndarray::Array1::from_iter(c.iter().map(|&v| f64::from(v)));
+            let t = tract_ndarray::Array1::from_iter(t.iter().map(|&v| f64::from(v)));
+            let gc = g.dot(&c);
+            let (num, den) = (gc.dot(&t), gc.dot(&c));
+            if den > 0.0 && (num / den).is_finite() {
+                (num / den) as f32
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    Some(scales)
+}
+
 /// The row scales `s` minimizing `‖X(τ − diag(s)·C)‖²` for a weight of `rows × cols` (`rows` =
 /// the Gram's dimension), or `None` when the system is singular or the result is not finite.
-pub(crate) fn fit_row_scales(gram: &Gram, tau: &[f32], code: &[f32]) -> Option<Vec<f32>> {
+fn fit_row_scales(gram: &Gram, tau: &[f32], code: &[f32]) -> Option<Vec<f32>> {
     let n = gram.dim;
     if n == 0 || tau.len() != code.len() || !tau.len().is_multiple_of(n) {
         return None;
@@ -348,6 +447,26 @@ mod tests {
         };
         let s = fit_row_scales(&gram, &[1.0, 1.0], &[1.0, 0.0]).unwrap();
         assert!((s[0] - 1.5).abs() < 1e-5, "{s:?}");
+    }
+
+    /// A pointwise convolution fits each output channel alone: with G = I the weight-space
+    /// least squares of each row (2 and 3 as above), with G = [[2, 1], [1, 2]], τ_0 = [1, 1],
+    /// c_0 = [1, 0]: Gc_0 = [2, 1], s_0 = (Gc_0)·τ_0 / (Gc_0)·c_0 = 3 / 2; a zero code keeps 1.
+    #[test]
+    fn channel_scales_are_fitted_one_row_at_a_time() {
+        let identity = Gram {
+            dim: 2,
+            values: vec![1.0, 0.0, 0.0, 1.0],
+        };
+        let s = fit_channel_scales(&identity, &[2.0, 4.0, 3.0, 0.0], &[1.0, 2.0, 1.0, 0.0]);
+        assert_eq!(s, Some(vec![2.0, 3.0]));
+        let correlated = Gram {
+            dim: 2,
+            values: vec![2.0, 1.0, 1.0, 2.0],
+        };
+        let s = fit_channel_scales(&correlated, &[1.0, 1.0, 5.0, 5.0], &[1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(s, Some(vec![1.5, 1.0]));
+        assert_eq!(fit_channel_scales(&correlated, &[1.0; 3], &[1.0; 3]), None);
     }
 
     #[test]

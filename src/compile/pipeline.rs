@@ -17,7 +17,7 @@ use regex::Regex;
 use crate::compile::checkpoint::Checkpoint;
 use crate::compile::error::CompileError;
 use crate::compile::fidelity::Fidelity;
-use crate::compile::fitted::{self, Gram, LayerGrams};
+use crate::compile::fitted::{self, Gram, LayerGrams, Product};
 use crate::dtype::DType;
 use crate::encoding::Encoding;
 use crate::format::manifest::{
@@ -702,7 +702,7 @@ fn residual_of(
     base: &[f32],
     tau: &[f32],
     (delta, mask, factor): (&[f32], Option<&crate::mask::Mask>, &dyn Fn(usize) -> f32),
-    (encoding, gram): (Encoding, Option<&Gram>),
+    (encoding, gram): (Encoding, Option<(Product, &Gram)>),
     fidelity: &mut Fidelity,
     encoded: &mut Vec<u8>,
 ) -> bool {
@@ -731,7 +731,7 @@ fn residual_of(
     encoding.encode(&r, encoded);
     // Row scales fitted to the layer's outputs (`--calib` with tvq), taken into the block
     // scales: what a reader decodes is then the scaled code.
-    if let Some(scales) = gram.and_then(|g| fitted::fit_row_scales(g, &target, &r)) {
+    if let Some(scales) = gram.and_then(|g| fitted::fit_scales(g, &target, &r)) {
         let row_len = r.len() / scales.len().max(1);
         if fitted::scale_block_rows(encoding, encoded, row_len, &scales) {
             encoding.decode_slice(encoded, &mut r);

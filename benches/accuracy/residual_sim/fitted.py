@@ -46,15 +46,20 @@ def grams(model, names, calib_path):
     inputs = [i.name for i in sess.get_inputs()]
     with np.load(calib_path) as d:
         arrays = {n: d[n] for n in inputs}
-    keep_all = arrays["attention_mask"].astype(bool)
+    keep_all = arrays["attention_mask"].astype(bool) if "attention_mask" in arrays else None
     g = {}
-    rows = len(keep_all)
+    rows = len(next(iter(arrays.values())))
     for i in range(0, rows, 32):
         feed = {n: v[i:i + 32] for n, v in arrays.items()}
         outs = sess.run(names, feed)
-        keep = keep_all[i:i + 32].reshape(-1)
         for n, x in zip(names, outs):
-            x = x.reshape(-1, x.shape[-1])[keep].astype(np.float64)
+            if x.ndim == 4:  # NCHW, a 1x1 convolution's input: one row per pixel
+                x = x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
+            else:
+                x = x.reshape(-1, x.shape[-1])
+                if keep_all is not None:
+                    x = x[keep_all[i:i + 32].reshape(-1)]
+            x = x.astype(np.float64)
             g[n] = g.get(n, 0) + x.T @ x
     return g
 
@@ -75,15 +80,17 @@ def fit(mode, tau, code, g):
     return (c * s[:, None]).astype(np.float32), s
 
 
-def run(mode, row):
-    root, tasks = family_paths("text")
+def run(mode, row, family="text"):
+    root, tasks = family_paths(family)
     models, data = os.path.join(root, "models"), os.path.join(root, "data")
-    out = os.path.join(RESULTS, "text", f"fit-{mode}+{row}.json")
+    out = os.path.join(RESULTS, family, f"fit-{mode}+{row}.json")
     base_model = onnx.load(os.path.join(models, "base.onnx"))
     base = float_inits(base_model)
     task_models = {t: onnx.load(os.path.join(models, f"{t}.onnx")) for t in tasks}
     task_w = {t: float_inits(m) for t, m in task_models.items()}
-    merged = [n for n, v in base.items() if not HEAD.search(n)
+    bn_stats = {i for node in base_model.graph.node if node.op_type == "BatchNormalization"
+                for i in node.input[3:5]}
+    merged = [n for n, v in base.items() if not HEAD.search(n) and n not in bn_stats
               and all(n in w and w[n].shape == v.shape for w in task_w.values())]
     base_q4 = row.startswith("q4base+")
     enc = ENCODINGS[row.split("+", 1)[1] if base_q4 else row]
@@ -91,7 +98,7 @@ def run(mode, row):
     base_q = {n: quant(base[n].astype(np.float32).reshape(-1))[0] for n in merged}
     base_bytes = sum(-(-base[n].size // (32 if base_q4 else 64)) * (20 if base_q4 else 68)
                      for n in merged)
-    result = {"row": f"fit-{mode}+{row}", "family": "text", "tasks": {},
+    result = {"row": f"fit-{mode}+{row}", "family": family, "tasks": {},
               "merged_tensors": len(merged),
               "merged_elements": int(sum(base[n].size for n in merged)),
               "base_q8_bytes": int(base_bytes), "shared_delta_bytes": 0,
@@ -103,6 +110,13 @@ def run(mode, row):
         # The weights a MatMul multiplies, and the activation it multiplies them by.
         act = {node.input[1]: node.input[0] for node in model.graph.node
                if node.op_type == "MatMul" and node.input[1] in merged}
+        # 1x1 convolutions (group 1): W [O, C, 1, 1] is a matrix on the input channels; its
+        # rows (output channels) are what `cols` fits (the code is fitted as W's transpose).
+        convs = {node.input[1]: node.input[0] for node in model.graph.node
+                 if node.op_type == "Conv" and node.input[1] in merged
+                 and list(w[node.input[1]].shape[2:]) == [1, 1]
+                 and all(a.i == 1 for a in node.attribute if a.name == "group")}
+        act.update(convs)
         g = grams(model, sorted(set(act.values())), os.path.join(data, f"{t}.calib.npz"))
         new, enc_bytes, err2, tau2, scales = {}, 0, 0.0, 0.0, []
         for n in merged:
@@ -110,7 +124,13 @@ def run(mode, row):
             tau = theta - base_q[n]
             dec, b = enc(tau, w[n].shape)
             enc_bytes += b
-            if n in act:
+            if n in convs:
+                # Per output channel = per column of the transposed [C, O] matrix.
+                o = w[n].shape[0]
+                dec2, s = fit("cols", tau.reshape(o, -1).T, dec.reshape(o, -1).T, g[act[n]])
+                dec = dec2.T.reshape(-1)
+                scales.append(s)
+            elif n in act:
                 dec2, s = fit(mode, tau.reshape(w[n].shape), dec.reshape(w[n].shape), g[act[n]])
                 dec = dec2.reshape(-1)
                 enc_bytes += 4 * len(s) if mode == "cols" else 0  # rows: folded into the code
@@ -147,8 +167,9 @@ def run(mode, row):
 
 
 if __name__ == "__main__":
+    fam = os.environ.get("FAMILY", "text")
     mode = sys.argv[1]
     if mode not in ("cols", "rows"):
         sys.exit("MODE is cols or rows")
     for r in sys.argv[2:]:
-        run(mode, r)
+        run(mode, r, fam)
