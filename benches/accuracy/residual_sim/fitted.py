@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Activation-fitted scales (ScaLearn-style) on top of low-bit task vectors: do they recover
-accuracy? Text family only (its merged matrices are `MatMul(activation, W)` weights).
+accuracy? Fits the weights of `MatMul(activation, W)` (text) and of pointwise (1x1, one
+group) convolutions (images: per output channel, G over pixels); FAMILY=vision in the
+environment for the image family.
 
 For each task t and each merged weight W (shape [in, out]) that a MatMul multiplies: the code
 C = E(τ) of compact.py (τ = θ_t − deq(Q(θ_0))), the original task model's input activations X
@@ -15,7 +17,7 @@ test set as compact.py does.
 
     python fitted.py MODE ROW [ROW ...]     (MODE: cols | rows; ROW: a compact.py row without
                                              `tall`, e.g. q2-q8small, q4base+switch-row-q8small)
-Results: results/text/fit-MODE+ROW.json (report.py's schema).
+Results: results/FAMILY/fit-MODE+ROW.json (report.py's schema).
 """
 
 import json
