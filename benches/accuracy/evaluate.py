@@ -135,6 +135,8 @@ SETTINGS = [
     Setting("tvq --base-dtype q4",
             ("--method", "tvq", "--base-dtype", "q4"), needs="--base-dtype q4"),
     # tvq with --calib: each residual row's scale fitted to the original's layer outputs.
+    Setting("tvq --base-dtype q8 --calib", ("--method", "tvq", "--base-dtype", "q8"), calib=True,
+            needs="MatMul and pointwise convolution weights"),
     Setting("tvq --base-dtype q8 --residual-dtype q2 --calib",
             ("--method", "tvq", "--base-dtype", "q8", "--residual-dtype", "q2"), calib=True,
             needs="MatMul and pointwise convolution weights"),
