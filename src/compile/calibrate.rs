@@ -102,9 +102,31 @@ struct Task {
 }
 
 /// The first output of a model over all examples, as rows of the last axis.
-struct Outputs {
+pub(crate) struct Outputs {
     values: Vec<f32>,
     width: usize,
+}
+
+impl Outputs {
+    fn new() -> Outputs {
+        Outputs {
+            values: Vec::new(),
+            width: 0,
+        }
+    }
+
+    /// Appends the first of one chunk's outputs.
+    fn push_first(&mut self, task: &str, outputs: &[TValue]) -> Result<(), CompileError> {
+        let err = tract(task);
+        let first = outputs
+            .first()
+            .ok_or_else(|| CompileError::Calibration(format!("{task}: the model has no output")))?;
+        let first = first.cast_to::<f32>().map_err(&err)?;
+        let view = first.to_plain_array_view::<f32>().map_err(&err)?;
+        self.width = view.shape().last().copied().unwrap_or(1);
+        self.values.extend(view.iter().copied());
+        Ok(())
+    }
 }
 
 /// Compiles like [`crate::compile::compile`], choosing each calibrated task's λ and scale mode
@@ -146,8 +168,21 @@ fn calibrated_tvq(
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Bundle, CompileError> {
     let n = opts.tasks.len();
-    let tasks = prepare(opts, calibration, progress)?;
-    let grams = fitted::layer_grams(opts, calibration)?;
+    // One run of each original: its outputs (the reference) and the Gram matrices.
+    let (tasks, measured) = prepare(opts, calibration, progress, |set| {
+        let ckpt = prepared
+            .task(set.index)
+            .ok_or_else(|| CompileError::Calibration(format!("{}: no such task", set.name)))?;
+        fitted::measure(ckpt, task_path(opts, set), opts.graph.as_deref(), set)
+    })?;
+    let mut grams = LayerGrams {
+        tasks: vec![Default::default(); n],
+    };
+    for (t, g) in tasks.iter().zip(measured) {
+        if let Some(slot) = grams.tasks.get_mut(t.set.index) {
+            *slot = g;
+        }
+    }
     let plain = LayerGrams::default();
     let candidates = [
         ("residuals as quantized", &plain),
@@ -159,18 +194,7 @@ fn calibrated_tvq(
     });
     let mut tried: Vec<Vec<(usize, CandidateScore)>> = vec![Vec::new(); tasks.len()];
     for (c, (label, g)) in candidates.iter().enumerate() {
-        let round_bundle = RoundBundle::new(&opts.output, "calibrating")?;
-        let mut round = opts.clone();
-        round.output = round_bundle.path().to_path_buf();
-        round.tokenizer = None;
-        let bundle = std::sync::Arc::new(prepared.write_fitted(
-            &round,
-            BundleWriter::create(round_bundle.path())?,
-            (vec![None; n], g),
-            Instant::now(),
-            &mut |_| {},
-        )?);
-        let engine = Engine::new(bundle, EngineOptions::default())?;
+        let (engine, _round) = round_engine(opts, prepared, opts.clone(), g)?;
         let scores = parallel_map(&tasks, |t| score(&engine, t))?;
         for ((t, mut score), slot) in tasks.iter().zip(scores).zip(&mut tried) {
             score.setting = (*label).to_string();
@@ -236,7 +260,13 @@ pub(crate) fn calibrated(
             scale: opts.scale.get(t).copied().unwrap_or_default(),
         })
         .collect();
-    let mut tasks = prepare(&opts, calibration, progress)?;
+    let (mut tasks, _) = prepare(&opts, calibration, progress, |set| {
+        let path = task_path(&opts, set);
+        Ok((
+            run_original(path, opts.graph.as_deref(), set, &[], |_, _| Ok(()))?,
+            (),
+        ))
+    })?;
 
     let lambda_rounds = if has_lambda {
         calibration.lambdas.len()
@@ -331,40 +361,46 @@ fn best(tried: &[(impl Sized, CandidateScore)]) -> Option<usize> {
     best.map(|(i, _)| i)
 }
 
-/// Checks the calibration inputs and runs every calibrated task's original model on them.
-fn prepare(
+/// Checks the calibration inputs and runs every calibrated task's original model on them
+/// (`measure`: its reference outputs and whatever else the caller measures on the same run,
+/// returned beside the tasks in the same order).
+fn prepare<X: Send>(
     opts: &CompileOptions,
     calibration: &Calibration,
     progress: &mut dyn FnMut(Progress<'_>),
-) -> Result<Vec<Task>, CompileError> {
+    measure: impl Fn(&Inputs) -> Result<(Outputs, X), CompileError> + Sync,
+) -> Result<(Vec<Task>, Vec<X>), CompileError> {
     let sets = input_sets(opts, calibration)?;
     progress(Progress::Pass {
         name: "references",
         total: sets.len() as u64,
     });
-    let references = parallel_map(&sets, |set| {
-        let path = opts
-            .tasks
-            .get(set.index)
-            .map(|(_, p)| p.as_path())
-            .unwrap_or(Path::new(""));
-        run_original(path, opts.graph.as_deref(), set)
-    })?;
+    let measured = parallel_map(&sets, &measure)?;
     let mut tasks = Vec::with_capacity(sets.len());
-    for (set, reference) in sets.into_iter().zip(references) {
+    let mut extra = Vec::with_capacity(sets.len());
+    for (set, (reference, x)) in sets.into_iter().zip(measured) {
         progress(Progress::Step(&set.name));
         tasks.push(Task {
             set,
             reference,
             tried: Vec::new(),
         });
+        extra.push(x);
     }
-    Ok(tasks)
+    Ok((tasks, extra))
+}
+
+/// The checkpoint path of a calibrated task.
+fn task_path<'a>(opts: &'a CompileOptions, set: &Inputs) -> &'a Path {
+    opts.tasks
+        .get(set.index)
+        .map(|(_, p)| p.as_path())
+        .unwrap_or(Path::new(""))
 }
 
 /// Every task's calibration inputs, checked (a task of the options, given once, arrays with the
 /// same number of examples) and cut to `calibration.max_examples`, before any model runs.
-pub(crate) fn input_sets(
+fn input_sets(
     opts: &CompileOptions,
     calibration: &Calibration,
 ) -> Result<Vec<Inputs>, CompileError> {
@@ -404,7 +440,7 @@ pub(crate) fn input_sets(
 /// `f` of every item on up to as many scoped threads as the machine has cores (item `i` on
 /// worker `i % workers`), in item order; the first error in item order is the result. A
 /// panicking worker is an error, not an abort.
-pub(crate) fn parallel_map<T: Sync, R: Send>(
+fn parallel_map<T: Sync, R: Send>(
     items: &[T],
     f: impl Fn(&T) -> Result<R, CompileError> + Sync,
 ) -> Result<Vec<R>, CompileError> {
@@ -473,17 +509,37 @@ pub(crate) fn tract(task: &str) -> impl Fn(TractError) -> CompileError + '_ {
     move |e| CompileError::Calibration(format!("{task}: {e:#}"))
 }
 
-/// The original task model on the task's inputs, with plain tract. An ONNX checkpoint is
+/// The original task model on the task's inputs, with plain tract: its first output over all
+/// examples. The values named in `extra` (outlet labels, or graph inputs) become outputs too,
+/// handed to `on_extra` chunk by chunk with the chunk's example range. An ONNX checkpoint is
 /// loaded as it is; safetensors weights are first put into the graph (`--graph`).
-fn run_original(path: &Path, graph: Option<&Path>, set: &Inputs) -> Result<Outputs, CompileError> {
+pub(crate) fn run_original(
+    path: &Path,
+    graph: Option<&Path>,
+    set: &Inputs,
+    extra: &[String],
+    mut on_extra: impl FnMut(&[TValue], std::ops::Range<usize>) -> Result<(), CompileError>,
+) -> Result<Outputs, CompileError> {
     let err = tract(&set.name);
     let onnx = tract_onnx::onnx();
-    let model = match graph {
+    let mut model = match graph {
         None => onnx.model_for_path(path).map_err(&err)?,
         Some(_) => onnx
             .model_for_read(&mut &with_weights(path, graph, &set.name)?[..])
             .map_err(&err)?,
     };
+    let own = model.output_outlets().map_err(&err)?.len();
+    if !extra.is_empty() {
+        let mut outlets = model.output_outlets().map_err(&err)?.to_vec();
+        for a in extra {
+            // A value is an outlet label, a graph input the name of its source node.
+            let input = || model.node_by_name(a).ok().map(|n| OutletId::new(n.id, 0));
+            outlets.push(model.find_outlet_label(a).or_else(input).ok_or_else(|| {
+                CompileError::Calibration(format!("{}: no value {a:?} in the graph", set.name))
+            })?);
+        }
+        model.select_output_outlets(&outlets).map_err(&err)?;
+    }
     let model = model
         .into_optimized()
         .map_err(&err)?
@@ -500,20 +556,17 @@ fn run_original(path: &Path, graph: Option<&Path>, set: &Inputs) -> Result<Outpu
         })
         .collect::<TractResult<_>>()
         .map_err(&err)?;
-    run_chunks(set, &facts, |inputs| {
-        model
-            .run(inputs)
-            .map_err(&err)
-            .map(|o| o.into_iter().collect())
-    })
+    let mut out = Outputs::new();
+    for_each_chunk(set, &facts, |inputs, range| {
+        let outputs = model.run(inputs).map_err(&err)?;
+        out.push_first(&set.name, &outputs)?;
+        on_extra(outputs.get(own..).unwrap_or_default(), range)
+    })?;
+    Ok(out)
 }
 
 /// A standalone ONNX model of a checkpoint whose weights live outside its graph.
-pub(crate) fn with_weights(
-    path: &Path,
-    graph: Option<&Path>,
-    task: &str,
-) -> Result<Vec<u8>, CompileError> {
+fn with_weights(path: &Path, graph: Option<&Path>, task: &str) -> Result<Vec<u8>, CompileError> {
     let ckpt = Checkpoint::open(path, graph)?;
     let mut weights = Vec::with_capacity(ckpt.tensors().len());
     for info in ckpt.tensors() {
@@ -532,6 +585,28 @@ pub(crate) fn with_weights(
             source,
         }
     })
+}
+
+/// One candidate: `round` (the options with the candidate's settings, and `grams`' fitted
+/// scales) written into a scratch bundle next to the output, and an engine on it. The scratch
+/// file goes when the returned [`RoundBundle`] is dropped.
+fn round_engine(
+    opts: &CompileOptions,
+    prepared: &Prepared,
+    mut round: CompileOptions,
+    grams: &LayerGrams,
+) -> Result<(Engine, RoundBundle), CompileError> {
+    let round_bundle = RoundBundle::new(&opts.output, "calibrating")?;
+    round.output = round_bundle.path().to_path_buf();
+    round.tokenizer = None;
+    let bundle = std::sync::Arc::new(prepared.write_fitted(
+        &round,
+        BundleWriter::create(round_bundle.path())?,
+        (vec![None; opts.tasks.len()], grams),
+        Instant::now(),
+        &mut |_| {},
+    )?);
+    Ok((Engine::new(bundle, EngineOptions::default())?, round_bundle))
 }
 
 /// Compiles a bundle with `settings` into the round's bundle file and scores every calibrated
@@ -553,10 +628,7 @@ fn evaluate(
         return Ok(());
     }
     let started = Instant::now();
-    let round_bundle = RoundBundle::new(&opts.output, "calibrating")?;
     let mut round = opts.clone();
-    round.output = round_bundle.path().to_path_buf();
-    round.tokenizer = None;
     for (t, s) in settings.iter().enumerate() {
         if let (Some(l), Some(slot)) = (s.lambda, round.params.lambda.get_mut(t)) {
             *slot = l;
@@ -565,15 +637,8 @@ fn evaluate(
             *slot = s.scale;
         }
     }
-    let bundle = std::sync::Arc::new(prepared.write(
-        &round,
-        BundleWriter::create(round_bundle.path())?,
-        vec![None; opts.tasks.len()],
-        Instant::now(),
-        &mut |_| {},
-    )?);
+    let (engine, _round) = round_engine(opts, prepared, round, &LayerGrams::default())?;
     let written = started.elapsed();
-    let engine = Engine::new(bundle, EngineOptions::default())?;
     let pending: Vec<(usize, &Task)> = tasks
         .iter()
         .enumerate()
@@ -666,21 +731,9 @@ fn run_chunks(
     facts: &[IoInfo],
     mut run: impl FnMut(TVec<TValue>) -> Result<Vec<TValue>, CompileError>,
 ) -> Result<Outputs, CompileError> {
-    let err = tract(&task.name);
-    let mut out = Outputs {
-        values: Vec::new(),
-        width: 0,
-    };
+    let mut out = Outputs::new();
     for_each_chunk(task, facts, |inputs, _| {
-        let outputs = run(inputs)?;
-        let first = outputs.first().ok_or_else(|| {
-            CompileError::Calibration(format!("{}: the model has no output", task.name))
-        })?;
-        let first = first.cast_to::<f32>().map_err(&err)?;
-        let view = first.to_plain_array_view::<f32>().map_err(&err)?;
-        out.width = view.shape().last().copied().unwrap_or(1);
-        out.values.extend(view.iter().copied());
-        Ok(())
+        out.push_first(&task.name, &run(inputs)?)
     })?;
     Ok(out)
 }
@@ -689,7 +742,7 @@ fn run_chunks(
 /// chunks of a task's examples, and the chunk's example range. A graph with a fixed batch size
 /// gets chunks of exactly that size (a remainder is left out); otherwise chunks of up to
 /// [`CHUNK`] examples.
-pub(crate) fn for_each_chunk(
+fn for_each_chunk(
     task: &Inputs,
     facts: &[IoInfo],
     mut f: impl FnMut(TVec<TValue>, std::ops::Range<usize>) -> Result<(), CompileError>,

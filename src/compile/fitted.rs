@@ -25,11 +25,10 @@ use std::path::Path;
 
 use tract_onnx::prelude::*;
 
-use crate::compile::calibrate::{for_each_chunk, input_sets, parallel_map, tract, with_weights};
+use crate::compile::calibrate::{run_original, tract, Inputs, Outputs};
 use crate::compile::checkpoint::Checkpoint;
-use crate::compile::{Calibration, CompileError, CompileOptions};
+use crate::compile::CompileError;
 use crate::encoding::Encoding;
-use crate::runtime::IoInfo;
 
 /// Widest activation fitted: its Gram matrix takes `8 · dim²` bytes (128 MiB at 4096) and the
 /// solve `dim³ / 3` multiply-adds, whatever a checkpoint declares. Wider layers keep their code.
@@ -52,11 +51,15 @@ pub(crate) enum Product {
     PointwiseConv,
 }
 
-/// Per task (by index in the options), each fitted weight's product and the Gram matrix of its
-/// input, by weight name. Tasks without calibration inputs have none.
+/// One task's fitted weights: each one's product and the Gram matrix of its input, by weight
+/// name.
+pub(crate) type TaskGrams = BTreeMap<String, (Product, std::sync::Arc<Gram>)>;
+
+/// Per task (by index in the options), its [`TaskGrams`]. Tasks without calibration inputs
+/// have none.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LayerGrams {
-    pub(crate) tasks: Vec<BTreeMap<String, (Product, std::sync::Arc<Gram>)>>,
+    pub(crate) tasks: Vec<TaskGrams>,
 }
 
 impl LayerGrams {
@@ -64,32 +67,6 @@ impl LayerGrams {
     pub(crate) fn get(&self, t: usize, name: &str) -> Option<(Product, &Gram)> {
         self.tasks.get(t)?.get(name).map(|(p, g)| (*p, &**g))
     }
-}
-
-/// Runs every calibrated task's original model on its inputs and measures the Gram matrices of
-/// the activations its `MatMul` weights multiply.
-pub(crate) fn layer_grams(
-    opts: &CompileOptions,
-    calibration: &Calibration,
-) -> Result<LayerGrams, CompileError> {
-    let sets = input_sets(opts, calibration)?;
-    let measured = parallel_map(&sets, |set| {
-        let path = opts
-            .tasks
-            .get(set.index)
-            .map(|(_, p)| p.as_path())
-            .unwrap_or(Path::new(""));
-        task_grams(path, opts.graph.as_deref(), set).map(|g| (set.index, g))
-    })?;
-    let mut out = LayerGrams {
-        tasks: vec![BTreeMap::new(); opts.tasks.len()],
-    };
-    for (index, grams) in measured {
-        if let Some(slot) = out.tasks.get_mut(index) {
-            *slot = grams;
-        }
-    }
-    Ok(out)
 }
 
 /// The weights this module fits, with their product and the name of their activation:
@@ -133,62 +110,20 @@ fn fitted_weights(
     Ok(out)
 }
 
-/// One task: its original model with the activations as extra outputs, run over the inputs.
-fn task_grams(
+/// One task's original model run once on its calibration inputs ([`run_original`]), with the
+/// activations of its fitted weights as extra outputs: its reference outputs, and its weights'
+/// products and Gram matrices by weight name.
+pub(crate) fn measure(
+    ckpt: &Checkpoint,
     path: &Path,
     graph: Option<&Path>,
-    set: &crate::compile::calibrate::Inputs,
-) -> Result<BTreeMap<String, (Product, std::sync::Arc<Gram>)>, CompileError> {
+    set: &Inputs,
+) -> Result<(Outputs, TaskGrams), CompileError> {
     let err = tract(&set.name);
-    let ckpt = Checkpoint::open(path, graph)?;
-    let weights = fitted_weights(path, &ckpt)?;
+    let weights = fitted_weights(path, ckpt)?;
     let mut activations: Vec<String> = weights.iter().map(|(_, x, _)| x.clone()).collect();
     activations.sort();
     activations.dedup();
-    if activations.is_empty() {
-        return Ok(BTreeMap::new());
-    }
-    let onnx = tract_onnx::onnx();
-    let mut model = match graph {
-        None => onnx.model_for_path(path).map_err(&err)?,
-        Some(_) => onnx
-            .model_for_read(&mut &with_weights(path, graph, &set.name)?[..])
-            .map_err(&err)?,
-    };
-    let outlets = activations
-        .iter()
-        .map(|a| {
-            // A value is an outlet label, a graph input the name of its source node.
-            let input = || model.node_by_name(a).ok().map(|n| OutletId::new(n.id, 0));
-            model.find_outlet_label(a).or_else(input).ok_or_else(|| {
-                CompileError::Calibration(format!("{}: no value {a:?} in the graph", set.name))
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    model.select_output_outlets(&outlets).map_err(&err)?;
-    let plan = model
-        .into_optimized()
-        .map_err(&err)?
-        .into_runnable()
-        .map_err(&err)?;
-    let facts: Vec<IoInfo> = plan
-        .model()
-        .input_outlets()
-        .map_err(&err)?
-        .iter()
-        .map(|&o| {
-            let name = plan.model().node(o.node).name.clone();
-            Ok(IoInfo::from_fact(name, plan.model().outlet_fact(o)?))
-        })
-        .collect::<TractResult<_>>()
-        .map_err(&err)?;
-    let mask = set
-        .arrays
-        .iter()
-        .find(|(n, _)| n == "attention_mask")
-        .map(|(_, a)| a.cast_to::<i64>().map(|a| a.into_owned()))
-        .transpose()
-        .map_err(&err)?;
     // The product each activation feeds (the first weight's, if several).
     let products: Vec<Product> = activations
         .iter()
@@ -199,9 +134,15 @@ fn task_grams(
                 .map_or(Product::MatMul, |(_, _, p)| *p)
         })
         .collect();
+    let mask = set
+        .arrays
+        .iter()
+        .find(|(n, _)| n == "attention_mask")
+        .map(|(_, a)| a.cast_to::<i64>().map(|a| a.into_owned()))
+        .transpose()
+        .map_err(&err)?;
     let mut grams: Vec<Option<Gram>> = vec![None; activations.len()];
-    for_each_chunk(set, &facts, |inputs, range| {
-        let outputs = plan.run(inputs).map_err(&err)?;
+    let reference = run_original(path, graph, set, &activations, |outputs, range| {
         // The chunk's attention mask, one flag per (example, position).
         let keep: Option<Vec<bool>> = match &mask {
             Some(m) => {
@@ -211,32 +152,34 @@ fn task_grams(
             }
             None => None,
         };
-        for ((slot, value), product) in grams.iter_mut().zip(outputs.iter()).zip(&products) {
+        for ((slot, value), product) in grams.iter_mut().zip(outputs).zip(&products) {
             let value = value.cast_to::<f32>().map_err(&err)?;
             let x = value.to_plain_array_view::<f32>().map_err(&err)?;
             // Rows of features: the last axis of a MatMul's input; for a convolution's NCHW
             // input, the channels of every pixel.
-            let (dim, x): (usize, Vec<f32>) = match (product, x.shape()) {
-                (Product::PointwiseConv, &[_, c, ..]) => {
-                    let rows = x.len() / c.max(1);
+            let rows = match (product, x.shape()) {
+                (Product::PointwiseConv, &[n, c, ..]) if n > 0 && c > 0 => {
                     let nhwc = x
-                        .to_shape((x.shape()[0], c, rows / x.shape()[0].max(1)))
+                        .to_shape((n, c, x.len() / (n * c)))
                         .map_err(|e| CompileError::Calibration(format!("{}: {e}", set.name)))?
-                        .permuted_axes([0, 2, 1])
-                        .iter()
-                        .copied()
-                        .collect();
-                    (c, nhwc)
+                        .permuted_axes([0, 2, 1]);
+                    nhwc.as_standard_layout()
+                        .into_shape_with_order((x.len() / c, c))
+                        .map_err(|e| CompileError::Calibration(format!("{}: {e}", set.name)))?
+                        .into_owned()
                 }
-                (_, [.., d]) => (*d, x.iter().copied().collect()),
+                (Product::MatMul, &[.., d]) if d > 0 => x
+                    .to_shape((x.len() / d, d))
+                    .map_err(|e| CompileError::Calibration(format!("{}: {e}", set.name)))?
+                    .into_owned(),
                 _ => continue,
             };
-            if dim == 0 || dim > MAX_DIM {
+            let dim = rows.ncols();
+            if dim > MAX_DIM {
                 continue;
             }
-            let rows = x.len() / dim;
             let keep = match product {
-                Product::MatMul => keep.as_deref().filter(|k| k.len() == rows),
+                Product::MatMul => keep.as_deref().filter(|k| k.len() == rows.nrows()),
                 Product::PointwiseConv => None,
             };
             let gram = slot.get_or_insert_with(|| Gram {
@@ -244,7 +187,7 @@ fn task_grams(
                 values: vec![0.0; dim * dim],
             });
             if gram.dim == dim {
-                accumulate(gram, &x, keep);
+                accumulate(gram, rows.view(), keep);
             }
         }
         Ok(())
@@ -254,26 +197,25 @@ fn task_grams(
         .zip(grams)
         .filter_map(|(a, g)| Some((a.as_str(), std::sync::Arc::new(g?))))
         .collect();
-    Ok(weights
+    let grams = weights
         .iter()
         .filter_map(|(w, x, p)| Some((w.clone(), (*p, by_activation.get(x.as_str())?.clone()))))
-        .collect())
+        .collect();
+    Ok((reference, grams))
 }
 
-/// `G += XᵀX` over the rows of `x` (`rows × dim`, row-major) that `keep` keeps.
-fn accumulate(gram: &mut Gram, x: &[f32], keep: Option<&[bool]>) {
-    let dim = gram.dim;
-    let kept: Vec<f32> = x
-        .chunks_exact(dim)
-        .enumerate()
-        .filter(|(r, _)| keep.is_none_or(|k| k.get(*r).copied().unwrap_or(true)))
-        .flat_map(|(_, row)| row.iter().copied())
-        .collect();
-    let rows = kept.len() / dim.max(1);
-    let Ok(view) = tract_ndarray::ArrayView2::from_shape((rows, dim), &kept) else {
-        return;
+/// `G += XᵀX` over the rows of `x` that `keep` keeps (all without a mask).
+fn accumulate(gram: &mut Gram, x: tract_ndarray::ArrayView2<f32>, keep: Option<&[bool]>) {
+    let product = match keep {
+        None => x.t().dot(&x),
+        Some(keep) => {
+            let rows: Vec<usize> = (0..x.nrows())
+                .filter(|&r| keep.get(r).copied().unwrap_or(true))
+                .collect();
+            let kept = x.select(tract_ndarray::Axis(0), &rows);
+            kept.t().dot(&kept)
+        }
     };
-    let product = view.t().dot(&view);
     for (g, p) in gram.values.iter_mut().zip(product.iter()) {
         *g += f64::from(*p);
     }

@@ -253,6 +253,11 @@ impl Prepared {
         })
     }
 
+    /// Task `t`'s checkpoint, as opened.
+    pub(crate) fn task(&self, t: usize) -> Option<&Checkpoint> {
+        self.tasks.get(t)
+    }
+
     /// Writes the bundle of `opts` (the inputs [`Prepared::open`] was given; any merge
     /// parameters and storage) through `writer`, whatever its destination: the graphs, pass 2
     /// (merge and write), the manifest. Returns the bundle, opened.
