@@ -724,19 +724,20 @@ fn residual_of(
             }
         })
         .collect();
-    let target: Vec<f32> = base
+    let mut r: Vec<f32> = base
         .iter()
         .zip(tau)
         .zip(&merged)
         .map(|((&b, &t), &m)| (b + t) - m)
         .collect();
-    let mut r = target.clone();
+    // What the code approximates, kept only when its rows are to be fitted.
+    let target = gram.map(|g| (g, r.clone()));
     encoding.round_slice(&mut r);
     encoded.clear();
     encoding.encode(&r, encoded);
     // Row scales fitted to the layer's outputs (`--calib` with tvq), taken into the block
     // scales: what a reader decodes is then the scaled code.
-    if let Some(scales) = gram.and_then(|g| fitted::fit_scales(g, &target, &r)) {
+    if let Some(scales) = target.and_then(|(g, t)| fitted::fit_scales(g, &t, &r)) {
         let row_len = r.len() / scales.len().max(1);
         if fitted::scale_block_rows(encoding, encoded, row_len, &scales) {
             encoding.decode_slice(encoded, &mut r);

@@ -78,12 +78,16 @@ fn state() -> std::sync::MutexGuard<'static, State> {
     STATE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether this CPU and this build can run [`Compute::Bf16`].
+/// Whether this CPU and this build can run [`Compute::Bf16`] (probed once: it instantiates
+/// every kernel tract has).
 pub fn bf16_available() -> bool {
-    let isa = tract_linalg::isa::native();
-    tract_linalg::mmm_routines::runnable_for(&isa)
-        .iter()
-        .any(|kernel| kernel.name() == BF16_KERNEL)
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let isa = tract_linalg::isa::native();
+        tract_linalg::mmm_routines::runnable_for(&isa)
+            .iter()
+            .any(|kernel| kernel.name() == BF16_KERNEL)
+    })
 }
 
 /// Sets the precision of the matrix products of every engine in this process, and returns the
