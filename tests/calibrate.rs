@@ -321,20 +321,10 @@ fn a_size_budget_with_calibration_calibrates_at_the_storage_it_picked() {
 /// fitted bundle's weight W₀ + diag(s)·C.
 #[test]
 fn tvq_calibration_fits_residual_row_scales_to_the_layer_output() {
-    use crate::common::matmul_model;
-    use crate::compile::weights_of;
-    use crate::compute::batch_of;
-    use prost::Message;
-    use tract_onnx::pb::{tensor_proto::DataType, TensorProto};
+    use crate::common::{float_value_info, matmul_model};
     const N: usize = 64;
     const EXAMPLES: usize = 40;
-    let mut state = 12345u64;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    };
+    let mut next = lcg(12345);
     let w0: Vec<f32> = (0..N * N)
         .map(|i| if i % N == 0 { 10.0 } else { next() })
         .collect();
@@ -349,53 +339,21 @@ fn tvq_calibration_fits_residual_row_scales_to_the_layer_output() {
                 .collect::<Vec<_>>()
         })
         .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, w: &[f32]| {
-        let w = TensorProto {
-            name: "W".into(),
-            dims: vec![N as i64, N as i64],
-            data_type: DataType::Float as i32,
-            float_data: w.to_vec(),
-            ..Default::default()
-        };
-        let path = dir.path().join(name);
-        let model = matmul_model(w, batch_of("x", N), batch_of("y", N));
-        std::fs::write(&path, model.encode_to_vec()).unwrap();
-        path
-    };
-    let (base, task) = (write("base.onnx", &w0), write("t.onnx", &wt));
-    let opts = |out: &Path| CompileOptions {
-        base_dtype: Some(Encoding::F32),
-        residual_dtype: Some(Encoding::Q2),
-        ..CompileOptions::new(
-            base.clone(),
-            vec![("t".into(), task.clone())],
-            Method::Tvq,
-            out,
-        )
-    };
-    let plain = compile(&opts(&dir.path().join("plain.tpk")), &mut |_| {}).unwrap();
-    let inputs = Tensor::from_shape(&[EXAMPLES, N], &x).unwrap();
-    let calibration = Calibration::new(vec![("t".into(), vec![("x".into(), inputs)])]);
-    let fitted = compile_calibrated(
-        &opts(&dir.path().join("fit.tpk")),
-        &calibration,
-        &mut |_| {},
-    )
-    .unwrap();
-
-    let report = fitted.manifest().report.tasks[0]
-        .calibration
-        .clone()
-        .unwrap();
+    let io = |name: &str| float_value_info(name, &[None, Some(N as i64)]);
+    let fit = TvqFit::run(
+        |w| matmul_model(w, io("x"), io("y")),
+        &[N as i64, N as i64],
+        (&w0, &wt),
+        Tensor::from_shape(&[EXAMPLES, N], &x).unwrap(),
+    );
+    let report = &fit.report;
     assert_eq!(report.candidates.len(), 2);
     assert_eq!(report.chosen, 1, "{report:?}");
     assert_eq!(report.candidates[0].agreement, 1.0);
     assert_eq!(report.candidates[1].agreement, 1.0);
     assert!(report.candidates[1].logit_distance < report.candidates[0].logit_distance);
 
-    let w_plain = &weights_of(&export_task(&plain, "t").unwrap())["W"].1;
-    let w_fit = &weights_of(&export_task(&fitted, "t").unwrap())["W"].1;
+    let (w_plain, w_fit) = (&fit.plain, &fit.fitted);
     let c: Vec<f64> = w_plain
         .iter()
         .zip(&w0)
@@ -477,22 +435,10 @@ fn tvq_calibration_fits_residual_row_scales_to_the_layer_output() {
 /// the last axis) and the fit's lower logit distance must win.
 #[test]
 fn tvq_calibration_fits_pointwise_convolution_channels() {
-    use crate::common::matmul_model;
-    use crate::compile::weights_of;
-    use prost::Message;
-    use tract_onnx::pb::{
-        tensor_proto::DataType, tensor_shape_proto, type_proto, TensorProto, TensorShapeProto,
-        TypeProto, ValueInfoProto,
-    };
+    use crate::common::{float_value_info, matmul_model};
     const C: usize = 64;
     const EXAMPLES: usize = 24;
-    let mut state = 777u64;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    };
+    let mut next = lcg(777);
     let w0: Vec<f32> = (0..C * C).map(|_| 1.0 + 0.2 * next()).collect();
     let tau: Vec<f32> = (0..C * C).map(|_| 0.05 * next()).collect();
     let wt: Vec<f32> = w0.iter().zip(&tau).map(|(a, b)| a + b).collect();
@@ -506,77 +452,23 @@ fn tvq_calibration_fits_pointwise_convolution_channels() {
             x[(n * C + c) * 2 + 1] = 2.0 * v;
         }
     }
-    let nchw = |name: &str| {
-        use tensor_shape_proto::dimension::Value;
-        let dim = |v| tensor_shape_proto::Dimension {
-            value: Some(v),
-            ..Default::default()
-        };
-        ValueInfoProto {
-            name: name.into(),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: DataType::Float as i32,
-                    shape: Some(TensorShapeProto {
-                        dim: vec![
-                            dim(Value::DimParam("N".into())),
-                            dim(Value::DimValue(C as i64)),
-                            dim(Value::DimValue(1)),
-                            dim(Value::DimValue(2)),
-                        ],
-                    }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, w: &[f32]| {
-        let w = TensorProto {
-            name: "W".into(),
-            dims: vec![C as i64, C as i64, 1, 1],
-            data_type: DataType::Float as i32,
-            float_data: w.to_vec(),
-            ..Default::default()
-        };
-        let mut model = matmul_model(w, nchw("x"), nchw("y"));
-        if let Some(node) = model.graph.as_mut().and_then(|g| g.node.first_mut()) {
-            node.op_type = "Conv".into();
-        }
-        let path = dir.path().join(name);
-        std::fs::write(&path, model.encode_to_vec()).unwrap();
-        path
-    };
-    let (base, task) = (write("base.onnx", &w0), write("t.onnx", &wt));
-    let opts = |out: &Path| CompileOptions {
-        base_dtype: Some(Encoding::F32),
-        residual_dtype: Some(Encoding::Q2),
-        ..CompileOptions::new(
-            base.clone(),
-            vec![("t".into(), task.clone())],
-            Method::Tvq,
-            out,
-        )
-    };
-    let plain = compile(&opts(&dir.path().join("plain.tpk")), &mut |_| {}).unwrap();
-    let inputs = Tensor::from_shape(&[EXAMPLES, C, 1, 2], &x).unwrap();
-    let calibration = Calibration::new(vec![("t".into(), vec![("x".into(), inputs)])]);
-    let fitted = compile_calibrated(
-        &opts(&dir.path().join("fit.tpk")),
-        &calibration,
-        &mut |_| {},
-    )
-    .unwrap();
-    let report = fitted.manifest().report.tasks[0]
-        .calibration
-        .clone()
-        .unwrap();
-    assert_eq!(report.chosen, 1, "{report:?}");
-    assert_eq!(report.candidates[0].agreement, 1.0);
+    let io = |name: &str| float_value_info(name, &[None, Some(C as i64), Some(1), Some(2)]);
+    let fit = TvqFit::run(
+        |w| {
+            let mut model = matmul_model(w, io("x"), io("y"));
+            if let Some(node) = model.graph.as_mut().and_then(|g| g.node.first_mut()) {
+                node.op_type = "Conv".into();
+            }
+            model
+        },
+        &[C as i64, C as i64, 1, 1],
+        (&w0, &wt),
+        Tensor::from_shape(&[EXAMPLES, C, 1, 2], &x).unwrap(),
+    );
+    assert_eq!(fit.report.chosen, 1, "{:?}", fit.report);
+    assert_eq!(fit.report.candidates[0].agreement, 1.0);
 
-    let w_plain = &weights_of(&export_task(&plain, "t").unwrap())["W"].1;
-    let w_fit = &weights_of(&export_task(&fitted, "t").unwrap())["W"].1;
+    let (w_plain, w_fit) = (&fit.plain, &fit.fitted);
     // G over pixels: the channel vector of every (example, pixel).
     let mut g = vec![0f64; C * C];
     for n in 0..EXAMPLES {
@@ -613,4 +505,78 @@ fn tvq_calibration_fits_pointwise_convolution_channels() {
         }
     }
     assert!(moved, "the fit moves some channel's scale");
+}
+
+/// A deterministic generator of values in [-0.5, 0.5) (a 64-bit LCG's top 24 bits).
+fn lcg(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed;
+    move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+}
+
+/// A base and one task `t` of a one-weight model (its weight `W` of shape `dims`) compiled with
+/// tvq and q2 residuals over an f32 base, plainly and with `--calib` on `x`: the exported
+/// weights of both and the calibrated bundle's report.
+struct TvqFit {
+    plain: Vec<f32>,
+    fitted: Vec<f32>,
+    report: taskpack::format::CalibrationReport,
+}
+
+impl TvqFit {
+    fn run(
+        model: impl Fn(tract_onnx::pb::TensorProto) -> taskpack::internals::ModelProto,
+        dims: &[i64],
+        (w0, wt): (&[f32], &[f32]),
+        x: Tensor,
+    ) -> TvqFit {
+        use crate::compile::weights_of;
+        use prost::Message;
+        use tract_onnx::pb::{tensor_proto::DataType, TensorProto};
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, w: &[f32]| {
+            let w = TensorProto {
+                name: "W".into(),
+                dims: dims.to_vec(),
+                data_type: DataType::Float as i32,
+                float_data: w.to_vec(),
+                ..Default::default()
+            };
+            let path = dir.path().join(name);
+            std::fs::write(&path, model(w).encode_to_vec()).unwrap();
+            path
+        };
+        let (base, task) = (write("base.onnx", w0), write("t.onnx", wt));
+        let opts = |out: &Path| CompileOptions {
+            base_dtype: Some(Encoding::F32),
+            residual_dtype: Some(Encoding::Q2),
+            ..CompileOptions::new(
+                base.clone(),
+                vec![("t".into(), task.clone())],
+                Method::Tvq,
+                out,
+            )
+        };
+        let plain = compile(&opts(&dir.path().join("plain.tpk")), &mut |_| {}).unwrap();
+        let calibration = Calibration::new(vec![("t".into(), vec![("x".into(), x)])]);
+        let fitted = compile_calibrated(
+            &opts(&dir.path().join("fit.tpk")),
+            &calibration,
+            &mut |_| {},
+        )
+        .unwrap();
+        let export = |b| weights_of(&export_task(b, "t").unwrap())["W"].1.clone();
+        TvqFit {
+            plain: export(&plain),
+            fitted: export(&fitted),
+            report: fitted.manifest().report.tasks[0]
+                .calibration
+                .clone()
+                .unwrap(),
+        }
+    }
 }

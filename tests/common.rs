@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use taskpack::internals::ModelProto;
-use tract_onnx::pb::{GraphProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto};
+use tract_onnx::pb::tensor_proto::DataType;
+use tract_onnx::pb::{
+    tensor_shape_proto, type_proto, GraphProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
+};
 use tract_onnx::prelude::*;
 
 /// An ONNX model (bytes) loaded, optimized and made runnable by plain tract.
@@ -100,6 +104,32 @@ pub fn matmul_model(w: TensorProto, x: ValueInfoProto, y: ValueInfoProto) -> Mod
             initializer: vec![w],
             input: vec![x],
             output: vec![y],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A float graph input or output: `None` dimensions are the symbolic batch `N`, the others
+/// fixed.
+pub fn float_value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
+    use tensor_shape_proto::dimension::Value;
+    let dim = |d: &Option<i64>| tensor_shape_proto::Dimension {
+        value: Some(match d {
+            Some(n) => Value::DimValue(*n),
+            None => Value::DimParam("N".into()),
+        }),
+        ..Default::default()
+    };
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: DataType::Float as i32,
+                shape: Some(TensorShapeProto {
+                    dim: dims.iter().map(dim).collect(),
+                }),
+            })),
             ..Default::default()
         }),
         ..Default::default()

@@ -7,9 +7,7 @@ use std::path::Path;
 use ndarray_npy::{NpzReader, NpzWriter};
 use prost::Message;
 use tract_onnx::pb::tensor_proto::DataType;
-use tract_onnx::pb::{
-    tensor_shape_proto, type_proto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
-};
+use tract_onnx::pb::{TensorProto, ValueInfoProto};
 use tract_onnx::prelude::tract_ndarray::{Array2, ArrayD};
 
 use crate::common::{cli, cli_compile, matmul_model};
@@ -22,32 +20,9 @@ const OUT: usize = 32;
 /// 1 + 2⁻¹⁰: exact in f32, rounds to 1 in bf16 (8 significant bits).
 const W_TASK: f32 = 1.0 + 1.0 / 1024.0;
 
-fn dim(value: tensor_shape_proto::dimension::Value) -> tensor_shape_proto::Dimension {
-    tensor_shape_proto::Dimension {
-        value: Some(value),
-        ..Default::default()
-    }
-}
-
 /// A float tensor type `[N, cols]`, N symbolic (as a batch is in real models).
-pub(crate) fn batch_of(name: &str, cols: usize) -> ValueInfoProto {
-    use tensor_shape_proto::dimension::Value;
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: Some(TensorShapeProto {
-                    dim: vec![
-                        dim(Value::DimParam("N".into())),
-                        dim(Value::DimValue(cols as i64)),
-                    ],
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+fn batch_of(name: &str, cols: usize) -> ValueInfoProto {
+    crate::common::float_value_info(name, &[None, Some(cols as i64)])
 }
 
 /// y = MatMul(x, W), W filled with `w`.

@@ -14,8 +14,7 @@ use taskpack::internals::{
 };
 use tract_onnx::pb::tensor_proto::{DataLocation, DataType};
 use tract_onnx::pb::{
-    tensor_shape_proto, type_proto, GraphProto, NodeProto, OperatorSetIdProto,
-    StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    GraphProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, ValueInfoProto,
 };
 
 /// W (2×3) and B (3) of the test network y = reshape(x·W + B, [3]).
@@ -93,25 +92,8 @@ fn shape_initializer() -> TensorProto {
 
 /// A float graph input or output of the given fixed shape.
 pub(crate) fn value_info(name: &str, dims: &[i64]) -> ValueInfoProto {
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: Some(TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| tensor_shape_proto::Dimension {
-                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    let dims: Vec<Option<i64>> = dims.iter().map(|&d| Some(d)).collect();
+    crate::common::float_value_info(name, &dims)
 }
 
 fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
