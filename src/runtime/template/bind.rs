@@ -443,35 +443,52 @@ mod tests {
     use super::super::stored::graph_weights;
     use super::super::TemplateKey;
     use super::*;
+    use crate::compile::{compile, CompileOptions};
+    use crate::format::{Manifest, Method};
+
+    /// The demo `tasks` compiled with `method` (options edited by `edit`), read back.
+    fn demo_bundle(
+        tasks: &[&str],
+        method: Method,
+        edit: impl FnOnce(CompileOptions) -> CompileOptions,
+    ) -> Bundle {
+        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+        let tasks: Vec<(String, std::path::PathBuf)> = tasks
+            .iter()
+            .map(|t| (t.to_string(), demo.join(format!("{t}.onnx"))))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("demo.tpk");
+        let opts = edit(CompileOptions::new(
+            demo.join("base.onnx"),
+            tasks,
+            method,
+            &out,
+        ));
+        drop(compile(&opts, &mut |_| {}).unwrap());
+        Bundle::read(&out).unwrap()
+    }
+
+    /// Each tensor's index by name.
+    fn tensor_indices(m: &Manifest) -> HashMap<&str, usize> {
+        m.tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect()
+    }
 
     /// A large tensor that is the base for every task (tvq with `--shared ^fc\.weight$`: no
     /// residual) is a shared input of every template, reconstructed once per engine, not a
     /// constant baked into each graph's template; a small one (a bias) stays a constant.
     #[test]
     fn large_constants_are_shared_inputs_small_ones_stay_constants() {
-        use crate::compile::{compile, CompileOptions};
-        use crate::format::Method;
-
-        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
-        let tasks: Vec<(String, std::path::PathBuf)> = ["digits", "fashion3"]
-            .iter()
-            .map(|t| (t.to_string(), demo.join(format!("{t}.onnx"))))
-            .collect();
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("tvq.tpk");
-        let opts = CompileOptions {
+        let bundle = demo_bundle(&["digits", "fashion3"], Method::Tvq, |o| CompileOptions {
             shared: Some(regex::Regex::new(r"^fc\.(weight|bias)$").unwrap()),
-            ..CompileOptions::new(demo.join("base.onnx"), tasks, Method::Tvq, &out)
-        };
-        drop(compile(&opts, &mut |_| {}).unwrap());
-        let bundle = Bundle::read(&out).unwrap();
+            ..o
+        });
         let m = bundle.manifest();
-        let by_name: HashMap<&str, usize> = m
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.as_str(), i))
-            .collect();
+        let by_name = tensor_indices(m);
         let (weight, bias) = (by_name["fc.weight"], by_name["fc.bias"]);
         for (task, entry) in m.tasks.iter().enumerate() {
             let used = graph_weights(&bundle, entry.graph as usize, &by_name).unwrap();
@@ -499,26 +516,9 @@ mod tests {
     /// propagation gives: the same outputs, bit for bit, on every demo task.
     #[test]
     fn eager_folding_matches_constant_propagation() {
-        use crate::compile::{compile, CompileOptions};
-        use crate::format::Method;
-
-        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
-        let tasks: Vec<(String, std::path::PathBuf)> = ["digits", "mnist", "parity"]
-            .iter()
-            .map(|t| (t.to_string(), demo.join(format!("{t}.onnx"))))
-            .collect();
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("demo.tpk");
-        let opts = CompileOptions::new(demo.join("base.onnx"), tasks, Method::Emr, &out);
-        drop(compile(&opts, &mut |_| {}).unwrap());
-        let bundle = Bundle::read(&out).unwrap();
+        let bundle = demo_bundle(&["digits", "mnist", "parity"], Method::Emr, |o| o);
         let m = bundle.manifest();
-        let by_name: HashMap<&str, usize> = m
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.as_str(), i))
-            .collect();
+        let by_name = tensor_indices(m);
         let input = Tensor::from_shape(
             &[2, 1, 28, 28],
             &(0..2 * 28 * 28)
