@@ -72,6 +72,16 @@ def predict(model_bytes, test_path):
     return pred, float(np.mean(np.array(pred) == labels))
 
 
+def with_weights(model, new):
+    """The serialized `model` with the initializers named in `new` replaced (float32)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for init in m.graph.initializer:
+        if init.name in new:
+            init.CopyFrom(numpy_helper.from_array(new[init.name].astype(np.float32), init.name))
+    return m.SerializeToString()
+
+
 def tall_parts(base_q, tasks_w, merged):
     """Per tensor: δ̂ = q4(Σ τ_t) and per task the mask m_t = |τ_t| > λ |Σ τ − τ_t|
     (τ_t = θ_t − deq(Q8 θ_0)); returns {name: (δ̂, {task: mask})} and the bytes of δ̂."""
@@ -153,13 +163,7 @@ def run_row(family, row):
                 err2 += float(d @ d)
                 tau = theta.astype(np.float64) - base[n].reshape(-1)
                 tau2 += float(tau @ tau)
-            m = onnx.ModelProto()
-            m.CopyFrom(model)
-            for init in m.graph.initializer:
-                if init.name in new:
-                    init.CopyFrom(numpy_helper.from_array(new[init.name].astype(np.float32),
-                                                          init.name))
-            model_bytes = m.SerializeToString()
+            model_bytes = with_weights(model, new)
         else:
             model_bytes = model.SerializeToString()
         built = time.perf_counter() - started

@@ -28,10 +28,11 @@ import time
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compact import HEAD, RESULTS, THREADS, family_paths, float_inits, predict  # noqa: E402
+from compact import (HEAD, RESULTS, THREADS, family_paths, float_inits, predict,  # noqa: E402
+                     with_weights)
 from lowbit import ENCODINGS, q4, q8  # noqa: E402
 
 
@@ -143,13 +144,7 @@ def run(mode, row, family="text"):
             err2 += float(d @ d)
             tt = theta.astype(np.float64) - base[n].reshape(-1)
             tau2 += float(tt @ tt)
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        for init in m.graph.initializer:
-            if init.name in new:
-                init.CopyFrom(numpy_helper.from_array(new[init.name].astype(np.float32),
-                                                      init.name))
-        pred, acc = predict(m.SerializeToString(), os.path.join(data, f"{t}.test.npz"))
+        pred, acc = predict(with_weights(model, new), os.path.join(data, f"{t}.test.npz"))
         private_elems = sum(v.size for n, v in w.items() if n not in merged)
         allscales = np.concatenate(scales)
         result["tasks"][t] = {
