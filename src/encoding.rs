@@ -14,10 +14,18 @@
 //! outliers, so their encoder *chooses* the scale that minimizes the block's squared error
 //! instead of taking `max|x| / Q`, and uses every code of the two's complement range.
 //!
+//! `ternary` (format version 5) is the sparse sign module of T-Switch as a block code: each
+//! weight of a task vector stays (`0`) or moves by `±s`, with one magnitude `s` per block of
+//! 128. Its codes are packed five to a byte as base-3 digits (`3^5 = 243 ≤ 256`), 1.6 bits
+//! per code whatever their density — the same as a move bitmap plus a sign per mover when 60%
+//! move, which is what the least-squares choice of movers gives on real task vectors
+//! (docs/METHODS.md) — and the section length depends only on the element count.
+//!
 //! The encoder is the compiler's choice and not normative: symmetric, `s = max|x| / Q` with
 //! `Q = 127` (`q8`) or `7` (`q4`), `q = round(x / s)` ties to even, clamped to `±Q`; for `q3`
 //! and `q2`, the scale of least squared error on a grid of clipped maxima, either sign, with
-//! codes `−4 … 3` or `−2 … 1` ([`quantize_search`]).
+//! codes `−4 … 3` or `−2 … 1` ([`quantize_search`]); for `ternary`, the movers and magnitude of
+//! least squared error ([`quantize_ternary`]).
 //! [`Encoding::round_slice`] is exactly decode ∘ encode, so the compiler can take task vectors
 //! from the base a reader will see.
 
@@ -46,6 +54,10 @@ pub enum Encoding {
     /// Blocks of 64 elements: an `f32` scale, then 16 bytes of signed 2-bit codes, element `4k + j`
     /// in bits `2j..2j + 2` of byte `k` (20 bytes). Format version 4.
     Q2,
+    /// Blocks of 128 elements: an `f32` scale, then 26 bytes of ternary codes `−1, 0, 1`, five
+    /// per byte as the base-3 digits of the byte's value, element `5k + i` in digit `i` of byte
+    /// `k` (30 bytes, 1.875 bits per element). Format version 5.
+    Ternary,
 }
 
 /// Elements per `q8` block.
@@ -56,10 +68,14 @@ pub(crate) const Q4_BLOCK: usize = 32;
 pub(crate) const Q3_BLOCK: usize = 64;
 /// Elements per `q2` block.
 pub(crate) const Q2_BLOCK: usize = 64;
+/// Elements per `ternary` block.
+pub(crate) const TERNARY_BLOCK: usize = 128;
+/// Code bytes per `ternary` block: five codes per byte, the last byte holding three.
+const TERNARY_CODE_BYTES: usize = TERNARY_BLOCK.div_ceil(5);
 
 impl Encoding {
     /// Every encoding, in wire order.
-    pub const ALL: [Encoding; 7] = [
+    pub const ALL: [Encoding; 8] = [
         Encoding::F32,
         Encoding::F16,
         Encoding::BF16,
@@ -67,6 +83,7 @@ impl Encoding {
         Encoding::Q4,
         Encoding::Q3,
         Encoding::Q2,
+        Encoding::Ternary,
     ];
 
     /// The float element type, for the first three variants.
@@ -75,17 +92,18 @@ impl Encoding {
             Encoding::F32 => Some(DType::F32),
             Encoding::F16 => Some(DType::F16),
             Encoding::BF16 => Some(DType::BF16),
-            Encoding::Q8 | Encoding::Q4 | Encoding::Q3 | Encoding::Q2 => None,
+            Encoding::Q8 | Encoding::Q4 | Encoding::Q3 | Encoding::Q2 | Encoding::Ternary => None,
         }
     }
 
     /// The first format version that has this encoding: 2 for the float types, 3 for `q8` and
-    /// `q4`, 4 for `q3` and `q2` (rule 36).
+    /// `q4`, 4 for `q3` and `q2`, 5 for `ternary` (rule 36).
     pub const fn since_version(self) -> u32 {
         match self {
             Encoding::F32 | Encoding::F16 | Encoding::BF16 => 2,
             Encoding::Q8 | Encoding::Q4 => 3,
             Encoding::Q3 | Encoding::Q2 => 4,
+            Encoding::Ternary => 5,
         }
     }
 
@@ -104,6 +122,7 @@ impl Encoding {
             Encoding::Q4 => (Q4_BLOCK as u64, 4 + Q4_BLOCK as u64 / 2),
             Encoding::Q3 => (Q3_BLOCK as u64, 4 + Q3_BLOCK as u64 * 3 / 8),
             Encoding::Q2 => (Q2_BLOCK as u64, 4 + Q2_BLOCK as u64 / 4),
+            Encoding::Ternary => (TERNARY_BLOCK as u64, 4 + TERNARY_CODE_BYTES as u64),
         }
     }
 
@@ -117,6 +136,7 @@ impl Encoding {
             Encoding::Q4 => "q4",
             Encoding::Q3 => "q3",
             Encoding::Q2 => "q2",
+            Encoding::Ternary => "ternary",
         }
     }
 
@@ -155,6 +175,17 @@ impl Encoding {
                         four.iter()
                             .enumerate()
                             .fold(0u8, |acc, (j, &q)| acc | ((q as u8 & 3) << (2 * j)))
+                    }));
+                }
+            }
+            (None, Encoding::Ternary) => {
+                for block in values.chunks(TERNARY_BLOCK) {
+                    let (s, codes) = quantize_ternary(block);
+                    out.extend_from_slice(&s.to_le_bytes());
+                    out.extend(codes.chunks(5).map(|five| {
+                        five.iter()
+                            .rev()
+                            .fold(0u8, |acc, &q| acc * 3 + ternary_digit(q))
                     }));
                 }
             }
@@ -198,6 +229,7 @@ impl Encoding {
             }
             (None, Encoding::Q3) => decode_packed::<Q3_BLOCK, 3>(bytes, out),
             (None, Encoding::Q2) => decode_packed::<Q2_BLOCK, 2>(bytes, out),
+            (None, Encoding::Ternary) => decode_ternary(bytes, out),
             (None, _) => {
                 for (o, b) in out.chunks_mut(Q8_BLOCK).zip(bytes.chunks(4 + Q8_BLOCK)) {
                     let Some((s, codes)) = split_scale(b) else {
@@ -228,6 +260,7 @@ impl Encoding {
             (None, Encoding::Q4) => round_blocks::<Q4_BLOCK>(values, 7.0),
             (None, Encoding::Q3) => round_with::<Q3_BLOCK>(values, quantize_q3),
             (None, Encoding::Q2) => round_with::<Q2_BLOCK>(values, quantize_q2),
+            (None, Encoding::Ternary) => round_with::<TERNARY_BLOCK>(values, quantize_ternary),
             (None, _) => round_blocks::<Q8_BLOCK>(values, 127.0),
         }
     }
@@ -389,6 +422,95 @@ fn decode_q2_block(o: &mut [f32; Q2_BLOCK], codes: &[u8; Q2_BLOCK / 4], s: f32) 
     }
 }
 
+/// The ternary codes of every byte value: element `i` is base-3 digit `i` (least significant
+/// first) of the byte, `⌊v / 3^i⌋ mod 3`, read as `0 → 0`, `1 → 1`, `2 → −1`. Bytes above 242
+/// (`3^5 − 1`), which no encoder writes, decode by the same rule.
+const TERNARY_CODES: [[f32; 5]; 256] = {
+    let mut table = [[0f32; 5]; 256];
+    let mut v = 0;
+    while v < 256 {
+        let mut rest = v;
+        let mut i = 0;
+        while i < 5 {
+            table[v][i] = match rest % 3 {
+                0 => 0.0,
+                1 => 1.0,
+                _ => -1.0,
+            };
+            rest /= 3;
+            i += 1;
+        }
+        v += 1;
+    }
+    table
+};
+
+/// The base-3 digit of a ternary code: `0 → 0`, `1 → 1`, `−1 → 2`.
+fn ternary_digit(q: i8) -> u8 {
+    match q {
+        1 => 1,
+        -1 => 2,
+        _ => 0,
+    }
+}
+
+/// Decodes `ternary` blocks: after the block's scale, five codes per byte ([`TERNARY_CODES`]),
+/// each times `s`. Elements past the end of `bytes` are left as they are.
+fn decode_ternary(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out
+        .chunks_mut(TERNARY_BLOCK)
+        .zip(bytes.chunks(4 + TERNARY_CODE_BYTES))
+    {
+        let Some((s, codes)) = split_scale(b) else {
+            return;
+        };
+        let mut q = [0f32; 5 * TERNARY_CODE_BYTES];
+        for (five, &c) in q.chunks_exact_mut(5).zip(codes) {
+            five.copy_from_slice(&TERNARY_CODES[usize::from(c)]);
+        }
+        for (o, q) in o.iter_mut().zip(q) {
+            *o = q * s;
+        }
+    }
+}
+
+/// The `ternary` encoder's choice for one block: the codes and scale of least squared error.
+/// For a given set `S` of non-zero codes the best codes are the signs and the best scale the mean
+/// `|x|` over `S`, leaving the error `Σx² − (Σ_S |x|)² / |S|`; so `S` is the `k` largest `|x|`
+/// for the `k` that maximizes `(Σ_S |x|)² / k` (the first such `k`, in order of decreasing `|x|`,
+/// ties by position). A block of zeros, or with a non-finite value, gets `s = 0`.
+fn quantize_ternary(block: &[f32]) -> (f32, [i8; TERNARY_BLOCK]) {
+    let mut codes = [0i8; TERNARY_BLOCK];
+    if block.iter().any(|v| !v.is_finite()) {
+        return (0.0, codes);
+    }
+    let mut order: Vec<usize> = (0..block.len().min(TERNARY_BLOCK)).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (
+            block.get(a).map_or(0.0, |v| v.abs()),
+            block.get(b).map_or(0.0, |v| v.abs()),
+        );
+        b.total_cmp(&a)
+    });
+    let (mut sum, mut best, mut best_k, mut best_sum) = (0f64, 0f64, 0usize, 0f64);
+    for (k, &i) in order.iter().enumerate() {
+        sum += block.get(i).map_or(0.0, |v| f64::from(v.abs()));
+        let gain = sum * sum / (k + 1) as f64;
+        if gain > best {
+            (best, best_k, best_sum) = (gain, k + 1, sum);
+        }
+    }
+    if best_k == 0 {
+        return (0.0, codes);
+    }
+    for &i in order.iter().take(best_k) {
+        if let (Some(q), Some(&v)) = (codes.get_mut(i), block.get(i)) {
+            *q = if v > 0.0 { 1 } else { -1 };
+        }
+    }
+    ((best_sum / best_k as f64) as f32, codes)
+}
+
 /// The `q3` encoder's choice for one block ([`quantize_search`] with 3-bit codes).
 fn quantize_q3(block: &[f32]) -> (f32, [i8; Q3_BLOCK]) {
     quantize_search::<Q3_BLOCK>(block, 4)
@@ -494,7 +616,7 @@ impl std::str::FromStr for Encoding {
             .into_iter()
             .find(|e| e.name() == s)
             .ok_or_else(|| {
-                format!("unknown storage type {s:?} (expected f32, f16, bf16, q8, q4, q3 or q2)")
+                format!("unknown storage type {s:?} (expected f32, f16, bf16, q8, q4, q3, q2 or ternary)")
             })
     }
 }
@@ -623,7 +745,7 @@ mod tests {
             assert_eq!(got, want, "{e}, {n} elements");
             cases += 1;
         }
-        assert_eq!(cases, 16, "four cases per quantized encoding");
+        assert_eq!(cases, 20, "four cases per quantized encoding");
     }
 
     #[test]
@@ -693,6 +815,69 @@ mod tests {
             let (es, ep) = (sq(&x, &searched), sq(&x, &plain));
             assert!(es < ep, "{e}: searched {es} vs plain {ep}");
         }
+    }
+
+    #[test]
+    fn ternary_packing_by_hand() {
+        // Codes 1, -1, 0, 0, 1 → digits 1, 2, 0, 0, 1 → 1 + 2·3 + 1·81 = 88; then 0, -1, 1
+        // (the last three of a 128-element block share byte 25) → 0 + 2·3 + 1·9 = 15.
+        let s = 0.5f32;
+        let mut block = s.to_le_bytes().to_vec();
+        block.push(88);
+        block.resize(4 + 25, 0);
+        block.push(15);
+        assert_eq!(block.len() as u64, Encoding::Ternary.block().1);
+        let out = decode(Encoding::Ternary, &block, 128);
+        assert_eq!(out[..5], [0.5, -0.5, 0.0, 0.0, 0.5]);
+        assert_eq!(out[125..], [0.0, -0.5, 0.5]);
+        assert!(out[5..125].iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn ternary_encoder_picks_the_least_squares_movers() {
+        // |x| sorted: 4, 3, 1, 0.5: (Σ|x|)² / k = 16, 24.5, 21.33, 18.06, so the two largest
+        // move, by their mean magnitude 3.5, with their signs; the rest stay.
+        let x = [1.0f32, -4.0, 0.5, 3.0];
+        let mut bytes = Vec::new();
+        Encoding::Ternary.encode(&x, &mut bytes);
+        assert_eq!(bytes.len(), 30);
+        assert_eq!(bytes[..4], 3.5f32.to_le_bytes());
+        // Codes 0, -1, 0, 1 → digits 0, 2, 0, 1 → 2·3 + 1·27 = 33.
+        assert_eq!(bytes[4], 33);
+        assert!(bytes[5..].iter().all(|&b| b == 0));
+        // Against every choice of movers and sign, brute force on a random block: no subset of
+        // the same size does better, and the chosen size is the best over all sizes.
+        let x: Vec<f32> = (0..12)
+            .map(|i| ((i * 7919 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let mut r = x.clone();
+        Encoding::Ternary.round_slice(&mut r);
+        let err =
+            |r: &[f32]| -> f64 { x.iter().zip(r).map(|(a, b)| f64::from(a - b).powi(2)).sum() };
+        let best = (1u32..1 << x.len())
+            .map(|set| {
+                let movers: Vec<f32> = (0..x.len())
+                    .filter(|i| set >> i & 1 == 1)
+                    .map(|i| x[i].abs())
+                    .collect();
+                let s = movers.iter().sum::<f32>() / movers.len() as f32;
+                let y: Vec<f32> = (0..x.len())
+                    .map(|i| {
+                        if set >> i & 1 == 1 {
+                            x[i].signum() * s
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                err(&y)
+            })
+            .fold(f64::INFINITY, f64::min);
+        assert!(
+            (err(&r) - best).abs() <= 1e-5 * best.max(1e-9),
+            "{} vs {best}",
+            err(&r)
+        );
     }
 
     #[test]

@@ -243,7 +243,12 @@ fn tvq_is_the_base_plus_each_tasks_quantized_task_vector() {
         (Some(Encoding::Q8), Some(Encoding::Q3)),
         "tvq's defaults"
     );
-    check_tvq(Encoding::Q8, Encoding::Q3, 3.0, 0.3);
+    check_tvq(
+        Encoding::Q8,
+        Encoding::Q3,
+        (64, |x| quantized(x, 64, 3.0)),
+        0.3,
+    );
 }
 
 /// The same with a q4 base and q2 residuals (`--base-dtype q4 --residual-dtype q2`): the base
@@ -252,13 +257,55 @@ fn tvq_is_the_base_plus_each_tasks_quantized_task_vector() {
 /// −1…1, which the search includes).
 #[test]
 fn tvq_with_a_q4_base_and_q2_residuals() {
-    check_tvq(Encoding::Q4, Encoding::Q2, 1.0, 0.6);
+    check_tvq(
+        Encoding::Q4,
+        Encoding::Q2,
+        (64, |x| quantized(x, 64, 1.0)),
+        0.6,
+    );
 }
 
+/// Ternary residuals (`--residual-dtype ternary`, T-Switch's sign module): each block of 128 of
+/// the task vector errs no more than the ternary weight networks' threshold rule (Li et al.,
+/// 2016: weights with `|τ| > 0.7 · mean |τ|` move by `±` their mean magnitude, the rest stay),
+/// which the encoder's least-squares choice of movers can only improve on.
+#[test]
+fn tvq_with_ternary_residuals() {
+    check_tvq(Encoding::Q8, Encoding::Ternary, (128, twn_ternary), 0.7);
+}
+
+/// The ternary weight networks' rule on one block (see [`tvq_with_ternary_residuals`]).
+fn twn_ternary(x: &[f32]) -> Vec<f32> {
+    let delta = 0.7 * x.iter().map(|v| f64::from(v.abs())).sum::<f64>() / x.len() as f64;
+    let movers: Vec<f64> = x
+        .iter()
+        .map(|v| f64::from(v.abs()))
+        .filter(|&a| a > delta)
+        .collect();
+    let s = if movers.is_empty() {
+        0.0
+    } else {
+        (movers.iter().sum::<f64>() / movers.len() as f64) as f32
+    };
+    x.iter()
+        .map(|&v| {
+            if f64::from(v.abs()) > delta {
+                v.signum() * s
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// A block length and a quantization rule to apply to each block of that length.
+type PlainRule = (usize, fn(&[f32]) -> Vec<f32>);
+
 /// Compiles the demo with tvq at `base` / `residual` storage and checks every exported weight
-/// (see [`tvq_is_the_base_plus_each_tasks_quantized_task_vector`]): per block of 64 no worse
-/// than the plain rule with codes `±plain_levels`, relative error under `max_relative`.
-fn check_tvq(base_enc: Encoding, residual: Encoding, plain_levels: f32, max_relative: f64) {
+/// (see [`tvq_is_the_base_plus_each_tasks_quantized_task_vector`]): per block of `plain.0` no
+/// worse than the rule `plain.1` applied to that block, relative error under `max_relative`.
+fn check_tvq(base_enc: Encoding, residual: Encoding, plain: PlainRule, max_relative: f64) {
+    let (block, plain) = plain;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tvq.tpk");
     let tasks = demo_tasks();
@@ -288,9 +335,9 @@ fn check_tvq(base_enc: Encoding, residual: Encoding, plain_levels: f32, max_rela
             let tau: Vec<f32> = theta.iter().zip(&b).map(|(x, y)| x - y).collect();
             let approx: Vec<f32> = got[tensor].1.iter().zip(&b).map(|(x, y)| x - y).collect();
             if large {
-                let plain = quantized(&tau, 64, plain_levels);
-                for ((x, a), p) in tau.chunks(64).zip(approx.chunks(64)).zip(plain.chunks(64)) {
-                    let bound = sq_err(x, p) * (1.0 + 1e-6) + 1e-12;
+                for (x, a) in tau.chunks(block).zip(approx.chunks(block)) {
+                    let p = plain(x);
+                    let bound = sq_err(x, &p) * (1.0 + 1e-6) + 1e-12;
                     assert!(sq_err(x, a) <= bound, "{name}/{tensor}: {}", sq_err(x, a));
                     large_blocks += 1;
                 }

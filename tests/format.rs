@@ -568,18 +568,18 @@ fn r02_magic() {
 #[test]
 fn r03_version() {
     // Version 1 (the first pre-release format) and any future version are rejected.
-    for version in [1, 5] {
+    for version in [1, 6] {
         let bytes = patch_header(&valid(), |h| h.version = version);
         assert_err!(
             parse_err(&bytes),
-            FormatError::UnsupportedVersion { found, known: 4 } if found == version
+            FormatError::UnsupportedVersion { found, known: 5 } if found == version
         );
     }
-    // The writer writes version 4; versions 2 and 3 (the same manifest schema without what
+    // The writer writes version 5; versions 2 to 4 (the same manifest schema without what
     // came later) open.
     let bytes = valid();
-    assert_eq!(bytes[8..12], 4u32.to_le_bytes());
-    for old in [2, 3] {
+    assert_eq!(bytes[8..12], 5u32.to_le_bytes());
+    for old in [2, 3, 4] {
         let old = patch_header(&bytes, |h| h.version = old);
         parse(&old).unwrap().verify(&old).unwrap();
     }
@@ -1670,14 +1670,14 @@ fn corrupting_any_single_byte_never_panics() {
             let mut t = bytes.clone();
             t[i] ^= x;
             if let Ok(b) = parse(&t) {
-                // Only data bytes may pass open, and the version turned from 3 into 2: the
-                // sample stores no q8 / q4 section, so it is a valid version-2 bundle too.
-                let to_version_2 = i == 8 && t[8] == 2;
+                // Only data bytes may pass open, and the version turned from 5 into 4 (5 ^ 1):
+                // the sample stores nothing version 4 lacks, so it is a valid version-4 bundle too.
+                let to_version_4 = i == 8 && t[8] == 4;
                 assert!(
-                    i >= 64 || to_version_2,
+                    i >= 64 || to_version_4,
                     "header byte {i} corrupted yet parsed"
                 );
-                if to_version_2 {
+                if to_version_4 {
                     continue;
                 }
                 assert!(b.verify(&t).is_err(), "byte {i} ^ {x:#x} undetected");
@@ -1827,7 +1827,7 @@ fn writer_rejects_a_path_without_file_name() {
 #[test]
 fn public_constants() {
     assert_eq!(format::ALIGNMENT, 64);
-    assert_eq!(VERSION, 4);
+    assert_eq!(VERSION, 5);
     assert_eq!(MAX_RANK, 8);
     assert_eq!(Header::LEN, 64);
 }
@@ -2043,7 +2043,7 @@ fn r28_r29_residual_modules_are_for_merged_tensors_and_carry_no_mask_without_del
 #[test]
 fn r36_r37_version_3_has_no_q3_q2_residuals_or_tvq() {
     let bytes = residual_valid();
-    assert_eq!(parse(&bytes).unwrap().header().version, 4);
+    assert_eq!(parse(&bytes).unwrap().header().version, 5);
     // q3 / q2 sections: rule 36, with the version that has them.
     assert_err!(
         parse_err(&patch_header(&bytes, |h| h.version = 3)),
@@ -2084,6 +2084,67 @@ fn r36_r37_version_3_has_no_q3_q2_residuals_or_tvq() {
         parse_err(&patch_header(&tvq, |h| h.version = 3)),
         FormatError::FeatureNeedsVersion { version: 3, ref what } if what == "method tvq"
     );
+}
+
+/// The residual sample with task b's `w` residual stored as `ternary` (format version 5): one
+/// block of 15 of 128 codes, scale 0.25, codes 1, −1, 0, 0, 1 | −1 × 5 | 0 × 5, packed by hand
+/// as base-3 digits (0 → 0, 1 → 1, −1 → 2), least significant first: 1 + 2·3 + 1·81 = 88,
+/// 2·(1 + 3 + 9 + 27 + 81) = 242, 0; the other 23 code bytes zero.
+fn ternary_sample() -> (Manifest, Vec<(SectionKind, Vec<u8>)>) {
+    let (mut m, mut sections) = residual_sample();
+    let mut w_res = 0.25f32.to_le_bytes().to_vec();
+    w_res.extend([88, 242, 0]);
+    w_res.resize(30, 0);
+    sections[W_RES_B as usize].1 = w_res;
+    if let TaskTensor::Residual { residual, .. } = &mut m.tasks[TASK_B].tensors[W] {
+        residual.encoding = Encoding::Ternary;
+    }
+    (m, sections)
+}
+
+#[test]
+fn ternary_residual_decodes_by_hand_and_needs_version_5() {
+    let (m, sections) = ternary_sample();
+    let bytes = assemble(&sections, m.clone());
+    let b = parse(&bytes).unwrap();
+    assert_eq!(b.header().version, 5);
+    b.verify(&bytes).unwrap();
+    let mut out = Vec::new();
+    b.decode_f32(&bytes, W_RES_B, &mut out).unwrap();
+    let codes = [
+        1.0f32, -1.0, 0.0, 0.0, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+    ];
+    assert_eq!(out, codes.map(|q| q * 0.25).to_vec());
+    // Rule 36: a version-4 reader has no ternary.
+    assert_err!(
+        parse_err(&patch_header(&bytes, |h| h.version = 4)),
+        FormatError::EncodingNeedsVersion {
+            section: W_RES_B,
+            encoding: Encoding::Ternary,
+            version: 4,
+            since: 5
+        }
+    );
+    // Rule 26: whole blocks of 30 bytes.
+    let mut short = sections.clone();
+    short[W_RES_B as usize].1.truncate(29);
+    assert_err!(
+        parse_err(&assemble(&short, m.clone())),
+        FormatError::SectionLengthMismatch {
+            section: W_RES_B,
+            expected: 30,
+            found: 29
+        }
+    );
+    // A byte above 242, which no encoder writes, decodes by the same digit rule:
+    // 255 = 0 + 1·3 + 1·9 + 0·27 + 3·81, and ⌊255 / 81⌋ mod 3 = 0 → codes 0, 1, 1, 0, 0.
+    let mut hostile = sections;
+    hostile[W_RES_B as usize].1[4] = 255;
+    let bytes = assemble(&hostile, m);
+    let b = parse(&bytes).unwrap();
+    b.verify(&bytes).unwrap();
+    b.decode_f32(&bytes, W_RES_B, &mut out).unwrap();
+    assert_eq!(out[..5], [0.0, 0.25, 0.25, 0.0, 0.0]);
 }
 
 #[test]

@@ -143,6 +143,21 @@ SETTINGS = [
     Setting("tvq --base-dtype q4 --residual-dtype q2 --calib",
             ("--method", "tvq", "--base-dtype", "q4", "--residual-dtype", "q2"), calib=True,
             needs="MatMul and pointwise convolution weights"),
+    # Ternary residuals (format version 5): T-Switch's sign module, each weight of a task vector
+    # stays or moves by ± one magnitude per block of 128, at 1.875 bits per weight.
+    Setting("tvq --base-dtype q8 --residual-dtype ternary",
+            ("--method", "tvq", "--base-dtype", "q8", "--residual-dtype", "ternary"),
+            needs="--residual-dtype ternary"),
+    Setting("tvq --base-dtype q4 --residual-dtype ternary",
+            ("--method", "tvq", "--base-dtype", "q4", "--residual-dtype", "ternary"),
+            needs="--residual-dtype ternary"),
+    Setting("tvq --base-dtype q4 --residual-dtype ternary --calib",
+            ("--method", "tvq", "--base-dtype", "q4", "--residual-dtype", "ternary"), calib=True,
+            needs="--residual-dtype ternary"),
+    Setting("tvq --base-dtype q4 --residual-dtype ternary --shared word_embeddings",
+            ("--method", "tvq", "--base-dtype", "q4", "--residual-dtype", "ternary", "--shared",
+             "word_embeddings"),
+            needs="--residual-dtype ternary"),
     # The default bundle run with bf16 matrix products (tract's AMX-BF16 kernel; the runtime's
     # `--compute bf16`, docs/PERFORMANCE.md): what the faster arithmetic costs in accuracy.
     Setting("tvq --base-dtype q8, run --compute bf16", ("--method", "tvq", "--base-dtype", "q8"),

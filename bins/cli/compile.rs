@@ -69,10 +69,12 @@ pub struct CompileArgs {
     #[arg(long, value_parser = ["f32", "f16", "bf16", "q8", "q4", "q3", "q2"])]
     pub delta_dtype: Option<String>,
     /// Storage of each task's own residual over what the method reconstructs (its task vector,
-    /// with --method tvq): q8 / q4 / q3 / q2 (8.5 / 5 / 3.5 / 2.5 bits per weight) for matrices
-    /// of at least 4096 elements, f16 for the rest; `none` for no residual. Default: q3 with
-    /// tvq, none otherwise (docs/METHODS.md, "Per-task residuals").
-    #[arg(long, value_parser = ["none", "f32", "f16", "bf16", "q8", "q4", "q3", "q2"])]
+    /// with --method tvq): q8 / q4 / q3 / q2 (8.5 / 5 / 3.5 / 2.5 bits per weight) or ternary
+    /// (T-Switch's sign module: each weight stays or moves by ± one magnitude per block of 128;
+    /// 1.875 bits per weight) for matrices of at least 4096 elements, f16 for the rest; `none`
+    /// for no residual. Default: q3 with tvq, none otherwise (docs/METHODS.md, "Per-task
+    /// residuals").
+    #[arg(long, value_parser = ["none", "f32", "f16", "bf16", "q8", "q4", "q3", "q2", "ternary"])]
     pub residual_dtype: Option<String>,
     /// Residual storage for the tensors whose name matches REGEX, instead of --residual-dtype
     /// (e.g. 'word_embeddings=q2'); repeat for more patterns, the first match wins.

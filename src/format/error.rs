@@ -460,7 +460,7 @@ pub enum FormatError {
         actual: String,
     },
     /// Rule 36: a section in an encoding the bundle's version does not have (`q8`, `q4` before
-    /// version 3; `q3`, `q2` before version 4).
+    /// version 3; `q3`, `q2` before version 4; `ternary` before version 5).
     #[error("section {section} is stored as {encoding}, which format version {version} does not have (version {since} and later)")]
     EncodingNeedsVersion {
         /// Section id.

@@ -10,12 +10,12 @@ use super::layout::{self, HEADER_LEN, MAX_MANIFEST_LEN};
 /// The first 8 bytes of every bundle.
 pub const MAGIC: [u8; 8] = *b"TASKPACK";
 /// The format version this crate writes.
-pub const VERSION: u32 = 4;
-/// The oldest format version this crate reads (a version-2 bundle is a version-4 bundle without
-/// block-quantized sections, residuals or `tvq`; a version-3 one has no `q3`, `q2`, residuals
-/// or `tvq`; rules 36 and 37).
+pub const VERSION: u32 = 5;
+/// The oldest format version this crate reads (a version-2 bundle is a version-5 bundle without
+/// block-quantized sections, residuals or `tvq`; a version-3 one has no `q3`, `q2`, `ternary`, residuals
+/// or `tvq`; a version-4 one no `ternary`; rules 36 and 37).
 pub(super) const MIN_VERSION: u32 = 2;
-/// The header flags this crate knows (none in versions 2 to 4).
+/// The header flags this crate knows (none in versions 2 to 5).
 pub(crate) const KNOWN_FLAGS: u32 = 0;
 
 /// The decoded header. Field order is the on-disk order; see docs/FORMAT.md §2.
@@ -23,7 +23,7 @@ pub(crate) const KNOWN_FLAGS: u32 = 0;
 pub struct Header {
     /// Format version (offset 8).
     pub version: u32,
-    /// Flags, 0 in versions 2 to 4 (offset 12).
+    /// Flags, 0 in versions 2 to 5 (offset 12).
     pub flags: u32,
     /// File offset of the data region, always 64 (offset 16).
     pub data_offset: u64,

@@ -113,7 +113,8 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedBundle, FormatError> {
 }
 
 /// Rules 36 and 37: every encoding, module kind and method exists in the bundle's version —
-/// `q8` and `q4` from version 3 on, `q3`, `q2`, per-task residuals and `tvq` from version 4 on.
+/// `q8` and `q4` from version 3 on, `q3`, `q2`, per-task residuals and `tvq` from version 4 on,
+/// `ternary` from version 5 on.
 fn check_version_features(
     version: u32,
     manifest: &Manifest,
