@@ -970,10 +970,15 @@ fn a_size_budget_refuses_an_input_as_its_output() {
 }
 
 /// With `tvq`, `--max-size` walks the residual ladder: a budget between the q4 and q3 rungs
-/// (sizes measured here by compiling each rung) gives q3 residuals over a q8 base.
+/// (sizes measured here by compiling each rung) gives q3 residuals over a q8 base, and, with the
+/// room left, q4 residuals to the tasks whose relative error q4 lowers the most — here 2.5 tasks'
+/// worth of room (every demo task has the same tensors, so the same residual bytes): exactly the
+/// two tasks with the largest drop in the two rungs' own reports, whose errors in the mixed
+/// bundle are then exactly their q4 errors, while the others keep their q3 errors.
 #[test]
-fn tvq_max_size_picks_the_residual_storage_that_fits() {
+fn tvq_max_size_picks_the_residual_storage_that_fits_per_task() {
     use taskpack::compile::{compile_within, residual_storage_name, TVQ_STORAGE_LADDER};
+    use taskpack::format::TaskTensor;
     let dir = tempfile::tempdir().unwrap();
     let tasks = demo_tasks();
     let rung = |i: usize, out: &Path| CompileOptions {
@@ -981,22 +986,68 @@ fn tvq_max_size_picks_the_residual_storage_that_fits() {
         residual_dtype: Some(TVQ_STORAGE_LADDER[i].1),
         ..CompileOptions::new(demo().join("base.onnx"), tasks.clone(), Method::Tvq, out)
     };
-    let sizes: Vec<u64> = (0..TVQ_STORAGE_LADDER.len())
+    let bundles: Vec<Bundle> = (0..TVQ_STORAGE_LADDER.len())
         .map(|i| {
             let out = dir.path().join(format!("rung{i}.tpk"));
-            compile(&rung(i, &out), &mut |_| {}).unwrap().bytes().len() as u64
+            compile(&rung(i, &out), &mut |_| {}).unwrap()
         })
         .collect();
+    let sizes: Vec<u64> = bundles.iter().map(|b| b.bytes().len() as u64).collect();
     assert!(sizes.windows(2).all(|w| w[1] < w[0]), "{sizes:?}");
+    let errors = |b: &Bundle| -> Vec<f64> {
+        b.manifest()
+            .report
+            .tasks
+            .iter()
+            .map(|t| t.relative_error)
+            .collect()
+    };
+    let (q4, q3) = (errors(&bundles[2]), errors(&bundles[3]));
+    let per_task = (sizes[2] - sizes[3]) / tasks.len() as u64;
     let out = dir.path().join("budget.tpk");
-    let budget = (sizes[2] + sizes[3]) / 2;
+    let budget = sizes[3] + per_task * 5 / 2;
     let (bundle, choice) = compile_within(&rung(0, &out), budget, None, &mut |_| {}).unwrap();
     assert_eq!(choice.chosen, 3);
     assert_eq!(
         choice.tried.last().map(|t| t.0.clone()),
         Some(residual_storage_name(TVQ_STORAGE_LADDER[3]))
     );
-    assert_eq!(bundle.bytes().len() as u64, sizes[3]);
+    let len = bundle.bytes().len() as u64;
+    assert!(len > sizes[3] && len <= budget, "{len} vs {budget}");
+    assert_eq!(choice.bytes, len);
+
+    let mut by_drop: Vec<usize> = (0..tasks.len()).collect();
+    by_drop.sort_by(|&a, &b| (q3[b] - q4[b]).total_cmp(&(q3[a] - q4[a])));
+    let mut want: Vec<&str> = by_drop[..2].iter().map(|&t| tasks[t].0.as_str()).collect();
+    let mut got: Vec<&str> = choice.upgrades.iter().map(|u| u.task.as_str()).collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    let mixed = errors(&bundle);
+    for (t, (name, _)) in tasks.iter().enumerate() {
+        let upgraded = want.contains(&name.as_str());
+        assert_eq!(mixed[t], if upgraded { q4[t] } else { q3[t] }, "{name}");
+        let m = bundle.manifest();
+        let encodings: Vec<Encoding> = m.tasks[t]
+            .tensors
+            .iter()
+            .filter_map(|module| match module {
+                TaskTensor::Residual { residual, .. } => Some(residual.encoding),
+                _ => None,
+            })
+            .collect();
+        let large = if upgraded { Encoding::Q4 } else { Encoding::Q3 };
+        assert!(encodings.contains(&large), "{name}: {encodings:?}");
+        assert!(
+            encodings.iter().all(|&e| e == large || e == Encoding::F16),
+            "{name}: {encodings:?}"
+        );
+    }
+    for u in &choice.upgrades {
+        assert_eq!(u.residual, Encoding::Q4);
+        let t = tasks.iter().position(|(n, _)| *n == u.task).unwrap();
+        assert_eq!(u.relative_error, (q3[t], q4[t]));
+    }
 }
 
 /// `residual_for` gives the tensors it names their own residual storage: with tvq the demo's

@@ -83,8 +83,10 @@ pub struct CompileArgs {
     /// A size budget for the bundle (e.g. 60MB, 1.5GB, 500MiB, or bytes): the compiler picks the
     /// most faithful storage of base and delta whose bundle fits (f32/f16, f16/f16, q8/f16,
     /// q8/q8, q8/q4, in that order; with tvq, base and residuals: f32/q8, q8/q8, q8/q4, q8/q3,
-    /// q8/q2, q4/q2), trying each, and says what it picked. Replaces --base-dtype, --delta-dtype and
-    /// (with tvq) --residual-dtype.
+    /// q8/q2, q8/ternary, q4/q2, q4/ternary), trying each, and says what it picked; with tvq,
+    /// the room left gives the previous rung's residuals to the tasks whose relative error they
+    /// lower the most per byte. Replaces --base-dtype, --delta-dtype and (with tvq)
+    /// --residual-dtype.
     #[arg(
         long,
         value_name = "SIZE",
@@ -222,6 +224,7 @@ impl CompileArgs {
                 .map_err(anyhow::Error::msg)?,
             residual_dtype,
             residual_for,
+            residual_per_task: Vec::new(),
             base_dtype: match self.base_dtype.as_deref() {
                 None => defaults.base_dtype,
                 Some(e) => Some(e.parse::<Encoding>().map_err(anyhow::Error::msg)?),
@@ -354,6 +357,22 @@ fn print_budget(choice: &BudgetChoice) {
         };
         println!("  {name:<42} {bytes:>12} bytes  {verdict}");
     }
+    if choice.upgrades.is_empty() {
+        return;
+    }
+    // The rung before the chosen one is the storage the upgraded tasks got.
+    println!(
+        "  with room left, {} task(s) keep the previous rung's residuals (most error saved per \
+         byte first, relative error ‖θ̂ − θ‖ / ‖τ‖):",
+        choice.upgrades.len()
+    );
+    for u in &choice.upgrades {
+        println!(
+            "    {:<20} residuals {:<8} +{:>10} bytes  relative error {:.4} → {:.4}",
+            u.task, u.residual, u.extra_bytes, u.relative_error.0, u.relative_error.1
+        );
+    }
+    println!("  bundle: {} bytes", choice.bytes);
 }
 
 /// A size with an optional unit: bytes, or kB / MB / GB (powers of 1000; K, M, G too) or

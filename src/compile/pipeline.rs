@@ -60,6 +60,10 @@ pub struct CompileOptions {
     /// residual storage instead of `residual_dtype` (e.g. `word_embeddings` → `q2` next to `q3`
     /// elsewhere). Same size rule: block codes for large tensors, `f16` for the rest.
     pub residual_for: Vec<(Regex, Encoding)>,
+    /// Per-task residual storage: entry `t`, if given, replaces `residual_dtype` for task `t`
+    /// (`residual_for` still comes first). Empty by default; a size budget
+    /// (`compile_within`) sets it when it gives some tasks a more faithful residual than others.
+    pub residual_per_task: Vec<Option<Encoding>>,
     /// Storage of the base weights of merged tensors (`None`: each tensor's own type). Only
     /// tensors of rank ≥ 2 with at least 4096 elements take it; biases, normalization weights
     /// and other small tensors keep their own type.
@@ -97,6 +101,7 @@ impl CompileOptions {
             delta_dtype: Encoding::F16,
             residual_dtype: (method == Method::Tvq).then_some(DEFAULT_TVQ_RESIDUAL),
             residual_for: Vec::new(),
+            residual_per_task: Vec::new(),
             base_dtype: (method == Method::Tvq).then_some(Encoding::Q8),
             auto_private: true,
             output: output.into(),
@@ -356,6 +361,9 @@ pub(crate) fn check_options(opts: &CompileOptions) -> Result<(), CompileError> {
     let n_tasks = opts.tasks.len();
     check_per_task("scale", opts.scale.len(), n_tasks)?;
     check_per_task("labels", opts.labels.len(), n_tasks)?;
+    if !opts.residual_per_task.is_empty() {
+        check_per_task("residual_per_task", opts.residual_per_task.len(), n_tasks)?;
+    }
     if let Some(t) = &opts.tokenizer {
         check_tokenizer(t)?;
     }
@@ -363,7 +371,9 @@ pub(crate) fn check_options(opts: &CompileOptions) -> Result<(), CompileError> {
         .chain(opts.tasks.iter().map(|(_, p)| p.as_path()))
         .chain(opts.graph.as_deref());
     crate::files::check_not_input(&opts.output, given)?;
-    let any_residual = opts.residual_dtype.is_some() || !opts.residual_for.is_empty();
+    let any_residual = opts.residual_dtype.is_some()
+        || !opts.residual_for.is_empty()
+        || opts.residual_per_task.iter().any(Option::is_some);
     match (opts.params.method, any_residual) {
         (Method::Tvq, _) if opts.residual_dtype.is_none() => {
             return Err(CompileError::Options(
@@ -612,14 +622,18 @@ fn write_merged(
     };
 
     // A `--shared` tensor is the same for every task: no residual.
-    let residual_encoding = opts
+    let for_tensor = opts
         .residual_for
         .iter()
         .find(|(pattern, _)| pattern.is_match(&info.name))
-        .map(|&(_, e)| e)
-        .or(opts.residual_dtype)
-        .filter(|_| !shared)
-        .map(|e| delta_encoding_of(info, e));
+        .map(|&(_, e)| e);
+    let residual_encoding = |t: usize| {
+        for_tensor
+            .or(opts.residual_per_task.get(t).copied().flatten())
+            .or(opts.residual_dtype)
+            .filter(|_| !shared)
+            .map(|e| delta_encoding_of(info, e))
+    };
     for (t, tau) in task_vectors.iter().enumerate() {
         let (Some(f), Some(m)) = (out.fidelity.get_mut(t), out.modules.get_mut(t)) else {
             continue;
@@ -638,7 +652,7 @@ fn write_merged(
             TaskScale::new(opts.scale_of(t), &delta, mask, tau, &shape)?
         };
         let merged_factor = |i: usize| if has_delta { task_scale.factor(i) } else { 0.0 };
-        let residual = match residual_encoding {
+        let residual = match residual_encoding(t) {
             Some(encoding) => {
                 let gram = grams.get(t, &info.name);
                 let parts = (&delta[..], mask, &merged_factor as &dyn Fn(usize) -> f32);

@@ -11,6 +11,13 @@
 //! estimated; the fitting one is moved into place, or, with calibration, calibrated at its
 //! storage. The checkpoints are opened, checked and scanned once ([`Prepared`]) for every rung
 //! and the calibration: each rung costs only the merge pass and the write.
+//!
+//! With `tvq` the residuals are per task, so a budget that falls between two rungs with the
+//! same base need not give every task the smaller one: starting from the rung that fits, tasks
+//! get the previous (more faithful) rung's residual storage one by one, those whose relative
+//! error drops the most per byte first, while the bundle still fits ([`upgrades`]). The
+//! relative error `‖θ̂ − θ‖ / ‖τ‖` of each task at both rungs is the compile report's; it
+//! needs no data. The mixed bundle is written and measured like a rung.
 
 use std::time::Instant;
 
@@ -18,7 +25,7 @@ use crate::compile::calibrate::{calibrated, check_calibratable, Calibration, Rou
 use crate::compile::pipeline::{check_options, Prepared};
 use crate::compile::{CompileError, CompileOptions, Progress};
 use crate::encoding::Encoding;
-use crate::format::{BundleWriter, Method};
+use crate::format::{BundleWriter, Method, TaskTensor};
 use crate::runtime::Bundle;
 
 /// `(base storage, delta storage)` from the most faithful to the smallest; `None` keeps each
@@ -32,16 +39,18 @@ pub const STORAGE_LADDER: [(Option<Encoding>, Encoding); 5] = [
 ];
 
 /// `(base storage, residual storage)` for `--method tvq`, from the most faithful to the
-/// smallest: the base as in the checkpoint with q8 residuals, then a q8 base with q8, q4, q3
-/// and q2 residuals, then a q4 base with q2 residuals (the residuals carry the base's larger
-/// rounding error back; docs/METHODS.md measures it).
-pub const TVQ_STORAGE_LADDER: [(Option<Encoding>, Encoding); 6] = [
+/// smallest: the base as in the checkpoint with q8 residuals, then a q8 base with q8, q4, q3,
+/// q2 and ternary residuals, then a q4 base with q2 and ternary residuals (the residuals carry
+/// the base's larger rounding error back; docs/METHODS.md measures it).
+pub const TVQ_STORAGE_LADDER: [(Option<Encoding>, Encoding); 8] = [
     (None, Encoding::Q8),
     (Some(Encoding::Q8), Encoding::Q8),
     (Some(Encoding::Q8), Encoding::Q4),
     (Some(Encoding::Q8), Encoding::Q3),
     (Some(Encoding::Q8), Encoding::Q2),
+    (Some(Encoding::Q8), Encoding::Ternary),
     (Some(Encoding::Q4), Encoding::Q2),
+    (Some(Encoding::Q4), Encoding::Ternary),
 ];
 
 /// One rung of a ladder: the storage fields of [`CompileOptions`] it sets.
@@ -103,6 +112,81 @@ pub struct BudgetChoice {
     pub tried: Vec<(String, u64)>,
     /// Index into `tried` of the setting compiled to the output.
     pub chosen: usize,
+    /// With `tvq`: the tasks given the residual storage of the rung before `chosen` (more
+    /// faithful, larger), because the bundle still fits with them; the other tasks keep the
+    /// chosen rung's.
+    pub upgrades: Vec<TaskUpgrade>,
+    /// Size of the bundle written, bytes.
+    pub bytes: u64,
+}
+
+/// A task given a more faithful residual storage than the chosen rung's (see [`BudgetChoice`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskUpgrade {
+    /// Task name.
+    pub task: String,
+    /// Its residual storage.
+    pub residual: Encoding,
+    /// Bytes it adds over the chosen rung's storage.
+    pub extra_bytes: u64,
+    /// Its relative error `‖θ̂ − θ‖ / ‖τ‖` at the chosen rung's storage, then at this one.
+    pub relative_error: (f64, f64),
+}
+
+/// Per task of a candidate bundle: the bytes of its residual sections (with their padding) and
+/// its relative error.
+#[derive(Debug, Clone, PartialEq)]
+struct TaskCosts {
+    bytes: Vec<u64>,
+    errors: Vec<f64>,
+}
+
+impl TaskCosts {
+    fn of(bundle: &Bundle) -> TaskCosts {
+        let m = bundle.manifest();
+        let bytes = m
+            .tasks
+            .iter()
+            .map(|task| {
+                task.tensors
+                    .iter()
+                    .filter_map(|module| match module {
+                        TaskTensor::Residual { residual, .. } => m
+                            .sections
+                            .get(residual.section as usize)
+                            .map(|s| s.length.checked_next_multiple_of(64).unwrap_or(u64::MAX)),
+                        _ => None,
+                    })
+                    .fold(0u64, u64::saturating_add)
+            })
+            .collect();
+        let errors = m.report.tasks.iter().map(|t| t.relative_error).collect();
+        TaskCosts { bytes, errors }
+    }
+}
+
+/// The tasks to move from `lower` (a rung that fits) to `upper` (the rung before it) within
+/// `room` extra bytes: in order of decreasing error saved per byte (ties by task order), each
+/// one that still fits; tasks that would save nothing stay. Returns task indices, in the
+/// order taken.
+fn upgrades(lower: &TaskCosts, upper: &TaskCosts, room: u64) -> Vec<usize> {
+    let mut gains: Vec<(usize, u64, f64)> = (0..lower.bytes.len())
+        .filter_map(|t| {
+            let cost = upper.bytes.get(t)?.saturating_sub(*lower.bytes.get(t)?);
+            let saved = lower.errors.get(t)? - upper.errors.get(t)?;
+            (saved > 0.0).then_some((t, cost, saved / cost.max(1) as f64))
+        })
+        .collect();
+    gains.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let mut left = room;
+    let mut taken = Vec::new();
+    for (t, cost, _) in gains {
+        if cost <= left {
+            left -= cost;
+            taken.push(t);
+        }
+    }
+    taken
 }
 
 /// The name of a rung, for reports: `base q8, delta q4` (`base as in the checkpoint`).
@@ -146,6 +230,8 @@ pub fn compile_within(
     let scratch = RoundBundle::new(&opts.output, "sizing")?;
     let mut tried = Vec::new();
     let mut chosen = None;
+    // The previous rung and its per-task costs (with tvq), for mixing.
+    let mut previous: Option<(Rung, TaskCosts)> = None;
     for (i, (name, rung)) in Rung::ladder(opts).into_iter().enumerate() {
         let candidate = CompileOptions {
             output: scratch.path().to_path_buf(),
@@ -163,16 +249,103 @@ pub fn compile_within(
         log::info!("{name}: {bytes} bytes");
         tried.push((name, bytes));
         if bytes <= max_bytes {
-            chosen = Some((i, rung, bundle));
+            chosen = Some((i, rung, bundle, previous.take()));
             break;
         }
+        if opts.params.method == Method::Tvq {
+            previous = Some((rung, TaskCosts::of(&bundle)));
+        }
     }
-    let Some((index, rung, candidate)) = chosen else {
+    let Some((index, rung, mut candidate, previous)) = chosen else {
         return Err(CompileError::OverBudget {
             max_bytes,
             smallest: tried.last().map_or(0, |(_, b)| *b),
         });
     };
+    // Per-task residual storage between this rung and the previous one, if they share a base.
+    let mut final_opts = rung.apply(opts);
+    let mut upgraded = Vec::new();
+    if let Some((upper, upper_costs)) = previous.filter(|(p, _)| p.base == rung.base) {
+        let lower_costs = TaskCosts::of(&candidate);
+        let mut taken = upgrades(
+            &lower_costs,
+            &upper_costs,
+            max_bytes.saturating_sub(bundle_len(&candidate)),
+        );
+        // The manifest's own bytes change a little with the section lengths: measure, and give
+        // the last upgrade back until the bundle fits.
+        while !taken.is_empty() {
+            let per_task: Vec<Option<Encoding>> = (0..opts.tasks.len())
+                .map(|t| {
+                    if taken.contains(&t) {
+                        upper.residual
+                    } else {
+                        rung.residual
+                    }
+                })
+                .collect();
+            let mixed_opts = CompileOptions {
+                residual_per_task: per_task,
+                ..rung.apply(opts)
+            };
+            let writer = BundleWriter::create(scratch.path())?;
+            let mixed = prepared.write(
+                &CompileOptions {
+                    output: scratch.path().to_path_buf(),
+                    ..mixed_opts.clone()
+                },
+                writer,
+                vec![None; opts.tasks.len()],
+                started,
+                progress,
+            )?;
+            let bytes = bundle_len(&mixed);
+            log::info!(
+                "{} tasks at {:?}: {bytes} bytes",
+                taken.len(),
+                upper.residual
+            );
+            if bytes <= max_bytes {
+                candidate = mixed;
+                final_opts = mixed_opts;
+                break;
+            }
+            taken.pop();
+        }
+        if taken.is_empty() {
+            // Every mixed bundle was over: the scratch file must hold the rung's bundle again.
+            let writer = BundleWriter::create(scratch.path())?;
+            candidate = prepared.write(
+                &CompileOptions {
+                    output: scratch.path().to_path_buf(),
+                    ..final_opts.clone()
+                },
+                writer,
+                vec![None; opts.tasks.len()],
+                started,
+                progress,
+            )?;
+        }
+        for &t in &taken {
+            let (Some((name, _)), Some(residual)) = (opts.tasks.get(t), upper.residual) else {
+                continue;
+            };
+            let pick = |c: &TaskCosts| {
+                (
+                    c.bytes.get(t).copied().unwrap_or(0),
+                    c.errors.get(t).copied().unwrap_or(0.0),
+                )
+            };
+            let ((lower_bytes, lower_err), (upper_bytes, upper_err)) =
+                (pick(&lower_costs), pick(&upper_costs));
+            upgraded.push(TaskUpgrade {
+                task: name.clone(),
+                residual,
+                extra_bytes: upper_bytes.saturating_sub(lower_bytes),
+                relative_error: (lower_err, upper_err),
+            });
+        }
+    }
     let bundle = match calibration {
         // The candidate is the bundle: move it into place rather than compile it again.
         None => {
@@ -181,7 +354,6 @@ pub fn compile_within(
         }
         Some(c) => {
             drop((candidate, scratch));
-            let final_opts = rung.apply(opts);
             let bundle = calibrated(&final_opts, &prepared, c, started, progress)?;
             let bytes = bundle_len(&bundle);
             if bytes > max_bytes {
@@ -193,12 +365,15 @@ pub fn compile_within(
             bundle
         }
     };
+    let bytes = bundle_len(&bundle);
     Ok((
         bundle,
         BudgetChoice {
             max_bytes,
             tried,
             chosen: index,
+            upgrades: upgraded,
+            bytes,
         },
     ))
 }
@@ -211,6 +386,24 @@ fn bundle_len(bundle: &Bundle) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upgrades_take_the_most_error_saved_per_byte_that_still_fits() {
+        // Extra bytes 20, 40, 10, 5; error saved 0.2, 0.4, 0.05, -0.01, so per byte 0.01, 0.01,
+        // 0.005 (task 3 would lose accuracy: never taken). In 35 bytes: task 0 (20, ties by
+        // order), not task 1 (40 > 15), task 2 (10).
+        let lower = TaskCosts {
+            bytes: vec![10, 10, 10, 10],
+            errors: vec![0.5, 0.5, 0.5, 0.5],
+        };
+        let upper = TaskCosts {
+            bytes: vec![30, 50, 20, 15],
+            errors: vec![0.3, 0.1, 0.45, 0.51],
+        };
+        assert_eq!(upgrades(&lower, &upper, 35), vec![0, 2]);
+        assert_eq!(upgrades(&lower, &upper, 70), vec![0, 1, 2]);
+        assert_eq!(upgrades(&lower, &upper, 9), Vec::<usize>::new());
+    }
 
     #[test]
     fn the_ladder_only_gets_smaller() {
@@ -232,7 +425,7 @@ mod tests {
             .iter()
             .map(|&(b, r)| bits(b.unwrap_or(Encoding::F32)) + bits(r))
             .collect();
-        assert_eq!(tvq, vec![40.5, 17.0, 13.5, 12.0, 11.0, 7.5]);
+        assert_eq!(tvq, vec![40.5, 17.0, 13.5, 12.0, 11.0, 10.375, 7.5, 6.875]);
         assert_eq!(
             residual_storage_name(TVQ_STORAGE_LADDER[3]),
             "base q8, residuals q3".to_string()
