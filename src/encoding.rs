@@ -464,12 +464,10 @@ fn decode_ternary(bytes: &[u8], out: &mut [f32]) {
         let Some((s, codes)) = split_scale(b) else {
             return;
         };
-        let mut q = [0f32; 5 * TERNARY_CODE_BYTES];
-        for (five, &c) in q.chunks_exact_mut(5).zip(codes) {
-            five.copy_from_slice(&TERNARY_CODES[usize::from(c)]);
-        }
-        for (o, q) in o.iter_mut().zip(q) {
-            *o = q * s;
+        for (five, &c) in o.chunks_mut(5).zip(codes) {
+            for (o, q) in five.iter_mut().zip(TERNARY_CODES[usize::from(c)]) {
+                *o = q * s;
+            }
         }
     }
 }

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! The codes are read from the bytes as docs/FORMAT.md §3 lays them out: after each block's
-//! 4-byte scale, one little-endian bit string with code `j` in bits `b·j … b·j + b − 1`.
+//! 4-byte scale, one little-endian bit string with code `j` in bits `b·j … b·j + b − 1`; for
+//! `ternary`, base-3 digit `j mod 5` of byte `j / 5`.
 
 use anyhow::{Context, Result};
 use taskpack::format::{Encoding, TaskTensor};
@@ -28,21 +29,39 @@ fn main() -> Result<()> {
             let Some(TaskTensor::Residual { residual, .. }) = task.tensors.get(i) else {
                 continue;
             };
+            // Bits per code; 0 for ternary's base-3 digits.
             let bits_per_code = match residual.encoding {
                 Encoding::Q8 => 8,
                 Encoding::Q4 => 4,
                 Encoding::Q3 => 3,
                 Encoding::Q2 => 2,
+                Encoding::Ternary => 0,
                 _ => continue,
             };
             let (block, block_bytes) = residual.encoding.block();
             let (block, block_bytes) = (usize::try_from(block)?, usize::try_from(block_bytes)?);
             let bytes = bundle.section(residual.section)?;
-            let mut counts = vec![0u64; 1 << bits_per_code];
+            let mut counts = vec![
+                0u64;
+                if bits_per_code == 0 {
+                    3
+                } else {
+                    1 << bits_per_code
+                }
+            ];
             for (b, chunk) in bytes.chunks(block_bytes).enumerate() {
                 let codes = chunk.get(4..).unwrap_or_default();
                 let in_block = block.min(len.saturating_sub(b * block));
                 for j in 0..in_block {
+                    if bits_per_code == 0 {
+                        let digit = codes.get(j / 5).map_or(0, |&v| {
+                            usize::from(v) / [1, 3, 9, 27, 81].get(j % 5).copied().unwrap_or(1) % 3
+                        });
+                        if let Some(c) = counts.get_mut(digit) {
+                            *c += 1;
+                        }
+                        continue;
+                    }
                     let mut code = 0usize;
                     for k in 0..bits_per_code {
                         let bit = j * bits_per_code + k;
