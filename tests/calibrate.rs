@@ -312,6 +312,119 @@ fn a_size_budget_with_calibration_calibrates_at_the_storage_it_picked() {
     }
 }
 
+/// A size budget with tvq and calibration gives the room left to the tasks whose agreement
+/// with the original (then logit distance) the previous rung's residuals improve the most per
+/// byte. Budget: the q8/q3 rung plus 2.5 tasks' worth of the q8/q4 rung's extra bytes (every
+/// demo task has the same tensors). Every calibrated task is scored at both storages, plain and
+/// fitted (four candidates, in the report); the expected winners are computed here from those
+/// scores by the rule; uncalibrated tasks are never upgraded. The final bundle stores q4
+/// residuals for exactly the winners, and each calibrated task's exported model, run with plain
+/// tract, reproduces the agreement and distance of its chosen candidate.
+#[test]
+fn a_tvq_size_budget_with_calibration_upgrades_the_tasks_that_gain_agreement() {
+    use taskpack::compile::{compile_within, TVQ_STORAGE_LADDER};
+    use taskpack::format::TaskTensor;
+    let dir = tempfile::tempdir().unwrap();
+    let calibration = calibration();
+    let tasks = demo_tasks();
+    let at = |rung: usize, out: &Path| CompileOptions {
+        base_dtype: TVQ_STORAGE_LADDER[rung].0,
+        residual_dtype: Some(TVQ_STORAGE_LADDER[rung].1),
+        ..CompileOptions::new(demo().join("base.onnx"), tasks.clone(), Method::Tvq, out)
+    };
+    assert_eq!(TVQ_STORAGE_LADDER[2].1, Encoding::Q4);
+    assert_eq!(TVQ_STORAGE_LADDER[3].1, Encoding::Q3);
+    let size = |rung: usize| {
+        let out = dir.path().join(format!("rung{rung}.tpk"));
+        compile(&at(rung, &out), &mut |_| {}).unwrap().bytes().len() as u64
+    };
+    let (s2, s3) = (size(2), size(3));
+    let per_task = (s2 - s3) / tasks.len() as u64;
+    let budget = s3 + per_task * 5 / 2;
+    let out = dir.path().join("budget.tpk");
+    let (bundle, choice) =
+        compile_within(&at(0, &out), budget, Some(&calibration), &mut |_| {}).unwrap();
+    assert_eq!(choice.chosen, 3, "{choice:?}");
+    assert!(choice.bytes <= budget);
+
+    let m = bundle.manifest();
+    let mut gains = Vec::new();
+    for (t, (name, _)) in tasks.iter().enumerate() {
+        let Some(c) = &m.report.tasks[t].calibration else {
+            assert!(
+                !CALIBRATED.contains(&name.as_str()),
+                "{name} not calibrated"
+            );
+            continue;
+        };
+        let scores: Vec<(f64, f64)> = c
+            .candidates
+            .iter()
+            .map(|s| (s.agreement, s.logit_distance))
+            .collect();
+        assert_eq!(scores.len(), 4, "{name}: {:?}", c.candidates);
+        assert!(
+            c.candidates[0].setting.starts_with("q3 "),
+            "{:?}",
+            c.candidates
+        );
+        assert!(
+            c.candidates[2].setting.starts_with("q4 "),
+            "{:?}",
+            c.candidates
+        );
+        let (l, u) = (best(&scores[..2]), 2 + best(&scores[2..]));
+        let gain = (scores[u].0 - scores[l].0, scores[l].1 - scores[u].1);
+        if gain.0 > 0.0 || (gain.0 == 0.0 && gain.1 > 0.0) {
+            gains.push((name.clone(), gain));
+        }
+        // The candidate chosen is the best at the storage the task got.
+        let upgraded = choice.upgrades.iter().any(|x| x.task == *name);
+        assert_eq!(c.chosen as usize, if upgraded { u } else { l }, "{name}");
+        // ... and the bundle reproduces its score through an export and plain tract.
+        let x = images(name);
+        let original = logits(&std::fs::read(&tasks[t].1).unwrap(), &x);
+        let got = agreement(&original, &logits(&export_task(&bundle, name).unwrap(), &x));
+        let want = scores[c.chosen as usize];
+        assert_eq!(got.0, want.0, "{name}");
+        assert!(
+            (got.1 - want.1).abs() <= 1e-4 * want.1.max(1e-3),
+            "{name}: {got:?} vs {want:?}"
+        );
+    }
+    gains.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0).then(b.1 .1.total_cmp(&a.1 .1)));
+    let mut want: Vec<String> = gains.iter().take(2).map(|g| g.0.clone()).collect();
+    let mut got: Vec<String> = choice.upgrades.iter().map(|u| u.task.clone()).collect();
+    want.sort();
+    got.sort();
+    assert!(
+        !want.is_empty(),
+        "no calibrated task gains from q4: {gains:?}"
+    );
+    assert_eq!(got, want);
+    for (t, (name, _)) in tasks.iter().enumerate() {
+        let large: Vec<Encoding> = m.tasks[t]
+            .tensors
+            .iter()
+            .filter_map(|module| match module {
+                TaskTensor::Residual { residual, .. } if residual.encoding != Encoding::F16 => {
+                    Some(residual.encoding)
+                }
+                _ => None,
+            })
+            .collect();
+        let e = if got.contains(name) {
+            Encoding::Q4
+        } else {
+            Encoding::Q3
+        };
+        assert!(
+            !large.is_empty() && large.iter().all(|&x| x == e),
+            "{name}: {large:?}"
+        );
+    }
+}
+
 /// `--calib` with tvq fits each residual row's scale to the layer output on the calibration
 /// inputs. A one-MatMul model y = x·W (W 64 × 64, so a q2 row is one block), a base and one
 /// task, correlated positive inputs; output 0 dominates, so both candidates agree with the

@@ -362,13 +362,18 @@ fn print_budget(choice: &BudgetChoice) {
     }
     // The rung before the chosen one is the storage the upgraded tasks got.
     println!(
-        "  with room left, {} task(s) keep the previous rung's residuals (most error saved per \
-         byte first, relative error ‖θ̂ − θ‖ / ‖τ‖):",
+        "  with room left, {} task(s) keep the previous rung's residuals (most saved per byte \
+         first: of agreement with the original on --calib inputs if given, else of relative \
+         error ‖θ̂ − θ‖ / ‖τ‖):",
         choice.upgrades.len()
     );
     for u in &choice.upgrades {
+        let agreement = u
+            .agreement
+            .map(|a| format!("  agreement {a:.4} (calibrated)"))
+            .unwrap_or_default();
         println!(
-            "    {:<20} residuals {:<8} +{:>10} bytes  relative error {:.4} → {:.4}",
+            "    {:<20} residuals {:<8} +{:>10} bytes  relative error {:.4} → {:.4}{agreement}",
             u.task, u.residual, u.extra_bytes, u.relative_error.0, u.relative_error.1
         );
     }

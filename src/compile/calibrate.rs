@@ -33,6 +33,7 @@ use crate::compile::checkpoint::Checkpoint;
 use crate::compile::error::CompileError;
 use crate::compile::fitted::{self, LayerGrams};
 use crate::compile::pipeline::{check_options, CompileOptions, Prepared, Progress};
+use crate::encoding::Encoding;
 use crate::format::{BundleWriter, CalibrationReport, CandidateScore, Method, ScaleMode};
 use crate::onnx::TensorBytes;
 use crate::runtime::{argmax, Bundle, Engine, EngineOptions, IoInfo};
@@ -157,16 +158,33 @@ pub(crate) fn check_calibratable(opts: &CompileOptions) -> Result<(), CompileErr
     Ok(())
 }
 
+/// A size budget's offer to [`calibrated_tvq`]: the residual storage of the rung before the
+/// one that fits, the extra bytes it costs each task, and the room the budget leaves.
+#[derive(Debug, Clone)]
+pub(crate) struct Upgrade {
+    /// The more faithful residual storage.
+    pub(crate) residual: Encoding,
+    /// Per task, the bytes it adds.
+    pub(crate) extra_bytes: Vec<u64>,
+    /// Bytes the budget leaves over the bundle at `opts`' own storage, uncalibrated.
+    pub(crate) room: u64,
+    /// The budget.
+    pub(crate) max_bytes: u64,
+}
+
 /// `--calib` with tvq: per task, its residuals as quantized, or with row scales fitted to its
 /// layer outputs ([`fitted`]), whichever agrees better with the original model on the task's
-/// calibration inputs (the same scoring as the λ and scale rounds).
-fn calibrated_tvq(
+/// calibration inputs (the same scoring as the λ and scale rounds). With an [`Upgrade`], each
+/// task is also scored at the upgrade's residual storage, and the tasks whose best agreement
+/// (then logit distance) gains the most per byte get it while the bundle fits; returns the
+/// bundle and those tasks, in the order taken.
+pub(crate) fn calibrated_tvq(
     opts: &CompileOptions,
     prepared: &Prepared,
     calibration: &Calibration,
-    started: Instant,
-    progress: &mut dyn FnMut(Progress<'_>),
-) -> Result<Bundle, CompileError> {
+    upgrade: Option<&Upgrade>,
+    (started, progress): (Instant, &mut dyn FnMut(Progress<'_>)),
+) -> Result<(Bundle, Vec<usize>), CompileError> {
     let n = opts.tasks.len();
     // One run of each original: its outputs (the reference) and the Gram matrices.
     let (tasks, measured) = prepare(opts, calibration, progress, |set| {
@@ -184,20 +202,38 @@ fn calibrated_tvq(
         }
     }
     let plain = LayerGrams::default();
-    let candidates = [
-        ("residuals as quantized", &plain),
-        ("residual row scales fitted to layer outputs", &grams),
-    ];
+    // Candidates: (storage, fitted?, label); the storage is `opts`' own, then the upgrade's.
+    let storages: Vec<Option<Encoding>> = std::iter::once(None)
+        .chain(upgrade.map(|u| Some(u.residual)))
+        .collect();
+    let mut candidates = Vec::new();
+    for &storage in &storages {
+        for (fit, label) in [
+            (false, "residuals as quantized"),
+            (true, "residual row scales fitted to layer outputs"),
+        ] {
+            let label = match (upgrade, storage.or(opts.residual_dtype)) {
+                (Some(_), Some(e)) => format!("{e} {label}"),
+                _ => label.to_string(),
+            };
+            candidates.push((storage, fit, label));
+        }
+    }
     progress(Progress::Pass {
         name: "calibrating",
         total: (candidates.len() * tasks.len()) as u64,
     });
     let mut tried: Vec<Vec<(usize, CandidateScore)>> = vec![Vec::new(); tasks.len()];
-    for (c, (label, g)) in candidates.iter().enumerate() {
-        let (engine, _round) = round_engine(opts, prepared, opts.clone(), g)?;
+    for (c, (storage, fit, label)) in candidates.iter().enumerate() {
+        let round = CompileOptions {
+            residual_dtype: storage.or(opts.residual_dtype),
+            ..opts.clone()
+        };
+        let g = if *fit { &grams } else { &plain };
+        let (engine, _round) = round_engine(opts, prepared, round, g)?;
         let scores = parallel_map(&tasks, |t| score(&engine, t))?;
         for ((t, mut score), slot) in tasks.iter().zip(scores).zip(&mut tried) {
-            score.setting = (*label).to_string();
+            score.setting.clone_from(label);
             log::info!(
                 "{}: {label}: agreement {:.4}, logit distance {:.4}",
                 t.set.name,
@@ -208,29 +244,82 @@ fn calibrated_tvq(
             slot.push((c, score));
         }
     }
-    let mut chosen = LayerGrams {
-        tasks: vec![Default::default(); n],
+    // Per task, the best candidate at each storage (index into its `tried`).
+    let best_at = |tried: &[(usize, CandidateScore)], storage: usize| -> Option<usize> {
+        let at: Vec<(usize, CandidateScore)> = tried
+            .iter()
+            .filter(|(c, _)| c / 2 == storage)
+            .cloned()
+            .collect();
+        best(&at).and_then(|i| at.get(i)).map(|(c, _)| *c)
     };
-    let mut reports = vec![None; n];
-    for (t, tried) in tasks.iter().zip(tried) {
-        let best = best(&tried).unwrap_or(0);
-        if let (Some((1, _)), Some(slot), Some(g)) = (
-            tried.get(best),
-            chosen.tasks.get_mut(t.set.index),
-            grams.tasks.get(t.set.index),
-        ) {
-            slot.clone_from(g);
+    let mut taken = Vec::new();
+    if let Some(u) = upgrade {
+        // Agreement gained, then logit distance lost, per extra byte.
+        let mut gains: Vec<(usize, u64, (f64, f64))> = Vec::new();
+        for (t, tried) in tasks.iter().zip(&tried) {
+            let score = |storage| {
+                best_at(tried, storage)
+                    .and_then(|c| tried.iter().find(|(x, _)| *x == c))
+                    .map(|(_, s)| (s.agreement, s.logit_distance))
+            };
+            let (Some(lower), Some(upper), Some(&cost)) =
+                (score(0), score(1), u.extra_bytes.get(t.set.index))
+            else {
+                continue;
+            };
+            let gain = (upper.0 - lower.0, lower.1 - upper.1);
+            if gain.0 > 0.0 || (gain.0 == 0.0 && gain.1 > 0.0) {
+                let per_byte = cost.max(1) as f64;
+                gains.push((t.set.index, cost, (gain.0 / per_byte, gain.1 / per_byte)));
+            }
         }
-        if let Some(slot) = reports.get_mut(t.set.index) {
-            *slot = Some(CalibrationReport {
-                examples: t.set.examples as u64,
-                candidates: tried.into_iter().map(|(_, s)| s).collect(),
-                chosen: best as u64,
-            });
+        gains.sort_by(|a, b| b.2 .0.total_cmp(&a.2 .0).then(b.2 .1.total_cmp(&a.2 .1)));
+        let mut left = u.room;
+        for (t, cost, _) in gains {
+            if cost <= left {
+                left -= cost;
+                taken.push(t);
+            }
         }
     }
-    let writer = BundleWriter::create(&opts.output)?;
-    prepared.write_fitted(opts, writer, (reports, &chosen), started, progress)
+    loop {
+        let mut chosen = LayerGrams {
+            tasks: vec![Default::default(); n],
+        };
+        let mut reports = vec![None; n];
+        for (t, tried) in tasks.iter().zip(&tried) {
+            let storage = usize::from(taken.contains(&t.set.index));
+            let pick = best_at(tried, storage).unwrap_or(0);
+            if let (true, Some(slot), Some(g)) = (
+                pick % 2 == 1,
+                chosen.tasks.get_mut(t.set.index),
+                grams.tasks.get(t.set.index),
+            ) {
+                slot.clone_from(g);
+            }
+            if let Some(slot) = reports.get_mut(t.set.index) {
+                *slot = Some(CalibrationReport {
+                    examples: t.set.examples as u64,
+                    candidates: tried.iter().map(|(_, s)| s.clone()).collect(),
+                    chosen: tried.iter().position(|(c, _)| *c == pick).unwrap_or(0) as u64,
+                });
+            }
+        }
+        let final_opts = match upgrade {
+            Some(u) => opts.with_upgrades(u.residual, &taken),
+            None => opts.clone(),
+        };
+        let writer = BundleWriter::create(&opts.output)?;
+        let bundle =
+            prepared.write_fitted(&final_opts, writer, (reports, &chosen), started, progress)?;
+        let over = upgrade.is_some_and(|u| bundle.bytes().len() as u64 > u.max_bytes);
+        // The report's own bytes are not in the room: give the last upgrade back if it shows.
+        if over && taken.pop().is_some() {
+            continue;
+        }
+        return Ok((bundle, taken));
+    }
 }
 
 /// [`compile_calibrated`] from checkpoints already opened (the size budget's final compile).
@@ -243,7 +332,8 @@ pub(crate) fn calibrated(
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Bundle, CompileError> {
     if opts.params.method == Method::Tvq {
-        return calibrated_tvq(opts, prepared, calibration, started, progress);
+        return calibrated_tvq(opts, prepared, calibration, None, (started, progress))
+            .map(|(bundle, _)| bundle);
     }
     let n = opts.tasks.len();
     let has_lambda = opts.params.method == Method::Tall;

@@ -110,6 +110,23 @@ impl CompileOptions {
         }
     }
 
+    /// These options with the tasks `taken` (indices) given `residual` storage, the others
+    /// `residual_dtype` (a size budget's per-task choice).
+    pub(crate) fn with_upgrades(&self, residual: Encoding, taken: &[usize]) -> CompileOptions {
+        CompileOptions {
+            residual_per_task: (0..self.tasks.len())
+                .map(|t| {
+                    if taken.contains(&t) {
+                        Some(residual)
+                    } else {
+                        self.residual_dtype
+                    }
+                })
+                .collect(),
+            ..self.clone()
+        }
+    }
+
     /// The scale mode of task `t` (none if `scale` is short).
     fn scale_of(&self, t: usize) -> ScaleMode {
         self.scale.get(t).copied().unwrap_or(ScaleMode::None)

@@ -21,7 +21,9 @@
 
 use std::time::Instant;
 
-use crate::compile::calibrate::{calibrated, check_calibratable, Calibration, RoundBundle};
+use crate::compile::calibrate::{
+    calibrated, calibrated_tvq, check_calibratable, Calibration, RoundBundle, Upgrade,
+};
 use crate::compile::pipeline::{check_options, Prepared};
 use crate::compile::{CompileError, CompileOptions, Progress};
 use crate::encoding::Encoding;
@@ -131,6 +133,9 @@ pub struct TaskUpgrade {
     pub extra_bytes: u64,
     /// Its relative error `‖θ̂ − θ‖ / ‖τ‖` at the chosen rung's storage, then at this one.
     pub relative_error: (f64, f64),
+    /// With calibration, its agreement with the original at this storage (the chosen
+    /// candidate's; the report's calibration lists every candidate at both storages).
+    pub agreement: Option<f64>,
 }
 
 /// Per task of a candidate bundle: the bytes of its residual sections (with their padding) and
@@ -233,18 +238,7 @@ pub fn compile_within(
     // The previous rung and its per-task costs (with tvq), for mixing.
     let mut previous: Option<(Rung, TaskCosts)> = None;
     for (i, (name, rung)) in Rung::ladder(opts).into_iter().enumerate() {
-        let candidate = CompileOptions {
-            output: scratch.path().to_path_buf(),
-            ..rung.apply(opts)
-        };
-        let writer = BundleWriter::create(scratch.path())?;
-        let bundle = prepared.write(
-            &candidate,
-            writer,
-            vec![None; opts.tasks.len()],
-            started,
-            progress,
-        )?;
+        let bundle = write_to(&prepared, &rung.apply(opts), &scratch, started, progress)?;
         let bytes = bundle_len(&bundle);
         log::info!("{name}: {bytes} bytes");
         tried.push((name, bytes));
@@ -263,98 +257,65 @@ pub fn compile_within(
         });
     };
     // Per-task residual storage between this rung and the previous one, if they share a base.
+    let mix = previous
+        .filter(|(p, _)| p.base == rung.base)
+        .and_then(|(upper, upper_costs)| {
+            let residual = upper.residual?;
+            let lower_costs = TaskCosts::of(&candidate);
+            Some((residual, lower_costs, upper_costs))
+        });
+    let room = max_bytes.saturating_sub(bundle_len(&candidate));
     let mut final_opts = rung.apply(opts);
-    let mut upgraded = Vec::new();
-    if let Some((upper, upper_costs)) = previous.filter(|(p, _)| p.base == rung.base) {
-        let lower_costs = TaskCosts::of(&candidate);
-        let mut taken = upgrades(
-            &lower_costs,
-            &upper_costs,
-            max_bytes.saturating_sub(bundle_len(&candidate)),
-        );
-        // The manifest's own bytes change a little with the section lengths: measure, and give
-        // the last upgrade back until the bundle fits.
-        while !taken.is_empty() {
-            let per_task: Vec<Option<Encoding>> = (0..opts.tasks.len())
-                .map(|t| {
-                    if taken.contains(&t) {
-                        upper.residual
-                    } else {
-                        rung.residual
-                    }
-                })
-                .collect();
-            let mixed_opts = CompileOptions {
-                residual_per_task: per_task,
-                ..rung.apply(opts)
-            };
-            let writer = BundleWriter::create(scratch.path())?;
-            let mixed = prepared.write(
-                &CompileOptions {
-                    output: scratch.path().to_path_buf(),
-                    ..mixed_opts.clone()
-                },
-                writer,
-                vec![None; opts.tasks.len()],
-                started,
-                progress,
-            )?;
-            let bytes = bundle_len(&mixed);
-            log::info!(
-                "{} tasks at {:?}: {bytes} bytes",
-                taken.len(),
-                upper.residual
-            );
-            if bytes <= max_bytes {
-                candidate = mixed;
-                final_opts = mixed_opts;
-                break;
-            }
-            taken.pop();
-        }
-        if taken.is_empty() {
-            // Every mixed bundle was over: the scratch file must hold the rung's bundle again.
-            let writer = BundleWriter::create(scratch.path())?;
-            candidate = prepared.write(
-                &CompileOptions {
-                    output: scratch.path().to_path_buf(),
-                    ..final_opts.clone()
-                },
-                writer,
-                vec![None; opts.tasks.len()],
-                started,
-                progress,
-            )?;
-        }
-        for &t in &taken {
-            let (Some((name, _)), Some(residual)) = (opts.tasks.get(t), upper.residual) else {
-                continue;
-            };
-            let pick = |c: &TaskCosts| {
-                (
-                    c.bytes.get(t).copied().unwrap_or(0),
-                    c.errors.get(t).copied().unwrap_or(0.0),
-                )
-            };
-            let ((lower_bytes, lower_err), (upper_bytes, upper_err)) =
-                (pick(&lower_costs), pick(&upper_costs));
-            upgraded.push(TaskUpgrade {
-                task: name.clone(),
-                residual,
-                extra_bytes: upper_bytes.saturating_sub(lower_bytes),
-                relative_error: (lower_err, upper_err),
-            });
-        }
-    }
-    let bundle = match calibration {
-        // The candidate is the bundle: move it into place rather than compile it again.
+    let (bundle, taken) = match calibration {
         None => {
+            let mut taken = Vec::new();
+            if let Some((residual, lower, upper)) = &mix {
+                taken = upgrades(lower, upper, room);
+                // The manifest's own bytes change a little with the section lengths: measure,
+                // and give the last upgrade back until the bundle fits.
+                while !taken.is_empty() {
+                    let mixed_opts = final_opts.with_upgrades(*residual, &taken);
+                    let mixed = write_to(&prepared, &mixed_opts, &scratch, started, progress)?;
+                    let bytes = bundle_len(&mixed);
+                    log::info!("{} tasks at {residual}: {bytes} bytes", taken.len());
+                    if bytes <= max_bytes {
+                        candidate = mixed;
+                        final_opts = mixed_opts;
+                        break;
+                    }
+                    taken.pop();
+                }
+                if taken.is_empty() {
+                    // Every mixed bundle was over: the scratch file must hold the rung's again.
+                    candidate = write_to(&prepared, &final_opts, &scratch, started, progress)?;
+                }
+            }
+            // The candidate is the bundle: move it into place rather than compile it again.
             scratch.persist_to(&opts.output)?;
-            candidate
+            (candidate, taken)
         }
         Some(c) => {
             drop((candidate, scratch));
-            let bundle = calibrated(&final_opts, &prepared, c, started, progress)?;
+            let (bundle, taken) = match &mix {
+                Some((residual, lower, upper)) => {
+                    let offer = Upgrade {
+                        residual: *residual,
+                        extra_bytes: lower
+                            .bytes
+                            .iter()
+                            .zip(&upper.bytes)
+                            .map(|(l, u)| u.saturating_sub(*l))
+                            .collect(),
+                        room,
+                        max_bytes,
+                    };
+                    calibrated_tvq(&final_opts, &prepared, c, Some(&offer), (started, progress))?
+                }
+                None => (
+                    calibrated(&final_opts, &prepared, c, started, progress)?,
+                    Vec::new(),
+                ),
+            };
             let bytes = bundle_len(&bundle);
             if bytes > max_bytes {
                 return Err(CompileError::OverBudget {
@@ -362,8 +323,38 @@ pub fn compile_within(
                     smallest: bytes,
                 });
             }
-            bundle
+            (bundle, taken)
         }
+    };
+    let upgraded = match &mix {
+        Some((residual, lower, upper)) => taken
+            .iter()
+            .filter_map(|&t| {
+                let (name, _) = opts.tasks.get(t)?;
+                let (lower_bytes, lower_err) = (lower.bytes.get(t)?, lower.errors.get(t)?);
+                let (upper_bytes, upper_err) = (upper.bytes.get(t)?, upper.errors.get(t)?);
+                let agreement = bundle
+                    .manifest()
+                    .report
+                    .tasks
+                    .get(t)
+                    .and_then(|r| r.calibration.as_ref())
+                    .and_then(|c| {
+                        usize::try_from(c.chosen)
+                            .ok()
+                            .and_then(|i| c.candidates.get(i))
+                    })
+                    .map(|s| s.agreement);
+                Some(TaskUpgrade {
+                    task: name.clone(),
+                    residual: *residual,
+                    extra_bytes: upper_bytes.saturating_sub(*lower_bytes),
+                    relative_error: (*lower_err, *upper_err),
+                    agreement,
+                })
+            })
+            .collect(),
+        None => Vec::new(),
     };
     let bytes = bundle_len(&bundle);
     Ok((
@@ -376,6 +367,27 @@ pub fn compile_within(
             bytes,
         },
     ))
+}
+
+/// `opts`' bundle, written into the scratch file.
+fn write_to(
+    prepared: &Prepared,
+    opts: &CompileOptions,
+    scratch: &RoundBundle,
+    started: Instant,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Bundle, CompileError> {
+    let writer = BundleWriter::create(scratch.path())?;
+    prepared.write(
+        &CompileOptions {
+            output: scratch.path().to_path_buf(),
+            ..opts.clone()
+        },
+        writer,
+        vec![None; opts.tasks.len()],
+        started,
+        progress,
+    )
 }
 
 /// The length of a bundle's file.
