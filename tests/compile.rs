@@ -925,6 +925,23 @@ fn cli_max_size_picks_the_most_faithful_storage_that_fits() {
     );
     assert_eq!(std::fs::metadata(&out).unwrap().len(), sizes[3]);
 
+    // The same budget as a fraction of the task checkpoints' total size (`0.NNNx`).
+    let total: u64 = tasks
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).unwrap().len())
+        .sum();
+    let fraction = format!("{:.9}x", budget as f64 / total as f64);
+    let want = (total as f64 * fraction.trim_end_matches('x').parse::<f64>().unwrap()).floor();
+    let mut relative = args.clone();
+    relative[6] = fraction;
+    let (ok, stdout, err) = cli(&relative.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains(&format!("size budget {want} bytes")),
+        "{stdout}"
+    );
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), sizes[3]);
+
     let small = dir.path().join("small.tpk");
     let n = args.len();
     args[n - 1] = small.display().to_string();

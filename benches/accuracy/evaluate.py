@@ -66,6 +66,9 @@ class Setting:
     # Global flags of every `taskpack run` of the setting's tasks (e.g. `--compute bf16`): a
     # runtime setting, with the bundle compiled from `flags` as usual.
     run_flags: tuple = ()
+    # The families the setting is run for (all if empty): e.g. a size budget that only one
+    # family's bundles can meet.
+    families: tuple = ()
 
     @property
     def slug(self):
@@ -158,6 +161,13 @@ SETTINGS = [
             ("--method", "tvq", "--base-dtype", "q4", "--residual-dtype", "ternary", "--shared",
              "word_embeddings"),
             needs="--residual-dtype ternary"),
+    # A size budget of 0.1x the six MiniLM task models (the goal): the q4 base with
+    # ternary residuals fits, and the room left gives some tasks q2 residuals (by relative
+    # error; with --calib, by agreement with the original).
+    Setting("tvq --max-size 0.1x", ("--method", "tvq", "--max-size", "0.1x"),
+            needs="lower the most per byte", families=("text",)),
+    Setting("tvq --max-size 0.1x --calib", ("--method", "tvq", "--max-size", "0.1x"), calib=True,
+            needs="lower the most per byte", families=("text",)),
     # The default bundle run with bf16 matrix products (tract's AMX-BF16 kernel; the runtime's
     # `--compute bf16`, docs/PERFORMANCE.md): what the faster arithmetic costs in accuracy.
     Setting("tvq --base-dtype q8, run --compute bf16", ("--method", "tvq", "--base-dtype", "q8"),
@@ -1163,6 +1173,8 @@ def main():
             if row is not None:
                 results.append(row)
         for s in SETTINGS:
+            if s.families and fam.name not in s.families:
+                continue
             if s.calib and not cli.offers("--calib"):
                 skipped[f"{fam.name} `{s.name}`"] = "`taskpack compile` has no `--calib` yet"
                 continue
