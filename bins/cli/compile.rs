@@ -84,7 +84,7 @@ pub struct CompileArgs {
     /// the task checkpoint files' total size, as docs/ACCURACY.md counts it): the compiler picks the
     /// most faithful storage of base and delta whose bundle fits (f32/f16, f16/f16, q8/f16,
     /// q8/q8, q8/q4, in that order; with tvq, base and residuals: f32/q8, q8/q8, q8/q4, q8/q3,
-    /// q8/q2, q8/ternary, q4/q2, q4/ternary), trying each, and says what it picked; with tvq,
+    /// q8/q2, q4/q2, q4/ternary), trying each, and says what it picked; with tvq,
     /// the room left gives the previous rung's residuals to the tasks whose relative error they
     /// lower the most per byte. Replaces --base-dtype, --delta-dtype and (with tvq)
     /// --residual-dtype.
