@@ -16,10 +16,11 @@
 //!
 //! `ternary` (format version 5) is the sparse sign module of T-Switch as a block code: each
 //! weight of a task vector stays (`0`) or moves by `±s`, with one magnitude `s` per block of
-//! 128. Its codes are packed five to a byte as base-3 digits (`3^5 = 243 ≤ 256`), 1.6 bits
-//! per code whatever their density — the same as a move bitmap plus a sign per mover when 60%
-//! move, which is what the least-squares choice of movers gives on real task vectors
-//! (docs/METHODS.md) — and the section length depends only on the element count.
+//! 128. Its codes are packed five to a byte as base-3 digits (`3^5 = 243 ≤ 256`; 26 bytes per
+//! block, 1.625 bits per code) whatever their density — about what a move bitmap plus a sign
+//! per mover costs when 60% move, which is what the least-squares choice of movers gives on
+//! real task vectors (docs/METHODS.md) — and the section length depends only on the element
+//! count.
 //!
 //! The encoder is the compiler's choice and not normative: symmetric, `s = max|x| / Q` with
 //! `Q = 127` (`q8`) or `7` (`q4`), `q = round(x / s)` ties to even, clamped to `±Q`; for `q3`

@@ -1060,6 +1060,21 @@ fn tvq_max_size_picks_the_residual_storage_that_fits_per_task() {
             "{name}: {encodings:?}"
         );
     }
+    // `taskpack inspect` shows each task's residual storage.
+    let (ok, stdout, err) = cli(&["inspect", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    for (name, _) in &tasks {
+        let row = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{stdout}"));
+        let want = if want.contains(&name.as_str()) {
+            "q4"
+        } else {
+            "q3"
+        };
+        assert_eq!(row.split_whitespace().nth(6), Some(want), "{row}");
+    }
     for u in &choice.upgrades {
         assert_eq!(u.residual, Encoding::Q4);
         let t = tasks.iter().position(|(n, _)| *n == u.task).unwrap();

@@ -73,11 +73,22 @@ fn print_json(bundle: &Bundle) -> Result<()> {
     Ok(())
 }
 
-/// One line per task: graph, λ, global scale, scale mode, masks, fidelity, calibration, labels.
+/// One line per task: graph, λ, global scale, scale mode, masks, residual storage (of its
+/// block-coded residuals: a size budget may give tasks different ones), fidelity, calibration,
+/// labels.
 fn print_tasks(m: &Manifest) {
     println!(
-        "  {:<16}{:>6}{:>8}{:>8}{:>8}{:>8}{:>12}{:>10}{:>8}  labels",
-        "task", "graph", "lambda", "g", "scale", "masks", "rel. error", "cosine", "calib."
+        "  {:<16}{:>6}{:>8}{:>8}{:>8}{:>8}{:>9}{:>12}{:>10}{:>8}  labels",
+        "task",
+        "graph",
+        "lambda",
+        "g",
+        "scale",
+        "masks",
+        "resid.",
+        "rel. error",
+        "cosine",
+        "calib."
     );
     for (i, t) in m.tasks.iter().enumerate() {
         let masks = t
@@ -85,6 +96,20 @@ fn print_tasks(m: &Manifest) {
             .iter()
             .filter(|x| matches!(x.merged_parts(), Some((Some(_), ..))))
             .count();
+        let mut residuals: Vec<&str> = t
+            .tensors
+            .iter()
+            .filter_map(|x| x.merged_parts().and_then(|(_, _, r)| r))
+            .filter(|r| r.encoding.is_quantized())
+            .map(|r| r.encoding.name())
+            .collect();
+        residuals.sort_unstable();
+        residuals.dedup();
+        let residuals = if residuals.is_empty() {
+            "-".to_string()
+        } else {
+            residuals.join("+")
+        };
         let r = m.report.tasks.get(i);
         let agreement = r
             .and_then(|r| r.calibration.as_ref())
@@ -95,13 +120,14 @@ fn print_tasks(m: &Manifest) {
             })
             .map_or("-".to_string(), |c| format!("{:.3}", c.agreement));
         println!(
-            "  {:<16}{:>6}{:>8}{:>8.3}{:>8}{:>8}{:>12.4}{:>10.4}{:>8}  {}",
+            "  {:<16}{:>6}{:>8}{:>8.3}{:>8}{:>8}{:>9}{:>12.4}{:>10.4}{:>8}  {}",
             t.name,
             t.graph,
             t.lambda.map_or("-".to_string(), |l| format!("{l}")),
             t.global_scale,
             t.scale_mode.to_string(),
             masks,
+            residuals,
             r.map_or(f64::NAN, |r| r.relative_error),
             r.map_or(f64::NAN, |r| r.cosine),
             agreement,
