@@ -15,6 +15,8 @@ mod bench;
 mod compile_cmd;
 #[path = "cli/demo.rs"]
 mod demo;
+#[path = "cli/entropy.rs"]
+mod entropy;
 #[path = "cli/eval.rs"]
 mod eval;
 #[path = "cli/inspect.rs"]

@@ -781,6 +781,33 @@ fn cli_compile_inspect_verify_export() {
     ] {
         assert!(stdout.contains(part), "report lacks {part:?}: {stdout}");
     }
+    // The report's entropy bound of the masks: Σ over masks of n·H(ones / n), computed here.
+    let bundle = Bundle::read(&out).unwrap();
+    let m = bundle.manifest();
+    let (mut stored, mut entropy) = (0u64, 0f64);
+    for (i, tensor) in m.tensors.iter().enumerate() {
+        let n = tensor.shape.iter().product::<u64>() as f64;
+        for task in &m.tasks {
+            if let Some((Some(mask), ..)) = task.tensors[i].merged_parts() {
+                let bytes = bundle.section(mask).unwrap();
+                stored += bytes.len() as u64;
+                let p = bytes.iter().map(|b| b.count_ones()).sum::<u32>() as f64 / n;
+                if p > 0.0 && p < 1.0 {
+                    entropy += n * -(p * p.log2() + (1.0 - p) * (1.0 - p).log2()) / 8.0;
+                }
+            }
+        }
+    }
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("masks") && l.contains("order-0"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        line.contains(&format!(
+            "{stored} bytes stored, order-0 entropy {entropy:.0} "
+        )),
+        "{line} vs {stored}, {entropy}"
+    );
 
     let (ok, json, err) = cli(&["inspect", &out_s, "--json"]);
     assert!(ok, "{err}");

@@ -490,6 +490,23 @@ pub fn print_report(bundle: &Bundle, path: &std::path::Path) {
         m.provenance.inputs.len(),
         ratio(sizes.total as f64, inputs as f64)
     );
+    // What an ideal entropy coder of the per-task streams could save (not coded: see
+    // docs/METHODS.md, "Are the masks and codes worth entropy coding?").
+    match crate::entropy::streams(bundle) {
+        Ok(streams) => {
+            for s in streams {
+                println!(
+                    "  {:<14}{:>14} bytes stored, order-0 entropy {:.0} ({:.1}% less, {:.1}% of the bundle)",
+                    s.name,
+                    s.stored,
+                    s.entropy,
+                    100.0 * (1.0 - ratio(s.entropy, s.stored as f64)),
+                    100.0 * ratio(s.stored as f64 - s.entropy, sizes.total as f64)
+                );
+            }
+        }
+        Err(e) => log::warn!("entropy of the per-task streams: {e:#}"),
+    }
     println!(
         "  {:<16}{:>12}{:>10}{:>14}{:>8}{:>8}{:>8}",
         "task", "rel. error", "cosine", "mask density", "g", "scale", "λ"
