@@ -151,7 +151,7 @@ pub(crate) fn check_calibratable(opts: &CompileOptions) -> Result<(), CompileErr
     if opts.params.method == Method::Tvq && !opts.residual_dtype.is_some_and(|e| e.is_quantized()) {
         return Err(CompileError::Options(
             "--calib with tvq fits the row scales of block-quantized residuals: give \
-             --residual-dtype q8, q4, q3 or q2"
+             --residual-dtype q8, q4, q3, q2 or ternary"
                 .into(),
         ));
     }

@@ -395,7 +395,7 @@ pub(crate) fn check_options(opts: &CompileOptions) -> Result<(), CompileError> {
         (Method::Tvq, _) if opts.residual_dtype.is_none() => {
             return Err(CompileError::Options(
                 "--method tvq stores each task's task vector as its residual: give \
-                 --residual-dtype (q2, q3, q4, q8 or f16)"
+                 --residual-dtype (ternary, q2, q3, q4, q8 or f16)"
                     .into(),
             ))
         }
