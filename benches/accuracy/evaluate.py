@@ -160,7 +160,7 @@ SETTINGS = [
     Setting("tvq --base-dtype q4 --residual-dtype ternary --shared word_embeddings",
             ("--method", "tvq", "--base-dtype", "q4", "--residual-dtype", "ternary", "--shared",
              "word_embeddings"),
-            needs="--residual-dtype ternary"),
+            needs="--residual-dtype ternary", families=("text",)),
     # A size budget of 0.1x the six MiniLM task models (the goal): the q4 base with
     # ternary residuals fits, and the room left gives some tasks q2 residuals (by relative
     # error; with --calib, by agreement with the original).

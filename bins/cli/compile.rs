@@ -495,9 +495,13 @@ pub fn print_report(bundle: &Bundle, path: &std::path::Path) {
     match crate::entropy::streams(bundle) {
         Ok(streams) => {
             for s in streams {
+                let name = if s.name == "masks" {
+                    s.name.to_string()
+                } else {
+                    format!("{} codes", s.name)
+                };
                 println!(
-                    "  {:<14}{:>14} bytes stored, order-0 entropy {:.0} ({:.1}% less, {:.1}% of the bundle)",
-                    s.name,
+                    "  {name:<14}{:>14} bytes stored, order-0 entropy {:.0} ({:.1}% less, {:.1}% of the bundle)",
                     s.stored,
                     s.entropy,
                     100.0 * (1.0 - ratio(s.entropy, s.stored as f64)),
