@@ -116,8 +116,9 @@ pub struct BudgetChoice {
     /// Index into `tried` of the setting compiled to the output.
     pub chosen: usize,
     /// With `tvq`: the tasks given the residual storage of the rung before `chosen` (more
-    /// faithful, larger), because the bundle still fits with them; the other tasks keep the
-    /// chosen rung's.
+    /// faithful, larger), because the bundle still fits with them — those that gain the most per
+    /// byte in relative error or, with calibration, in agreement with the original; the other
+    /// tasks keep the chosen rung's.
     pub upgrades: Vec<TaskUpgrade>,
     /// Size of the bundle written, bytes.
     pub bytes: u64,
@@ -274,19 +275,20 @@ pub fn compile_within(
                 taken = upgrades(lower, upper, room);
                 // The manifest's own bytes change a little with the section lengths: measure,
                 // and give the last upgrade back until the bundle fits.
+                let mut written = false;
                 while !taken.is_empty() {
                     let mixed_opts = final_opts.with_upgrades(*residual, &taken);
                     let mixed = write_to(&prepared, &mixed_opts, &scratch, started, progress)?;
+                    written = true;
                     let bytes = bundle_len(&mixed);
-                    log::info!("{} tasks at {residual}: {bytes} bytes", taken.len());
+                    log::info!("tasks {taken:?} at {residual}: {bytes} bytes");
                     if bytes <= max_bytes {
-                        candidate = mixed;
-                        final_opts = mixed_opts;
+                        (candidate, final_opts) = (mixed, mixed_opts);
                         break;
                     }
                     taken.pop();
                 }
-                if taken.is_empty() {
+                if taken.is_empty() && written {
                     // Every mixed bundle was over: the scratch file must hold the rung's again.
                     candidate = write_to(&prepared, &final_opts, &scratch, started, progress)?;
                 }
