@@ -33,6 +33,7 @@ use crate::compile::checkpoint::Checkpoint;
 use crate::compile::error::CompileError;
 use crate::compile::fitted::{self, LayerGrams};
 use crate::compile::pipeline::{check_options, CompileOptions, Prepared, Progress};
+use crate::compile::size_budget::take_by_gain;
 use crate::encoding::Encoding;
 use crate::format::{BundleWriter, CalibrationReport, CandidateScore, Method, ScaleMode};
 use crate::onnx::TensorBytes;
@@ -253,36 +254,28 @@ pub(crate) fn calibrated_tvq(
             .collect();
         best(&at).and_then(|i| at.get(i)).map(|(c, _)| *c)
     };
-    let mut taken = Vec::new();
-    if let Some(u) = upgrade {
-        // Agreement gained, then logit distance lost, per extra byte.
-        let mut gains: Vec<(usize, u64, (f64, f64))> = Vec::new();
-        for (t, tried) in tasks.iter().zip(&tried) {
-            let score = |storage| {
-                best_at(tried, storage)
-                    .and_then(|c| tried.iter().find(|(x, _)| *x == c))
-                    .map(|(_, s)| (s.agreement, s.logit_distance))
-            };
-            let (Some(lower), Some(upper), Some(&cost)) =
-                (score(0), score(1), u.extra_bytes.get(t.set.index))
-            else {
-                continue;
-            };
-            let gain = (upper.0 - lower.0, lower.1 - upper.1);
-            if gain.0 > 0.0 || (gain.0 == 0.0 && gain.1 > 0.0) {
-                let per_byte = cost.max(1) as f64;
-                gains.push((t.set.index, cost, (gain.0 / per_byte, gain.1 / per_byte)));
-            }
+    // With an upgrade: agreement gained, then logit distance lost, by each task's best
+    // candidate at the upgrade's storage over its best at `opts`' own.
+    let mut taken = match upgrade {
+        Some(u) => {
+            let candidates = tasks
+                .iter()
+                .zip(&tried)
+                .filter_map(|(t, tried)| {
+                    let score = |storage| {
+                        best_at(tried, storage)
+                            .and_then(|c| tried.iter().find(|(x, _)| *x == c))
+                            .map(|(_, s)| (s.agreement, s.logit_distance))
+                    };
+                    let (lower, upper) = (score(0)?, score(1)?);
+                    let cost = *u.extra_bytes.get(t.set.index)?;
+                    Some((t.set.index, cost, (upper.0 - lower.0, lower.1 - upper.1)))
+                })
+                .collect();
+            take_by_gain(candidates, u.room)
         }
-        gains.sort_by(|a, b| b.2 .0.total_cmp(&a.2 .0).then(b.2 .1.total_cmp(&a.2 .1)));
-        let mut left = u.room;
-        for (t, cost, _) in gains {
-            if cost <= left {
-                left -= cost;
-                taken.push(t);
-            }
-        }
-    }
+        None => Vec::new(),
+    };
     loop {
         let mut chosen = LayerGrams {
             tasks: vec![Default::default(); n],

@@ -173,21 +173,37 @@ impl TaskCosts {
 }
 
 /// The tasks to move from `lower` (a rung that fits) to `upper` (the rung before it) within
-/// `room` extra bytes: in order of decreasing error saved per byte (ties by task order), each
-/// one that still fits; tasks that would save nothing stay. Returns task indices, in the
-/// order taken.
+/// `room` extra bytes, by the relative error each saves ([`take_by_gain`]). Returns task
+/// indices, in the order taken.
 fn upgrades(lower: &TaskCosts, upper: &TaskCosts, room: u64) -> Vec<usize> {
-    let mut gains: Vec<(usize, u64, f64)> = (0..lower.bytes.len())
+    let candidates = (0..lower.bytes.len())
         .filter_map(|t| {
             let cost = upper.bytes.get(t)?.saturating_sub(*lower.bytes.get(t)?);
             let saved = lower.errors.get(t)? - upper.errors.get(t)?;
-            (saved > 0.0).then_some((t, cost, saved / cost.max(1) as f64))
+            Some((t, cost, (saved, 0.0)))
         })
         .collect();
-    gains.sort_by(|a, b| b.2.total_cmp(&a.2));
+    take_by_gain(candidates, room)
+}
+
+/// The greedy choice of a size budget: `(task, extra bytes, gain)` candidates — a gain is
+/// compared first on its first component, then on its second (e.g. agreement, then logit
+/// distance) — taken in order of decreasing gain per byte (ties by task order), each one that
+/// still fits in `room`; a candidate that gains nothing (not above `(0, 0)`) is never taken.
+/// Returns task indices, in the order taken.
+pub(crate) fn take_by_gain(mut candidates: Vec<(usize, u64, (f64, f64))>, room: u64) -> Vec<usize> {
+    candidates.retain(|(_, _, g)| g.0 > 0.0 || (g.0 == 0.0 && g.1 > 0.0));
+    let per_byte = |(_, cost, g): &(usize, u64, (f64, f64))| {
+        let bytes = (*cost).max(1) as f64;
+        (g.0 / bytes, g.1 / bytes)
+    };
+    candidates.sort_by(|a, b| {
+        let (a, b) = (per_byte(a), per_byte(b));
+        b.0.total_cmp(&a.0).then(b.1.total_cmp(&a.1))
+    });
     let mut left = room;
     let mut taken = Vec::new();
-    for (t, cost, _) in gains {
+    for (t, cost, _) in candidates {
         if cost <= left {
             left -= cost;
             taken.push(t);
@@ -418,6 +434,20 @@ mod tests {
         assert_eq!(upgrades(&lower, &upper, 35), vec![0, 2]);
         assert_eq!(upgrades(&lower, &upper, 70), vec![0, 1, 2]);
         assert_eq!(upgrades(&lower, &upper, 9), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn gains_compare_on_the_first_component_then_the_second() {
+        // Equal costs: task 1 gains agreement (first component), tasks 3 and 0 only distance
+        // (0.9 before 0.5), task 2 nothing. Room for two.
+        let candidates = vec![
+            (0, 10, (0.0, 0.5)),
+            (1, 10, (0.01, 0.0)),
+            (2, 10, (0.0, 0.0)),
+            (3, 10, (0.0, 0.9)),
+        ];
+        assert_eq!(take_by_gain(candidates.clone(), 25), vec![1, 3]);
+        assert_eq!(take_by_gain(candidates, 100), vec![1, 3, 0]);
     }
 
     #[test]
