@@ -159,6 +159,18 @@ pub(crate) fn check_calibratable(opts: &CompileOptions) -> Result<(), CompileErr
     Ok(())
 }
 
+/// One candidate of [`calibrated_tvq`]: a residual storage, with or without fitted row scales.
+struct TvqCandidate {
+    /// At the upgrade's storage (else at the options' own).
+    upgraded: bool,
+    /// With the row scales fitted to the layer outputs.
+    fitted: bool,
+    /// The residual storage.
+    residual: Option<Encoding>,
+    /// The setting's name in the report.
+    label: String,
+}
+
 /// A size budget's offer to [`calibrated_tvq`]: the residual storage of the rung before the
 /// one that fits, the extra bytes it costs each task, and the room the budget leaves.
 #[derive(Debug, Clone)]
@@ -203,76 +215,85 @@ pub(crate) fn calibrated_tvq(
         }
     }
     let plain = LayerGrams::default();
-    // Candidates: (storage, fitted?, label); the storage is `opts`' own, then the upgrade's.
-    let storages: Vec<Option<Encoding>> = std::iter::once(None)
-        .chain(upgrade.map(|u| Some(u.residual)))
-        .collect();
-    let mut candidates = Vec::new();
-    for &storage in &storages {
-        for (fit, label) in [
-            (false, "residuals as quantized"),
-            (true, "residual row scales fitted to layer outputs"),
-        ] {
-            let label = match (upgrade, storage.or(opts.residual_dtype)) {
-                (Some(_), Some(e)) => format!("{e} {label}"),
-                _ => label.to_string(),
+    // The candidates: at `opts`' own residual storage, then (with an upgrade) at the upgrade's;
+    // each plain, then fitted.
+    let storages = std::iter::once(false).chain(upgrade.map(|_| true));
+    let candidates: Vec<TvqCandidate> = storages
+        .flat_map(|upgraded| {
+            let residual = match upgrade {
+                Some(u) if upgraded => Some(u.residual),
+                _ => opts.residual_dtype,
             };
-            candidates.push((storage, fit, label));
-        }
-    }
+            [
+                (false, "residuals as quantized"),
+                (true, "residual row scales fitted to layer outputs"),
+            ]
+            .map(|(fitted, label)| TvqCandidate {
+                upgraded,
+                fitted,
+                residual,
+                label: match (upgrade, residual) {
+                    (Some(_), Some(e)) => format!("{e} {label}"),
+                    _ => label.to_string(),
+                },
+            })
+        })
+        .collect();
     progress(Progress::Pass {
         name: "calibrating",
         total: (candidates.len() * tasks.len()) as u64,
     });
-    let mut tried: Vec<Vec<(usize, CandidateScore)>> = vec![Vec::new(); tasks.len()];
-    for (c, (storage, fit, label)) in candidates.iter().enumerate() {
+    // Per task, the score of every candidate, in the order of `candidates`.
+    let mut tried: Vec<Vec<CandidateScore>> = vec![Vec::new(); tasks.len()];
+    for c in &candidates {
         let round = CompileOptions {
-            residual_dtype: storage.or(opts.residual_dtype),
+            residual_dtype: c.residual,
             ..opts.clone()
         };
-        let g = if *fit { &grams } else { &plain };
+        let g = if c.fitted { &grams } else { &plain };
         let (engine, _round) = round_engine(opts, prepared, round, g)?;
         let scores = parallel_map(&tasks, |t| score(&engine, t))?;
         for ((t, mut score), slot) in tasks.iter().zip(scores).zip(&mut tried) {
-            score.setting.clone_from(label);
+            score.setting.clone_from(&c.label);
             log::info!(
-                "{}: {label}: agreement {:.4}, logit distance {:.4}",
+                "{}: {}: agreement {:.4}, logit distance {:.4}",
                 t.set.name,
+                c.label,
                 score.agreement,
                 score.logit_distance
             );
             progress(Progress::Step(&t.set.name));
-            slot.push((c, score));
+            slot.push(score);
         }
     }
-    // Per task, the best candidate at each storage (index into its `tried`).
-    let best_at = |tried: &[(usize, CandidateScore)], storage: usize| -> Option<usize> {
+    // The index of a task's best candidate at its own storage or at the upgrade's.
+    let best_at = |tried: &[CandidateScore], upgraded: bool| -> Option<usize> {
         let at: Vec<(usize, CandidateScore)> = tried
             .iter()
-            .filter(|(c, _)| c / 2 == storage)
-            .cloned()
+            .enumerate()
+            .filter(|(i, _)| candidates.get(*i).is_some_and(|c| c.upgraded == upgraded))
+            .map(|(i, s)| (i, s.clone()))
             .collect();
-        best(&at).and_then(|i| at.get(i)).map(|(c, _)| *c)
+        best(&at).and_then(|i| at.get(i)).map(|(i, _)| *i)
     };
     // With an upgrade: agreement gained, then logit distance lost, by each task's best
     // candidate at the upgrade's storage over its best at `opts`' own.
     let mut taken = match upgrade {
         Some(u) => {
-            let candidates = tasks
+            let gains = tasks
                 .iter()
                 .zip(&tried)
                 .filter_map(|(t, tried)| {
-                    let score = |storage| {
-                        best_at(tried, storage)
-                            .and_then(|c| tried.iter().find(|(x, _)| *x == c))
-                            .map(|(_, s)| (s.agreement, s.logit_distance))
+                    let score = |upgraded| {
+                        let s = tried.get(best_at(tried, upgraded)?)?;
+                        Some((s.agreement, s.logit_distance))
                     };
-                    let (lower, upper) = (score(0)?, score(1)?);
+                    let (lower, upper) = (score(false)?, score(true)?);
                     let cost = *u.extra_bytes.get(t.set.index)?;
                     Some((t.set.index, cost, (upper.0 - lower.0, lower.1 - upper.1)))
                 })
                 .collect();
-            take_by_gain(candidates, u.room)
+            take_by_gain(gains, u.room)
         }
         None => Vec::new(),
     };
@@ -282,10 +303,9 @@ pub(crate) fn calibrated_tvq(
         };
         let mut reports = vec![None; n];
         for (t, tried) in tasks.iter().zip(&tried) {
-            let storage = usize::from(taken.contains(&t.set.index));
-            let pick = best_at(tried, storage).unwrap_or(0);
+            let pick = best_at(tried, taken.contains(&t.set.index)).unwrap_or(0);
             if let (true, Some(slot), Some(g)) = (
-                pick % 2 == 1,
+                candidates.get(pick).is_some_and(|c| c.fitted),
                 chosen.tasks.get_mut(t.set.index),
                 grams.tasks.get(t.set.index),
             ) {
@@ -294,8 +314,8 @@ pub(crate) fn calibrated_tvq(
             if let Some(slot) = reports.get_mut(t.set.index) {
                 *slot = Some(CalibrationReport {
                     examples: t.set.examples as u64,
-                    candidates: tried.iter().map(|(_, s)| s.clone()).collect(),
-                    chosen: tried.iter().position(|(c, _)| *c == pick).unwrap_or(0) as u64,
+                    candidates: tried.clone(),
+                    chosen: pick as u64,
                 });
             }
         }
