@@ -483,17 +483,16 @@ fn quantize_ternary(block: &[f32]) -> (f32, [i8; TERNARY_BLOCK]) {
     if block.iter().any(|v| !v.is_finite()) {
         return (0.0, codes);
     }
-    let mut order: Vec<usize> = (0..block.len().min(TERNARY_BLOCK)).collect();
-    order.sort_by(|&a, &b| {
-        let (a, b) = (
-            block.get(a).map_or(0.0, |v| v.abs()),
-            block.get(b).map_or(0.0, |v| v.abs()),
-        );
-        b.total_cmp(&a)
-    });
+    // (|x|, position), largest first, ties by position: no allocation per block.
+    let mut order = [(0f32, 0usize); TERNARY_BLOCK];
+    for (i, (o, v)) in order.iter_mut().zip(block).enumerate() {
+        *o = (v.abs(), i);
+    }
+    let order = order.get_mut(..block.len()).unwrap_or_default();
+    order.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let (mut sum, mut best, mut best_k, mut best_sum) = (0f64, 0f64, 0usize, 0f64);
-    for (k, &i) in order.iter().enumerate() {
-        sum += block.get(i).map_or(0.0, |v| f64::from(v.abs()));
+    for (k, &(a, _)) in order.iter().enumerate() {
+        sum += f64::from(a);
         let gain = sum * sum / (k + 1) as f64;
         if gain > best {
             (best, best_k, best_sum) = (gain, k + 1, sum);
@@ -502,7 +501,7 @@ fn quantize_ternary(block: &[f32]) -> (f32, [i8; TERNARY_BLOCK]) {
     if best_k == 0 {
         return (0.0, codes);
     }
-    for &i in order.iter().take(best_k) {
+    for &(_, i) in order.iter().take(best_k) {
         if let (Some(q), Some(&v)) = (codes.get_mut(i), block.get(i)) {
             *q = if v > 0.0 { 1 } else { -1 };
         }
