@@ -8,7 +8,7 @@
 //! buffer, tested bit for bit against [`task_tensor`]; so an exported ONNX model and the runtime's
 //! bound weights are bit-identical.
 
-use crate::encoding::{Encoding, Q2_BLOCK, Q3_BLOCK, Q4_BLOCK, Q8_BLOCK};
+use crate::encoding::{Encoding, Q2_BLOCK, Q3_BLOCK, Q4_BLOCK, Q8_BLOCK, TERNARY_BLOCK};
 use crate::format::manifest::{
     Manifest, Scale, Stored, TaskEntry, TaskTensor, TensorEntry, TensorStorage,
 };
@@ -186,6 +186,7 @@ const _: () = assert!(
         && CHUNK.is_multiple_of(Q4_BLOCK)
         && CHUNK.is_multiple_of(Q3_BLOCK)
         && CHUNK.is_multiple_of(Q2_BLOCK)
+        && CHUNK.is_multiple_of(TERNARY_BLOCK)
 );
 
 /// Reconstructs tensor `tensor` of task `task` straight into `out`, which must hold exactly its
