@@ -43,7 +43,9 @@ use tract_onnx::tract_hir::internal::DimLike;
 use crate::runtime::cache::Lru;
 use crate::runtime::check;
 use crate::runtime::guard::{catch_panic, check_input_bytes};
-use crate::runtime::template::{Plan, SharedWeights, Template, TemplateKey, TypedGraph};
+use crate::runtime::template::{
+    HeldTensors, Plan, SharedWeights, Template, TemplateKey, TypedGraph,
+};
 use crate::runtime::{Bundle, Error};
 
 /// Tuning knobs of an [`Engine`].
@@ -218,6 +220,9 @@ pub struct Engine {
     binding: Vec<Mutex<()>>,
     /// The weights every task reconstructs alike (`compile --shared`), once for all templates.
     shared: SharedWeights,
+    /// Binding tensors that bound plans hold, taken back by later bindings once the plans are
+    /// gone.
+    held: HeldTensors,
     templates_built: AtomicUsize,
     binds: AtomicUsize,
     cache_hits: AtomicUsize,
@@ -258,7 +263,7 @@ fn bind_template(
     template: &Template,
     bundle: &Bundle,
     (task, name): (usize, &str),
-    shared: &SharedWeights,
+    shared: (&SharedWeights, &HeldTensors),
 ) -> Result<(Plan, crate::runtime::template::BindTimings), Error> {
     catch_panic(
         || format!("bind task {name}"),
@@ -305,6 +310,7 @@ impl Engine {
             options,
             bundle,
             shared: SharedWeights::default(),
+            held: HeldTensors::default(),
             templates_built: AtomicUsize::new(0),
             binds: AtomicUsize::new(0),
             cache_hits: AtomicUsize::new(0),
@@ -385,7 +391,12 @@ impl Engine {
     pub fn bind(&self, task: usize) -> Result<BoundTask, Error> {
         let template = self.template(task)?;
         let name = self.name(task)?;
-        let (plan, timings) = bind_template(&template, &self.bundle, (task, name), &self.shared)?;
+        let (plan, timings) = bind_template(
+            &template,
+            &self.bundle,
+            (task, name),
+            (&self.shared, &self.held),
+        )?;
         self.binds.fetch_add(1, Ordering::Relaxed);
         Ok(BoundTask {
             task,
@@ -412,7 +423,9 @@ impl Engine {
     /// Drops every cached bound task and the binding buffers each template keeps for reuse, per
     /// binding that ran concurrently: one tensor per distinct weight shape when every weight is
     /// packed as it is reconstructed (transformers), up to [`Engine::task_weight_bytes`] when
-    /// constant propagation needs all of them at once (e.g. BatchNorm folded into convolutions).
+    /// constant propagation needs all of them at once (e.g. BatchNorm folded into convolutions),
+    /// and the weights evicted tasks used unfolded (e.g. an embedding table), which the next
+    /// binding would otherwise reconstruct into rather than allocate anew.
     /// Templates stay, and so do the weights every task shares (`compile --shared`), which are
     /// reconstructed once per engine and not counted in `cache_bytes`.
     pub fn clear_cache(&self) {
@@ -420,6 +433,7 @@ impl Engine {
         for template in self.slots.iter().filter_map(|s| s.built.get()) {
             template.release_buffers();
         }
+        self.held.clear();
     }
 
     /// Work counters since the engine was created.
@@ -508,7 +522,12 @@ impl Engine {
             // they and the new task's weights are all resident at the peak.
             lock(&self.cache).make_room(bytes);
         }
-        let (plan, timings) = bind_template(&template, &self.bundle, (task, name), &self.shared)?;
+        let (plan, timings) = bind_template(
+            &template,
+            &self.bundle,
+            (task, name),
+            (&self.shared, &self.held),
+        )?;
         self.binds.fetch_add(1, Ordering::Relaxed);
         log::debug!(
             "bound task {name} ({bytes} weight bytes): materialize {:?}, bind {:?}",

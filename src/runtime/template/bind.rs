@@ -12,8 +12,8 @@ use tract_onnx::tract_core::optim::CONST_FOLD_MEM_BUDGET;
 
 use super::batchnorm::batchnorm_affine;
 use super::{
-    tract_err, BatchNormSource, BindTimings, Buffers, Folded, Plan, SharedWeights, Template,
-    WeightSource, WEIGHT_ALIGN,
+    tract_err, BatchNormSource, BindTimings, Buffers, Folded, Held, HeldTensors, Plan,
+    SharedWeights, Template, WeightSource, WEIGHT_ALIGN,
 };
 use crate::runtime::reconstruct;
 use crate::runtime::{Bundle, Error};
@@ -26,7 +26,7 @@ impl Template {
         bundle: &Bundle,
         task: usize,
         task_name: &str,
-        shared: &SharedWeights,
+        (shared, held): (&SharedWeights, &HeldTensors),
     ) -> Result<(Plan, BindTimings), Error> {
         let mut buffers = self
             .pool
@@ -34,12 +34,23 @@ impl Template {
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
             .unwrap_or_default();
+        reclaim(held, &mut buffers);
         let result = self.bind_with(bundle, (task, task_name), shared, &mut buffers, true);
         self.pool
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(buffers);
-        result
+        let (plan, timings, kept) = result?;
+        if !kept.is_empty() {
+            held.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Held {
+                    plan: Arc::downgrade(&plan),
+                    tensors: kept,
+                });
+        }
+        Ok((plan, timings))
     }
 
     /// [`Template::bind`] with the given buffers; `eager: false` leaves every fold to tract's
@@ -53,7 +64,7 @@ impl Template {
         shared: &SharedWeights,
         buffers: &mut Buffers,
         eager: bool,
-    ) -> Result<(Plan, BindTimings), Error> {
+    ) -> Result<(Plan, BindTimings, Vec<Arc<Tensor>>), Error> {
         let started = Instant::now();
         let action = || format!("bind task {task_name}");
         let mut materialize = Duration::ZERO;
@@ -125,17 +136,19 @@ impl Template {
             model.prop_consts().map_err(tract_err(action()))?;
         }
         let plan = model.into_runnable().map_err(tract_err(action()))?;
-        // Take back the tensors constant propagation consumed.
+        // Take back the tensors constant propagation consumed; the plan holds the others.
+        let mut kept = Vec::new();
         for t in lent {
-            if let Ok(t) = Arc::try_unwrap(t) {
-                give_back(tensors, t);
+            match Arc::try_unwrap(t) {
+                Ok(t) => give_back(tensors, t),
+                Err(t) => kept.push(t),
             }
         }
         let timings = BindTimings {
             materialize,
             bind: started.elapsed().saturating_sub(materialize),
         };
-        Ok((plan, timings))
+        Ok((plan, timings, kept))
     }
 
     /// A weight every task reconstructs alike, folded through `fold`: this template's earlier
@@ -334,6 +347,22 @@ fn take(
     Tensor::zero_aligned_dt(dt, shape, WEIGHT_ALIGN).map_err(tract_err("allocate a weight"))
 }
 
+/// Takes back into `buffers` the tensors of every plan that is gone (evicted from the cache and
+/// no longer run): the last reference to each is then `held`'s.
+fn reclaim(held: &HeldTensors, buffers: &mut Buffers) {
+    let gone: Vec<Held> = {
+        let mut held = held.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (gone, alive) = held.drain(..).partition(|h| h.plan.strong_count() == 0);
+        *held = alive;
+        gone
+    };
+    for t in gone.into_iter().flat_map(|h| h.tensors) {
+        if let Ok(t) = Arc::try_unwrap(t) {
+            give_back(&mut buffers.tensors, t);
+        }
+    }
+}
+
 fn give_back(pool: &mut HashMap<(DatumType, Vec<usize>), Vec<Tensor>>, t: Tensor) {
     pool.entry((t.datum_type(), t.shape().to_vec()))
         .or_default()
@@ -452,7 +481,19 @@ mod tests {
         method: Method,
         edit: impl FnOnce(CompileOptions) -> CompileOptions,
     ) -> Bundle {
-        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+        models_bundle("demo", tasks, method, edit)
+    }
+
+    /// The bundle of `tasks` of the model family in `models/FAMILY`.
+    fn models_bundle(
+        family: &str,
+        tasks: &[&str],
+        method: Method,
+        edit: impl FnOnce(CompileOptions) -> CompileOptions,
+    ) -> Bundle {
+        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(family);
         let tasks: Vec<(String, std::path::PathBuf)> = tasks
             .iter()
             .map(|t| (t.to_string(), demo.join(format!("{t}.onnx"))))
@@ -540,7 +581,7 @@ mod tests {
             let mut outputs = Vec::new();
             for eager in [true, false] {
                 let mut buffers = Buffers::default();
-                let (plan, _) = template
+                let (plan, _, _) = template
                     .bind_with(
                         &bundle,
                         (task, &entry.name),
@@ -561,5 +602,71 @@ mod tests {
             assert_eq!(outputs[0], outputs[1], "task {}", entry.name);
         }
         assert!(folded > 0, "the demo graphs have weights folded eagerly");
+    }
+
+    /// Tensors a plan holds (the text model's embedding tables, which it uses unfolded) come
+    /// back once the plan is gone: the next binding reconstructs into the very same allocations,
+    /// and its plan computes what a binding into fresh memory computes, bit for bit. While a
+    /// plan is alive nothing of it is taken.
+    #[test]
+    fn held_tensors_are_reused_once_their_plan_is_gone() {
+        let bundle = models_bundle("text", &["mood"], Method::Tvq, |o| o);
+        let m = bundle.manifest();
+        let by_name = tensor_indices(m);
+        let entry = &m.tasks[0];
+        let used = graph_weights(&bundle, entry.graph as usize, &by_name).unwrap();
+        let key = TemplateKey::for_task(entry, &used);
+        let template = Template::build(&bundle, &key, 0, &used, &[]).unwrap();
+        let ids = Tensor::from_shape(&[1, 6], &[2i64, 7, 11, 5, 3, 1]).unwrap();
+        let mask = Tensor::from_shape(&[1, 6], &[1i64; 6]).unwrap();
+        let types = Tensor::from_shape(&[1, 6], &[0i64; 6]).unwrap();
+        let run = |plan: &Plan| -> Vec<u32> {
+            let inputs = [&ids, &mask, &types].map(|t| t.clone().into_tvalue());
+            let out = plan.run(inputs.into_iter().collect()).unwrap();
+            let view = out[0].to_plain_array_view::<f32>().unwrap();
+            view.iter().map(|v| v.to_bits()).collect()
+        };
+        let addresses = |held: &HeldTensors| -> Vec<Vec<usize>> {
+            let held = held.0.lock().unwrap();
+            held.iter()
+                .map(|h| {
+                    h.tensors
+                        .iter()
+                        .map(|t| t.as_bytes().as_ptr() as usize)
+                        .collect()
+                })
+                .collect()
+        };
+        let (shared, held) = (SharedWeights::default(), HeldTensors::default());
+        let (first, _) = template.bind(&bundle, 0, "mood", (&shared, &held)).unwrap();
+        let first_addresses = addresses(&held);
+        assert_eq!(first_addresses.len(), 1, "the plan holds pooled tensors");
+        assert!(!first_addresses[0].is_empty());
+
+        // Alive: a second binding allocates its own.
+        let (second, _) = template.bind(&bundle, 0, "mood", (&shared, &held)).unwrap();
+        let alive = addresses(&held);
+        assert_eq!(alive.len(), 2);
+        assert!(alive[1].iter().all(|a| !first_addresses[0].contains(a)));
+        let want = run(&second);
+        drop((first, second));
+
+        // Gone: the next binding takes them back, into the same memory.
+        let (again, _) = template.bind(&bundle, 0, "mood", (&shared, &held)).unwrap();
+        let reused = addresses(&held);
+        assert_eq!(reused.len(), 1, "the dead plans' entries are gone");
+        let mut got = reused[0].clone();
+        let mut before: Vec<usize> = first_addresses[0]
+            .iter()
+            .chain(&alive[1])
+            .copied()
+            .collect();
+        got.sort_unstable();
+        before.sort_unstable();
+        assert!(
+            got.iter().all(|a| before.binary_search(a).is_ok()),
+            "{got:?} vs {before:?}"
+        );
+        assert_eq!(run(&again), want, "the same outputs from reused memory");
     }
 }

@@ -158,6 +158,32 @@ pub(crate) struct SharedWeights(Mutex<HashMap<(usize, DatumType), Arc<Tensor>>>)
 /// `Template::fold` returns it.
 type Folded = (usize, Arc<Tensor>, bool);
 
+/// The binding tensors that bound plans hold (weights a plan uses unfolded, e.g. an embedding
+/// table), engine-wide: once a plan is gone (evicted from the cache and no longer run), the
+/// next binding of any template takes its tensors back into its pool by type and shape, instead
+/// of freeing them and allocating — and page-faulting — the same sizes again
+/// (docs/PERFORMANCE.md). At most the tensors of the plans evicted since the last binding wait
+/// here.
+#[derive(Debug, Default)]
+pub(crate) struct HeldTensors(Mutex<Vec<Held>>);
+
+impl HeldTensors {
+    /// Drops every tensor waiting to be taken back.
+    pub(crate) fn clear(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
+/// The pooled tensors one bound plan holds, and the plan (weakly: the cache owns it).
+#[derive(Debug)]
+struct Held {
+    plan: std::sync::Weak<TypedRunnableModel>,
+    tensors: Vec<Arc<Tensor>>,
+}
+
 /// Reused memory for binding. Weight tensors the bound plan does not reference (typically the
 /// matmul weights, which the plan keeps packed) come back here by type and shape, so the next
 /// weight of that shape is reconstructed into memory that is mapped and, as the weights are
