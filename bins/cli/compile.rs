@@ -13,6 +13,15 @@ use taskpack::format::Encoding;
 use taskpack::format::{MergeParams, Method, ScaleMode};
 use taskpack::runtime::Bundle;
 
+/// The storage types `--base-dtype` accepts (`compile` and `demo`).
+pub const BASE_TYPES: [&str; 7] = ["f32", "f16", "bf16", "q8", "q4", "q3", "q2"];
+/// The storage types `--delta-dtype` accepts.
+pub const DELTA_TYPES: [&str; 7] = ["f32", "f16", "bf16", "q8", "q4", "q3", "q2"];
+/// The storage types `--residual-dtype` accepts (`none`: no residual).
+pub const RESIDUAL_TYPES: [&str; 9] = [
+    "none", "f32", "f16", "bf16", "q8", "q4", "q3", "q2", "ternary",
+];
+
 /// Arguments of `taskpack compile`.
 #[derive(Args, Debug)]
 pub struct CompileArgs {
@@ -66,7 +75,7 @@ pub struct CompileArgs {
     /// q2 store blocks of signed 8- / 4- / 3- / 2-bit codes with one f32 scale (8.5 / 5 / 3.5 /
     /// 2.5 bits per weight) for matrices of at least 4096 elements, f16 for the rest. Default:
     /// f16.
-    #[arg(long, value_parser = ["f32", "f16", "bf16", "q8", "q4", "q3", "q2"])]
+    #[arg(long, value_parser = DELTA_TYPES)]
     pub delta_dtype: Option<String>,
     /// Storage of each task's own residual over what the method reconstructs (its task vector,
     /// with --method tvq): q8 / q4 / q3 / q2 (8.5 / 5 / 3.5 / 2.5 bits per weight) or ternary
@@ -74,7 +83,7 @@ pub struct CompileArgs {
     /// 1.875 bits per weight) for matrices of at least 4096 elements, f16 for the rest; `none`
     /// for no residual. Default: q3 with tvq, none otherwise (docs/METHODS.md, "Per-task
     /// residuals").
-    #[arg(long, value_parser = ["none", "f32", "f16", "bf16", "q8", "q4", "q3", "q2", "ternary"])]
+    #[arg(long, value_parser = RESIDUAL_TYPES)]
     pub residual_dtype: Option<String>,
     /// Residual storage for the tensors whose name matches REGEX, instead of --residual-dtype
     /// (e.g. 'word_embeddings=q2'); repeat for more patterns, the first match wins.
@@ -100,7 +109,7 @@ pub struct CompileArgs {
     /// 2-bit codes and one f32 scale: 8.5 / 5 / 3.5 / 2.5 bits per weight; below q8, meant for
     /// tvq, whose residuals carry the base's rounding error back). Biases, normalization
     /// weights and tensors under 4096 elements keep their own type.
-    #[arg(long, value_parser = ["f32", "f16", "bf16", "q8", "q4", "q3", "q2"])]
+    #[arg(long, value_parser = BASE_TYPES)]
     pub base_dtype: Option<String>,
     /// ONNX graph whose initializers safetensors checkpoints fill.
     #[arg(long, value_name = "G.onnx")]

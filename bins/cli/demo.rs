@@ -37,14 +37,14 @@ pub struct DemoArgs {
     #[arg(long)]
     pub lambda: Option<f32>,
     /// Storage of the merged delta (as for `compile`).
-    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16", "q8", "q4", "q3", "q2"])]
+    #[arg(long, default_value = "f16", value_parser = compile_cmd::DELTA_TYPES)]
     pub delta_dtype: String,
     /// Storage of each task's residual (as for `compile`; default q3 with tvq, none otherwise).
-    #[arg(long, value_parser = ["none", "f32", "f16", "bf16", "q8", "q4", "q3", "q2"])]
+    #[arg(long, value_parser = compile_cmd::RESIDUAL_TYPES)]
     pub residual_dtype: Option<String>,
     /// Storage of the base weights of merged matrices (default: q8 with tvq, the checkpoint's
     /// otherwise).
-    #[arg(long, value_parser = ["f32", "f16", "bf16", "q8"])]
+    #[arg(long, value_parser = compile_cmd::BASE_TYPES)]
     pub base_dtype: Option<String>,
     /// Where to write the bundle.
     #[arg(short, long, default_value = "target/demo.tpk")]
