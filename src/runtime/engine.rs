@@ -553,6 +553,40 @@ impl Engine {
 mod tests {
     use super::*;
 
+    /// With a cache of one task, binding a second evicts the first before binding (so that the
+    /// two are not resident together), and that very binding takes back the tensors the
+    /// evicted plan held: nothing waits between switches but the live plan's own.
+    #[test]
+    fn a_switch_takes_back_what_the_task_it_evicts_held() {
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/text");
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("text.tpk");
+        let tasks = ["mood", "topic"]
+            .map(|t| (t.to_string(), models.join(format!("{t}.onnx"))))
+            .to_vec();
+        let opts = crate::compile::CompileOptions::new(
+            models.join("base.onnx"),
+            tasks,
+            crate::format::Method::Tvq,
+            &out,
+        );
+        drop(crate::compile::compile(&opts, &mut |_| {}).unwrap());
+        let bundle = Arc::new(Bundle::read(&out).unwrap());
+        let probe = Engine::new(Arc::clone(&bundle), EngineOptions::default()).unwrap();
+        let [a, b] = [0, 1].map(|t| probe.task_weight_bytes(t).unwrap());
+        let engine = Engine::new(bundle, EngineOptions::with_cache_bytes(a.max(b))).unwrap();
+        engine.prepare(0).unwrap();
+        assert_eq!(engine.held.waiting(), (0, 1), "(gone, alive)");
+        engine.prepare(1).unwrap();
+        assert!(!engine.is_cached(0) && engine.is_cached(1));
+        assert_eq!(engine.held.waiting(), (0, 1));
+        // A task bound outside the cache leaves its tensors waiting once dropped.
+        drop(engine.bind(0).unwrap());
+        assert_eq!(engine.held.waiting(), (1, 1));
+        engine.clear_cache();
+        assert_eq!(engine.held.waiting(), (0, 0));
+    }
+
     #[test]
     fn engine_and_bound_tasks_are_send_and_sync() {
         fn check<T: Send + Sync>() {}

@@ -162,18 +162,27 @@ type Folded = (usize, Arc<Tensor>, bool);
 /// table), engine-wide: once a plan is gone (evicted from the cache and no longer run), the
 /// next binding of any template takes its tensors back into its pool by type and shape, instead
 /// of freeing them and allocating — and page-faulting — the same sizes again
-/// (docs/PERFORMANCE.md). At most the tensors of the plans evicted since the last binding wait
-/// here.
+/// (docs/PERFORMANCE.md). The engine drops the plans a binding will evict before it binds, so
+/// that binding takes their tensors back at once; only the tensors of a plan bound outside the
+/// cache (`Engine::bind`) and dropped since wait here for the next binding.
 #[derive(Debug, Default)]
 pub(crate) struct HeldTensors(Mutex<Vec<Held>>);
 
 impl HeldTensors {
-    /// Drops every tensor waiting to be taken back.
+    /// Forgets every plan's tensors (with the cache cleared, every plan is gone).
     pub(crate) fn clear(&self) {
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+    }
+
+    /// `(gone, alive)`: how many plans' tensors wait, by whether the plan is gone.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> (usize, usize) {
+        let held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let gone = held.iter().filter(|h| h.plan.strong_count() == 0).count();
+        (gone, held.len() - gone)
     }
 }
 
