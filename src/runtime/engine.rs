@@ -557,6 +557,7 @@ mod tests {
     /// two are not resident together), and that very binding takes back the tensors the
     /// evicted plan held: nothing waits between switches but the live plan's own.
     #[test]
+    #[cfg(feature = "compiler")]
     fn a_switch_takes_back_what_the_task_it_evicts_held() {
         let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/text");
         let dir = tempfile::tempdir().unwrap();

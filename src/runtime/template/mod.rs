@@ -178,7 +178,7 @@ impl HeldTensors {
     }
 
     /// `(gone, alive)`: how many plans' tensors wait, by whether the plan is gone.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "compiler"))]
     pub(crate) fn waiting(&self) -> (usize, usize) {
         let held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let gone = held.iter().filter(|h| h.plan.strong_count() == 0).count();
