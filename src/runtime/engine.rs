@@ -394,13 +394,7 @@ impl Engine {
     pub fn bind(&self, task: usize) -> Result<BoundTask, Error> {
         let template = self.template(task)?;
         let name = self.name(task)?;
-        let (plan, timings) = bind_template(
-            &template,
-            &self.bundle,
-            (task, name),
-            (&self.shared, &self.held),
-        )?;
-        self.binds.fetch_add(1, Ordering::Relaxed);
+        let (plan, timings) = self.bind_now(&template, task, name)?;
         Ok(BoundTask {
             task,
             name: name.to_string(),
@@ -498,6 +492,24 @@ impl Engine {
         Ok(Arc::clone(slot.built.get_or_init(|| template)))
     }
 
+    /// Binds `task` into `template` with the engine's shared weights and reused tensors, and
+    /// counts the binding.
+    fn bind_now(
+        &self,
+        template: &Template,
+        task: usize,
+        name: &str,
+    ) -> Result<(Plan, crate::runtime::template::BindTimings), Error> {
+        let bound = bind_template(
+            template,
+            &self.bundle,
+            (task, name),
+            (&self.shared, &self.held),
+        )?;
+        self.binds.fetch_add(1, Ordering::Relaxed);
+        Ok(bound)
+    }
+
     /// The bound plan of task `task`: from the cache, or bound now (and cached if it fits).
     fn plan(&self, task: usize) -> Result<Plan, Error> {
         if let Some(plan) = lock(&self.cache).get(task) {
@@ -525,13 +537,7 @@ impl Engine {
             // they and the new task's weights are all resident at the peak.
             lock(&self.cache).make_room(bytes);
         }
-        let (plan, timings) = bind_template(
-            &template,
-            &self.bundle,
-            (task, name),
-            (&self.shared, &self.held),
-        )?;
-        self.binds.fetch_add(1, Ordering::Relaxed);
+        let (plan, timings) = self.bind_now(&template, task, name)?;
         log::debug!(
             "bound task {name} ({bytes} weight bytes): materialize {:?}, bind {:?}",
             timings.materialize,
