@@ -992,6 +992,24 @@ fn cli_max_size_picks_the_most_faithful_storage_that_fits() {
     );
 }
 
+/// A budget as a fraction of the task checkpoints: their sizes summed here (no external data in
+/// the demo); a fraction that leaves less than a byte is refused with the sum in the message.
+#[test]
+fn a_fractional_budget_counts_the_task_checkpoints() {
+    use taskpack::compile::{compile_within, Budget};
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = demo_tasks();
+    let total: u64 = tasks
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).unwrap().len())
+        .sum();
+    let opts = options(Method::Tvq, &tasks, &dir.path().join("b.tpk"));
+    let (_, choice) = compile_within(&opts, Budget::OfTasks(0.5), None, &mut |_| {}).unwrap();
+    assert_eq!(choice.max_bytes, total / 2);
+    let err = compile_within(&opts, Budget::OfTasks(1e-12), None, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains(&format!("{total} bytes")), "{err}");
+}
+
 /// `compile_within` renames its chosen candidate to the output: an output that is one of the
 /// inputs is refused before anything is written, and the input is left as it was.
 #[test]

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use taskpack::compile::{
-    compile, compile_calibrated, compile_within, BudgetChoice, Calibration, CompileOptions,
+    compile, compile_calibrated, compile_within, Budget, BudgetChoice, Calibration, CompileOptions,
     Progress,
 };
 use taskpack::format::Encoding;
@@ -90,7 +90,7 @@ pub struct CompileArgs {
     #[arg(long = "residual-dtype-for", value_name = "REGEX=TYPE", value_parser = parse_residual_for)]
     pub residual_for: Vec<(String, Encoding)>,
     /// A size budget for the bundle (e.g. 60MB, 1.5GB, 500MiB, bytes, or 0.1x: a fraction of
-    /// the task checkpoint files' total size, as docs/ACCURACY.md counts it): the compiler picks the
+    /// the task checkpoints' total size, external data included): the compiler picks the
     /// most faithful storage of base and delta whose bundle fits (f32/f16, f16/f16, q8/f16,
     /// q8/q8, q8/q4, in that order; with tvq, base and residuals: f32/q8, q8/q8, q8/q4, q8/q3,
     /// q8/q2, q4/q2, q4/ternary), trying each, and says what it picked; with tvq,
@@ -103,7 +103,7 @@ pub struct CompileArgs {
         value_parser = parse_size,
         conflicts_with_all = ["base_dtype", "delta_dtype", "residual_dtype"]
     )]
-    pub max_size: Option<MaxSize>,
+    pub max_size: Option<Budget>,
     /// Storage of the base weights of merged matrices (default: q8 with tvq, the checkpoint's
     /// type otherwise): f32, f16, bf16, or q8 / q4 / q3 / q2 (blocks of signed 8- / 4- / 3- /
     /// 2-bit codes and one f32 scale: 8.5 / 5 / 3.5 / 2.5 bits per weight; below q8, meant for
@@ -291,8 +291,7 @@ impl CompileArgs {
 pub fn run(args: &CompileArgs) -> Result<()> {
     let opts = args.options()?;
     let calibration = args.calibration()?;
-    let max_size = args.max_size.map(|m| m.bytes(&opts)).transpose()?;
-    let bundle = compile_with_progress(&opts, calibration.as_ref(), max_size)?;
+    let bundle = compile_with_progress(&opts, calibration.as_ref(), args.max_size)?;
     print_report(&bundle, &opts.output);
     Ok(())
 }
@@ -325,7 +324,7 @@ impl CompileArgs {
 pub fn compile_with_progress(
     opts: &CompileOptions,
     calibration: Option<&Calibration>,
-    max_size: Option<u64>,
+    max_size: Option<Budget>,
 ) -> Result<Bundle> {
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -391,48 +390,14 @@ fn print_budget(choice: &BudgetChoice) {
     println!("  bundle: {} bytes", choice.bytes);
 }
 
-/// A `--max-size`: bytes, or a fraction of the task checkpoints' total size.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum MaxSize {
-    /// A number of bytes.
-    Bytes(u64),
-    /// A fraction of the task checkpoint files' total size (`0.1x`).
-    OfTasks(f64),
-}
-
-impl MaxSize {
-    /// The budget in bytes for `opts`' tasks.
-    fn bytes(self, opts: &CompileOptions) -> Result<u64> {
-        match self {
-            MaxSize::Bytes(b) => Ok(b),
-            MaxSize::OfTasks(f) => {
-                let mut total = 0u64;
-                for (name, path) in &opts.tasks {
-                    let len = std::fs::metadata(path)
-                        .with_context(|| format!("task {name}: cannot read {}", path.display()))?
-                        .len();
-                    total = total.saturating_add(len);
-                }
-                let bytes = (total as f64 * f).floor();
-                anyhow::ensure!(
-                    bytes >= 1.0,
-                    "--max-size {f}x of {total} bytes of task checkpoints is under one byte"
-                );
-                log::info!("--max-size {f}x: {bytes} bytes ({f} × {total} bytes of tasks)");
-                Ok(bytes as u64)
-            }
-        }
-    }
-}
-
 /// A size with an optional unit: bytes, or kB / MB / GB (powers of 1000; K, M, G too) or
 /// KiB / MiB / GiB (powers of 1024); a decimal point is allowed (`1.5GB`); or a positive
 /// fraction followed by `x` (`0.1x`), of the task checkpoints' total size.
-fn parse_size(s: &str) -> Result<MaxSize, String> {
+fn parse_size(s: &str) -> Result<Budget, String> {
     let s = s.trim();
     if let Some(f) = s.strip_suffix('x') {
         return match f.trim().parse::<f64>() {
-            Ok(f) if f.is_finite() && f > 0.0 => Ok(MaxSize::OfTasks(f)),
+            Ok(f) if f.is_finite() && f > 0.0 => Ok(Budget::OfTasks(f)),
             _ => Err(format!("{s:?} is not a positive fraction (e.g. 0.1x)")),
         };
     }
@@ -461,7 +426,7 @@ fn parse_size(s: &str) -> Result<MaxSize, String> {
     if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
         return Err(format!("{s:?} is not a usable size"));
     }
-    Ok(MaxSize::Bytes(bytes as u64))
+    Ok(Budget::Bytes(bytes as u64))
 }
 
 /// Prints the size report and per-task fidelity of a freshly written bundle.
@@ -577,14 +542,15 @@ pub fn ratio(a: f64, b: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_size, MaxSize};
+    use super::parse_size;
+    use taskpack::compile::Budget;
 
     #[test]
     fn sizes_with_units() {
         let bytes = |s| {
             parse_size(s).map(|m| match m {
-                MaxSize::Bytes(b) => b,
-                MaxSize::OfTasks(_) => panic!("{s}: not bytes"),
+                Budget::Bytes(b) => b,
+                Budget::OfTasks(_) => panic!("{s}: not bytes"),
             })
         };
         assert_eq!(bytes("60MB"), Ok(60_000_000));
@@ -592,7 +558,7 @@ mod tests {
         assert_eq!(bytes("500MiB"), Ok(500 << 20));
         assert_eq!(bytes("12345"), Ok(12_345));
         assert_eq!(bytes("2 kB"), Ok(2_000));
-        assert_eq!(parse_size("0.1x"), Ok(MaxSize::OfTasks(0.1)));
+        assert_eq!(parse_size("0.1x"), Ok(Budget::OfTasks(0.1)));
         assert!(parse_size("0x").is_err());
         assert!(parse_size("-1x").is_err());
         assert!(parse_size("NaNx").is_err());

@@ -24,6 +24,6 @@ pub use calibrate::{compile_calibrated, Calibration};
 pub use error::CompileError;
 pub use pipeline::{compile, CompileOptions, Progress};
 pub use size_budget::{
-    compile_within, residual_storage_name, storage_name, BudgetChoice, TaskUpgrade, STORAGE_LADDER,
-    TVQ_STORAGE_LADDER,
+    compile_within, residual_storage_name, storage_name, Budget, BudgetChoice, TaskUpgrade,
+    STORAGE_LADDER, TVQ_STORAGE_LADDER,
 };

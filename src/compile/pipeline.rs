@@ -280,6 +280,11 @@ impl Prepared {
         self.tasks.get(t)
     }
 
+    /// The task checkpoints, in task order.
+    pub(crate) fn tasks(&self) -> &[Checkpoint] {
+        &self.tasks
+    }
+
     /// Writes the bundle of `opts` (the inputs [`Prepared::open`] was given; any merge
     /// parameters and storage) through `writer`, whatever its destination: the graphs, pass 2
     /// (merge and write), the manifest. Returns the bundle, opened.

@@ -27,6 +27,7 @@ use crate::compile::calibrate::{
 use crate::compile::pipeline::{check_options, Prepared};
 use crate::compile::{CompileError, CompileOptions, Progress};
 use crate::encoding::Encoding;
+use crate::format::layout;
 use crate::format::{BundleWriter, Method, TaskTensor};
 use crate::runtime::Bundle;
 
@@ -106,6 +107,46 @@ impl Rung {
     }
 }
 
+/// A size budget: a number of bytes, or a fraction of the task checkpoints' total size (their
+/// files and external data, as the compile report's inputs count them; docs/ACCURACY.md's
+/// "size vs originals").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// At most this many bytes.
+    Bytes(u64),
+    /// At most this fraction of the task checkpoints' total size (`--max-size 0.1x`).
+    OfTasks(f64),
+}
+
+impl From<u64> for Budget {
+    fn from(bytes: u64) -> Budget {
+        Budget::Bytes(bytes)
+    }
+}
+
+impl Budget {
+    /// The budget in bytes, for the task checkpoints `prepared` opened.
+    fn bytes(self, prepared: &Prepared) -> Result<u64, CompileError> {
+        let fraction = match self {
+            Budget::Bytes(b) => return Ok(b),
+            Budget::OfTasks(f) => f,
+        };
+        let tasks = prepared
+            .tasks()
+            .iter()
+            .fold(0u64, |sum, c| sum.saturating_add(c.input_bytes()));
+        let bytes = (tasks as f64 * fraction).floor();
+        if !(fraction.is_finite() && bytes >= 1.0) {
+            return Err(CompileError::Options(format!(
+                "a size budget of {fraction}x the {tasks} bytes of task checkpoints is not a usable size"
+            )));
+        }
+        log::info!("size budget {fraction}x of {tasks} bytes of task checkpoints: {bytes} bytes");
+        // A float-to-integer cast saturates: a fraction above 1 of a huge input stays in range.
+        Ok(bytes as u64)
+    }
+}
+
 /// What [`compile_within`] tried and chose.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BudgetChoice {
@@ -161,7 +202,7 @@ impl TaskCosts {
                         TaskTensor::Residual { residual, .. } => m
                             .sections
                             .get(residual.section as usize)
-                            .map(|s| s.length.checked_next_multiple_of(64).unwrap_or(u64::MAX)),
+                            .map(|s| layout::align_up(s.length).unwrap_or(u64::MAX)),
                         _ => None,
                     })
                     .fold(0u64, u64::saturating_add)
@@ -229,14 +270,14 @@ pub fn residual_storage_name((base, residual): (Option<Encoding>, Encoding)) -> 
 }
 
 /// Compiles `opts` with the most faithful rung of [`STORAGE_LADDER`] (with `tvq`,
-/// [`TVQ_STORAGE_LADDER`]) whose bundle is at most `max_bytes` (module docs), calibrating the
+/// [`TVQ_STORAGE_LADDER`]) whose bundle fits `budget` (module docs), calibrating the
 /// final compile if `calibration` is given. The storage fields of `opts` the ladder sets are
 /// ignored. Fails with
 /// [`CompileError::OverBudget`] if even the smallest rung does not fit, or if calibration adds
 /// row scales that push the chosen bundle over.
 pub fn compile_within(
     opts: &CompileOptions,
-    max_bytes: u64,
+    budget: impl Into<Budget>,
     calibration: Option<&Calibration>,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(Bundle, BudgetChoice), CompileError> {
@@ -250,6 +291,7 @@ pub fn compile_within(
     }
     // Opened, checked and scanned once for every rung (and the calibration, if any).
     let prepared = Prepared::open(opts, progress)?;
+    let max_bytes = budget.into().bytes(&prepared)?;
     let scratch = RoundBundle::new(&opts.output, "sizing")?;
     let mut tried = Vec::new();
     let mut chosen = None;
