@@ -83,8 +83,8 @@ pub fn assert_one_line_error(ok: bool, stderr: &str, expected: &str) {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-/// y = MatMul(x, W): a one-node ONNX model (opset 13) whose initializer is `w`.
-pub fn matmul_model(w: TensorProto, x: ValueInfoProto, y: ValueInfoProto) -> ModelProto {
+/// An ONNX model (IR 8, opset 13) around `graph`.
+pub fn onnx_model(graph: GraphProto) -> ModelProto {
     ModelProto {
         ir_version: 8,
         producer_name: "taskpack-tests".into(),
@@ -92,22 +92,32 @@ pub fn matmul_model(w: TensorProto, x: ValueInfoProto, y: ValueInfoProto) -> Mod
             domain: String::new(),
             version: 13,
         }],
-        graph: Some(GraphProto {
-            name: "matmul".into(),
-            node: vec![NodeProto {
-                op_type: "MatMul".into(),
-                name: "y".into(),
-                input: vec!["x".into(), "W".into()],
-                output: vec!["y".into()],
-                ..Default::default()
-            }],
-            initializer: vec![w],
-            input: vec![x],
-            output: vec![y],
-            ..Default::default()
-        }),
+        graph: Some(graph),
         ..Default::default()
     }
+}
+
+/// A node `output = op(inputs)`, named after its output.
+pub fn onnx_node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        name: output.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    }
+}
+
+/// y = MatMul(x, W): a one-node ONNX model (opset 13) whose initializer is `w`.
+pub fn matmul_model(w: TensorProto, x: ValueInfoProto, y: ValueInfoProto) -> ModelProto {
+    onnx_model(GraphProto {
+        name: "matmul".into(),
+        node: vec![onnx_node("MatMul", &["x", "W"], "y")],
+        initializer: vec![w],
+        input: vec![x],
+        output: vec![y],
+        ..Default::default()
+    })
 }
 
 /// A float graph input or output: `None` dimensions are the symbolic batch `N`, the others

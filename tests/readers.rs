@@ -13,9 +13,9 @@ use taskpack::internals::{
     decode_model, onnx_data_type, restore_initializers, InitializerInfo, ModelProto, TensorBytes,
 };
 use tract_onnx::pb::tensor_proto::{DataLocation, DataType};
-use tract_onnx::pb::{
-    GraphProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, ValueInfoProto,
-};
+use tract_onnx::pb::{GraphProto, StringStringEntryProto, TensorProto, ValueInfoProto};
+
+use crate::common::{onnx_model, onnx_node};
 
 /// W (2×3) and B (3) of the test network y = reshape(x·W + B, [3]).
 const W: [f32; 6] = [0.5, -1.0, 2.0, 1.5, 0.25, -0.75];
@@ -96,39 +96,20 @@ pub(crate) fn value_info(name: &str, dims: &[i64]) -> ValueInfoProto {
     crate::common::float_value_info(name, &dims)
 }
 
-fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
-    NodeProto {
-        op_type: op.into(),
-        name: output.into(),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        ..Default::default()
-    }
-}
-
 /// y = Reshape(MatMul(x, W) + B, shape): three initializers, one of them int64.
 fn model(initializers: Vec<TensorProto>) -> ModelProto {
-    ModelProto {
-        ir_version: 8,
-        producer_name: "taskpack-tests".into(),
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(GraphProto {
-            name: "matmul_add".into(),
-            node: vec![
-                node("MatMul", &["x", "W"], "xw"),
-                node("Add", &["xw", "B"], "sum"),
-                node("Reshape", &["sum", "shape"], "y"),
-            ],
-            initializer: initializers,
-            input: vec![value_info("x", &[1, 2])],
-            output: vec![value_info("y", &[3])],
-            ..Default::default()
-        }),
+    onnx_model(GraphProto {
+        name: "matmul_add".into(),
+        node: vec![
+            onnx_node("MatMul", &["x", "W"], "xw"),
+            onnx_node("Add", &["xw", "B"], "sum"),
+            onnx_node("Reshape", &["sum", "shape"], "y"),
+        ],
+        initializer: initializers,
+        input: vec![value_info("x", &[1, 2])],
+        output: vec![value_info("y", &[3])],
         ..Default::default()
-    }
+    })
 }
 
 fn model_with(w: &[f32], b: &[f32], enc_w: &Enc, enc_b: &Enc) -> ModelProto {
