@@ -15,8 +15,8 @@ use taskpack::runtime::Bundle;
 
 /// The storage types `--base-dtype` accepts (`compile` and `demo`).
 pub const BASE_TYPES: [&str; 7] = ["f32", "f16", "bf16", "q8", "q4", "q3", "q2"];
-/// The storage types `--delta-dtype` accepts.
-pub const DELTA_TYPES: [&str; 7] = ["f32", "f16", "bf16", "q8", "q4", "q3", "q2"];
+/// The storage types `--delta-dtype` accepts: the base's.
+pub const DELTA_TYPES: [&str; 7] = BASE_TYPES;
 /// The storage types `--residual-dtype` accepts (`none`: no residual).
 pub const RESIDUAL_TYPES: [&str; 9] = [
     "none", "f32", "f16", "bf16", "q8", "q4", "q3", "q2", "ternary",
