@@ -25,6 +25,10 @@ pub struct StreamEntropy {
     pub scales: u64,
     /// Order-0 entropy of the codes, per section, summed: bytes an ideal coder would need.
     pub entropy: f64,
+    /// Codes (or mask bits) counted.
+    pub codes: u64,
+    /// Of those, the zero codes (a weight that does not move; a mask bit that is clear).
+    pub zeros: u64,
 }
 
 /// The residual codes per encoding, then the masks (kinds the bundle has none of are left out).
@@ -42,13 +46,7 @@ pub fn streams(bundle: &Bundle) -> Result<Vec<StreamEntropy>> {
                 let bytes = bundle.section(mask)?;
                 let ones: u64 = bytes.iter().map(|b| u64::from(b.count_ones())).sum();
                 let counts = [len as u64 - ones.min(len as u64), ones];
-                add(
-                    &mut out,
-                    "masks",
-                    bytes.len() as u64,
-                    0,
-                    bits(&counts) / 8.0,
-                );
+                add(&mut out, "masks", (bytes.len() as u64, 0), &counts);
             }
             let Some(residual) = residual else { continue };
             let Some((counts, stored, scales)) =
@@ -59,9 +57,8 @@ pub fn streams(bundle: &Bundle) -> Result<Vec<StreamEntropy>> {
             add(
                 &mut out,
                 residual.encoding.name(),
-                stored,
-                scales,
-                bits(&counts) / 8.0,
+                (stored, scales),
+                &counts,
             );
         }
     }
@@ -70,21 +67,36 @@ pub fn streams(bundle: &Bundle) -> Result<Vec<StreamEntropy>> {
     Ok(out)
 }
 
-fn add(out: &mut Vec<StreamEntropy>, name: &'static str, stored: u64, scales: u64, entropy: f64) {
-    match out.iter_mut().find(|s| s.name == name) {
-        Some(s) => {
-            s.sections += 1;
-            s.stored += stored;
-            s.scales += scales;
-            s.entropy += entropy;
+/// Adds one section (its stored and scale bytes, and its symbol counts, code 0 first) to the
+/// stream `name`.
+fn add(
+    out: &mut Vec<StreamEntropy>,
+    name: &'static str,
+    (stored, scales): (u64, u64),
+    counts: &[u64],
+) {
+    let index = match out.iter().position(|s| s.name == name) {
+        Some(i) => i,
+        None => {
+            out.push(StreamEntropy {
+                name,
+                sections: 0,
+                stored: 0,
+                scales: 0,
+                entropy: 0.0,
+                codes: 0,
+                zeros: 0,
+            });
+            out.len() - 1
         }
-        None => out.push(StreamEntropy {
-            name,
-            sections: 1,
-            stored,
-            scales,
-            entropy,
-        }),
+    };
+    if let Some(s) = out.get_mut(index) {
+        s.sections += 1;
+        s.stored += stored;
+        s.scales += scales;
+        s.entropy += bits(counts) / 8.0;
+        s.codes += counts.iter().sum::<u64>();
+        s.zeros += counts.first().copied().unwrap_or(0);
     }
 }
 

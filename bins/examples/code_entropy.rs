@@ -23,19 +23,27 @@ fn main() -> Result<()> {
     let total = bundle.bytes().len() as f64;
     println!("{path}: {total} bytes");
     println!(
-        "  {:<8}{:>9}{:>14}{:>14}{:>16}{:>10}{:>12}",
-        "stream", "sections", "stored bytes", "scale bytes", "order-0 bytes", "saving", "of bundle"
+        "  {:<8}{:>9}{:>14}{:>14}{:>16}{:>10}{:>12}{:>12}",
+        "stream",
+        "sections",
+        "stored bytes",
+        "scale bytes",
+        "order-0 bytes",
+        "saving",
+        "of bundle",
+        "zero codes"
     );
     for s in entropy::streams(&bundle)? {
         println!(
-            "  {:<8}{:>9}{:>14}{:>14}{:>16.0}{:>9.1}%{:>11.1}%",
+            "  {:<8}{:>9}{:>14}{:>14}{:>16.0}{:>9.1}%{:>11.1}%{:>11.1}%",
             s.name,
             s.sections,
             s.stored,
             s.scales,
             s.entropy,
             100.0 * (1.0 - s.entropy / s.stored as f64),
-            100.0 * (s.stored as f64 - s.entropy) / total
+            100.0 * (s.stored as f64 - s.entropy) / total,
+            100.0 * s.zeros as f64 / s.codes.max(1) as f64
         );
     }
     Ok(())
