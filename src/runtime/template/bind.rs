@@ -34,7 +34,7 @@ impl Template {
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
             .unwrap_or_default();
-        reclaim(held, &mut buffers);
+        self.reclaim(held, &mut buffers);
         let result = self.bind_with(bundle, (task, task_name), shared, &mut buffers, true);
         self.pool
             .lock()
@@ -347,19 +347,46 @@ fn take(
     Tensor::zero_aligned_dt(dt, shape, WEIGHT_ALIGN).map_err(tract_err("allocate a weight"))
 }
 
-/// Takes back into `buffers` the tensors of every plan that is gone (evicted from the cache and
-/// no longer run): the last reference to each is then `held`'s.
-fn reclaim(held: &HeldTensors, buffers: &mut Buffers) {
-    let gone: Vec<Held> = {
-        let mut held = held.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let (gone, alive) = held.drain(..).partition(|h| h.plan.strong_count() == 0);
-        *held = alive;
-        gone
-    };
-    for t in gone.into_iter().flat_map(|h| h.tensors) {
-        if let Ok(t) = Arc::try_unwrap(t) {
-            give_back(&mut buffers.tensors, t);
+impl Template {
+    /// Takes back into `buffers` the tensors of every plan that is gone (evicted from the cache
+    /// and no longer run; the last reference to each is then `held`'s), as many of each type
+    /// and shape as one binding of this template takes: the plans may be other templates', and
+    /// a pool must not grow with tensors its template never asks for. The rest are freed.
+    fn reclaim(&self, held: &HeldTensors, buffers: &mut Buffers) {
+        let gone: Vec<Held> = {
+            let mut held = held.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let (gone, alive) = held.drain(..).partition(|h| h.plan.strong_count() == 0);
+            *held = alive;
+            gone
+        };
+        for t in gone.into_iter().flat_map(|h| h.tensors) {
+            let Ok(t) = Arc::try_unwrap(t) else { continue };
+            let pooled = buffers
+                .tensors
+                .get(&(t.datum_type(), t.shape().to_vec()))
+                .map_or(0, Vec::len);
+            if pooled < self.takes(t.datum_type(), t.shape()) {
+                give_back(&mut buffers.tensors, t);
+            }
         }
+    }
+
+    /// How many pooled tensors of type `dt` and shape `shape` one binding takes: one per
+    /// task-dependent weight of them, two (slope and intercept) per rewritten BatchNorm.
+    fn takes(&self, dt: DatumType, shape: &[usize]) -> usize {
+        self.slots
+            .iter()
+            .map(|s| match s {
+                WeightSource::Weight {
+                    dt: d,
+                    shape: sh,
+                    shared: false,
+                    ..
+                } if *d == dt && sh == shape => 1,
+                WeightSource::BatchNorm(bn) if bn.dt == dt && bn.shape == shape => 2,
+                _ => 0,
+            })
+            .sum()
     }
 }
 
@@ -668,5 +695,55 @@ mod tests {
             "{got:?} vs {before:?}"
         );
         assert_eq!(run(&again), want, "the same outputs from reused memory");
+    }
+
+    /// The pool takes back, from a dead plan, only what one binding of its template asks for:
+    /// a shape it never uses is freed, and of a shape it uses `k` times at most `k` are kept.
+    #[test]
+    fn reclaim_keeps_only_what_the_template_takes() {
+        let bundle = models_bundle("text", &["mood"], Method::Tvq, |o| o);
+        let m = bundle.manifest();
+        let by_name = tensor_indices(m);
+        let entry = &m.tasks[0];
+        let used = graph_weights(&bundle, entry.graph as usize, &by_name).unwrap();
+        let key = TemplateKey::for_task(entry, &used);
+        let template = Template::build(&bundle, &key, 0, &used, &[]).unwrap();
+        let (dt, shape) = template
+            .slots
+            .iter()
+            .find_map(|s| match s {
+                WeightSource::Weight {
+                    dt,
+                    shape,
+                    shared: false,
+                    ..
+                } => Some((*dt, shape.clone())),
+                _ => None,
+            })
+            .unwrap();
+        let uses = template
+            .slots
+            .iter()
+            .filter(|s| {
+                matches!(s, WeightSource::Weight { dt: d, shape: sh, shared: false, .. }
+                    if *d == dt && *sh == shape)
+            })
+            .count();
+        assert!(uses > 0);
+        let foreign = vec![7usize, 7];
+        let mut tensors = vec![Arc::new(Tensor::zero_dt(DatumType::F32, &foreign).unwrap())];
+        for _ in 0..uses + 2 {
+            tensors.push(Arc::new(Tensor::zero_dt(dt, &shape).unwrap()));
+        }
+        let held = HeldTensors::default();
+        held.0.lock().unwrap().push(Held {
+            plan: std::sync::Weak::new(),
+            tensors,
+        });
+        let mut buffers = Buffers::default();
+        template.reclaim(&held, &mut buffers);
+        assert!(held.0.lock().unwrap().is_empty());
+        assert!(!buffers.tensors.contains_key(&(DatumType::F32, foreign)));
+        assert_eq!(buffers.tensors.get(&(dt, shape)).map(Vec::len), Some(uses));
     }
 }
