@@ -325,34 +325,31 @@ pub fn compile_within(
             Some((residual, lower_costs, upper_costs))
         });
     let room = max_bytes.saturating_sub(bundle_len(&candidate));
-    let mut final_opts = rung.apply(opts);
+    let final_opts = rung.apply(opts);
     let (bundle, taken) = match calibration {
         None => {
             let mut taken = Vec::new();
+            let mut file = scratch;
             if let Some((residual, lower, upper)) = &mix {
                 taken = upgrades(lower, upper, room);
-                // The manifest's own bytes change a little with the section lengths: measure,
-                // and give the last upgrade back until the bundle fits.
-                let mut written = false;
+                // Mixed bundles go to their own scratch file, the rung's stays. The manifest's
+                // own bytes change a little with the section lengths: measure, and give the
+                // last upgrade back until the bundle fits.
+                let mixing = RoundBundle::new(&opts.output, "mixing")?;
                 while !taken.is_empty() {
                     let mixed_opts = final_opts.with_upgrades(*residual, &taken);
-                    let mixed = write_to(&prepared, &mixed_opts, &scratch, started, progress)?;
-                    written = true;
+                    let mixed = write_to(&prepared, &mixed_opts, &mixing, started, progress)?;
                     let bytes = bundle_len(&mixed);
                     log::info!("tasks {taken:?} at {residual}: {bytes} bytes");
                     if bytes <= max_bytes {
-                        (candidate, final_opts) = (mixed, mixed_opts);
+                        (candidate, file) = (mixed, mixing);
                         break;
                     }
                     taken.pop();
                 }
-                if taken.is_empty() && written {
-                    // Every mixed bundle was over: the scratch file must hold the rung's again.
-                    candidate = write_to(&prepared, &final_opts, &scratch, started, progress)?;
-                }
             }
             // The candidate is the bundle: move it into place rather than compile it again.
-            scratch.persist_to(&opts.output)?;
+            file.persist_to(&opts.output)?;
             (candidate, taken)
         }
         Some(c) => {
